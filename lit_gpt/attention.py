@@ -90,7 +90,9 @@ class DocumentMask:
         """[B, 1, T, T] mask, True where query t may attend key s: causal and inside the same document."""
         T = self.doc_ids.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
-        same_doc = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
+        # Compare segment numbers, not raw ids: an id may recur later in the row for a different document.
+        segment = (self.positions == 0).cumsum(dim=1)
+        same_doc = segment[:, :, None] == segment[:, None, :]
         return (same_doc & causal)[:, None]
 
 
@@ -116,6 +118,10 @@ def attention(
         attn_mask = doc_mask.bool_mask()
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # -> [B, H, T, D]
     if impl == "sdpa":
+        T, S = qt.shape[2], kt.shape[2]
+        if attn_mask is None and T != S:
+            # SDPA's is_causal is top-left aligned; eager and FlashAttention align the last query with the last key.
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         gqa = kt.shape[1] != qt.shape[1]
         y = F.scaled_dot_product_attention(
             qt, kt, vt, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lit_gpt.attention import DocumentMask, attention
 from lit_gpt.config import Config
@@ -157,6 +158,8 @@ class GPT(nn.Module):
                 ln_f=RMSNorm(config.n_embd, config.norm_eps),
             )
         )
+        # Recompute each Block's activations in the backward pass instead of storing them (memory for compute).
+        self.activation_checkpointing = False
         # The RoPE tables are plain attributes, not buffers: they stay fp32 under `bf16-true` precision
         # conversion and need no special handling under meta-device init or sharding.
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -222,7 +225,11 @@ class GPT(nn.Module):
 
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
-            x = block(x, cos, sin, doc_mask, input_pos, attn_mask)
+            if self.activation_checkpointing and self.training:
+                # Non-reentrant checkpointing wraps no module, so state-dict keys stay the same for every strategy.
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_mask, input_pos, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, doc_mask, input_pos, attn_mask)
         return self.lm_head(self.transformer.ln_f(x))
 
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned CPU stack (idempotent; re-installs only when a requirements file changed).
+# Also installs Debian's fortunes-de (the demo corpus) when apt is available and it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -d /usr/share/games/fortunes/de ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing Debian's fortunes-de (German demo corpus)..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes-de >/dev/null 2>&1 \
+        || echo "warning: could not install fortunes-de; the demo needs a corpus (--corpus DIR)" >&2
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -d .venv ] || "$PYTHON" -m venv .venv
+stamp=.venv/.requirements-stamp
+want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "Installing Python requirements into .venv ..."
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,42 @@
+"""Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput.
+With --expect_falling, exit 1 unless both training and validation loss fell."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--expect_falling", action="store_true")
+    args = parser.parse_args()
+    path = args.out_dir / "metrics.jsonl"
+    if not path.is_file():
+        print(f"error: {path}: no metrics (did the run start?)", file=sys.stderr)
+        return 2
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train:
+        print(f"error: {path}: no training steps logged", file=sys.stderr)
+        return 2
+    first, last = train[0], train[-1]
+    print(f"train loss: step {first['step']}: {first['loss']:.3f} -> step {last['step']}: {last['loss']:.3f}")
+    for r in val:
+        print(f"val loss at step {r['step']}: {r['val_loss']:.3f}")
+    speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
+    if speeds:
+        print(f"throughput: {sum(speeds) / len(speeds):,.0f} tokens/s; tokens seen: {last['tokens']:,}")
+    if args.expect_falling:
+        train_fell = last["loss"] < first["loss"]
+        val_fell = len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]
+        if not (train_fell and val_fell):
+            print("error: loss did not fall (train: %s, validation: %s)" % (train_fell, val_fell), file=sys.stderr)
+            return 1
+        print("OK: training and validation loss fell")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The trainer end to end on CPU: strategies against one process, exact/elastic resume, crash safety, pre-emption,
+the LR schedule, non-finite steps and input errors. Every run is a real subprocess of pretrain/tinyllama_fabric.py."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+
+TRAINER = "pretrain/tinyllama_fabric.py"
+STEPS = 5
+
+
+def trainer_args(data: dict, out_dir: Path, **overrides) -> list[str]:
+    hp = dict(model_name="micro", out_dir=out_dir, train_data_dir=data["train"], val_data_dir="",
+              tokenizer_path=data["tokenizer"], global_batch_size=8, micro_batch_size=2, max_steps=STEPS,
+              learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, log_interval=1, eval_interval=0, save_interval=1000,
+              accelerator="cpu", devices=1, strategy="auto", precision="32-true", num_workers=0, seed=1234)
+    hp.update(overrides)
+    return [TRAINER] + [f"--{k}={v}" for k, v in hp.items()]
+
+
+def train(data: dict, out_dir: Path, check: bool = True, **overrides) -> subprocess.CompletedProcess:
+    return run_script(*trainer_args(data, out_dir, **overrides), check=check)
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def assert_losses_close(a: dict, b: dict, tol: float) -> None:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= tol, f"max loss difference {worst:.2e} > {tol:.0e}: {a} vs {b}"
+
+
+def samples_per_step(out_dir: Path, upto_step: int) -> dict[int, list[int]]:
+    from lit_gpt.datapoints import read_datapoints
+
+    return {s: sorted(idx) for s, idx in read_datapoints(out_dir, upto_step=upto_step).items()}
+
+
+@pytest.fixture(scope="module")
+def single_process(prepared_data, tmp_path_factory) -> Path:
+    """The reference: one process, micro batch 4 (= 2 ranks x micro batch 2)."""
+    out = tmp_path_factory.mktemp("single")
+    train(prepared_data, out, micro_batch_size=4)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy,sharding",
+    [("fsdp", "FULL_SHARD"), ("fsdp", "SHARD_GRAD_OP"), ("fsdp", "HYBRID_SHARD"), ("fsdp2", "FULL_SHARD"), ("ddp", "FULL_SHARD")],
+)
+def test_two_ranks_match_one_process(prepared_data, single_process, tmp_path, strategy, sharding):
+    train(prepared_data, tmp_path, devices=2, strategy=strategy, sharding_strategy=sharding)
+    losses = train_losses(tmp_path)
+    assert len(losses) == STEPS
+    assert_losses_close(losses, train_losses(single_process), 1e-5)
+    # Losses must actually move: a run whose optimizer updates nothing would also "match" step 1.
+    assert losses[STEPS] < losses[1] - 0.05
+
+
+@pytest.mark.slow
+def test_exact_resume_matches_uninterrupted(prepared_data, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(prepared_data, full, max_steps=2 * STEPS, state_dict_type="full")
+    train(prepared_data, split, max_steps=2 * STEPS, stop_at_step=STEPS)
+    assert (split / f"iter-{STEPS:08d}-ckpt.pth").is_file()
+    out = train(prepared_data, split, max_steps=2 * STEPS, resume=split / f"iter-{STEPS:08d}-ckpt.pth")
+    assert f"Resumed from" in out.stdout
+    assert_losses_close(train_losses(split), train_losses(full), 1e-6)
+    assert samples_per_step(split, 2 * STEPS) == samples_per_step(full, 2 * STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,state_dict_type", [("fsdp", "sharded"), ("ddp", "full")])
+def test_elastic_resume_two_ranks_to_one(prepared_data, tmp_path, strategy, state_dict_type):
+    reference, elastic = tmp_path / "reference", tmp_path / "elastic"
+    common = dict(max_steps=2 * STEPS, strategy=strategy, state_dict_type=state_dict_type)
+    train(prepared_data, reference, devices=2, **common)
+    train(prepared_data, elastic, devices=2, stop_at_step=STEPS, **common)
+    ckpt = elastic / f"iter-{STEPS:08d}-ckpt.pth"
+    assert ckpt.is_dir() if state_dict_type == "sharded" else ckpt.is_file()
+    train(prepared_data, elastic, devices=1, resume="auto", **{**common, "strategy": "auto"})
+    assert_losses_close(train_losses(elastic), train_losses(reference), 1e-5)
+    assert samples_per_step(elastic, 2 * STEPS) == samples_per_step(reference, 2 * STEPS)
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_keeps_previous_checkpoint(prepared_data, tmp_path):
+    # Kill the process from inside torch.save while it writes the step-4 checkpoint (after the step-2 one).
+    wrapper = tmp_path / "crash_on_save.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys, torch\n"
+        "real_save = torch.save\n"
+        "def save(obj, f, *a, **k):\n"
+        "    if 'iter-00000004' in str(f):\n"
+        "        with open(f, 'wb') as h: h.write(b'partial checkpoint bytes')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_save(obj, f, *a, **k)\n"
+        "torch.save = save\n"
+        f"sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    args = trainer_args(prepared_data, tmp_path / "run", max_steps=6, save_interval=2)
+    crashed = run_script(str(wrapper), *args, check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    run = tmp_path / "run"
+    assert (run / "iter-00000004-ckpt.pth.tmp").exists() and not (run / "iter-00000004-ckpt.pth").exists()
+    out = train(prepared_data, run, max_steps=6, save_interval=2, resume="auto")
+    assert f"Resumed from {run / 'iter-00000002-ckpt.pth'}" in out.stdout
+    assert (run / "iter-00000006-ckpt.pth").is_file()
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_at_next_step_and_exits(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *trainer_args(prepared_data, out, max_steps=100_000, warmup_steps=10)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    last_logged = max(train_losses(out))
+    ckpts = sorted(out.glob("iter-*-ckpt.pth"))
+    assert len(ckpts) == 1, log
+    step = int(ckpts[0].name[5:13])
+    assert last_logged == step and step < 100_000  # saved at the step boundary right after the signal
+    assert torch.load(ckpts[0], weights_only=True)["step_count"] == step
+
+
+def test_lr_schedule_closed_form():
+    sys.path.insert(0, str(ROOT))
+    from pretrain.tinyllama_fabric import get_lr
+
+    hp = dict(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, lr_schedule="cosine", decay_fraction=0.2)
+    for step in range(110):
+        if step < 10:
+            expected = 1e-3 * (step + 1) / 10
+        else:
+            expected = 1e-4 + 0.5 * (1 + math.cos(math.pi * (step - 10) / 100)) * (1e-3 - 1e-4)
+        assert get_lr(step, hp) == pytest.approx(expected, rel=1e-12)
+    wsd = {**hp, "lr_schedule": "wsd"}  # decay over the last 22 steps, linear to min_lr
+    assert get_lr(50, wsd) == pytest.approx(1e-3)
+    assert get_lr(87, wsd) == pytest.approx(1e-3)
+    assert get_lr(88, wsd) == pytest.approx(1e-3 + (1e-4 - 1e-3) * 1 / 22)
+    assert get_lr(109, wsd) == pytest.approx(1e-4)
+
+
+@pytest.mark.slow
+def test_lr_is_set_per_optimizer_step_not_micro_step(prepared_data, tmp_path):
+    # 2 ranks x 2 micro-batches per step: a per-micro-step schedule would advance 2x (LLäMmlein's defect).
+    from pretrain.tinyllama_fabric import get_lr
+
+    train(prepared_data, tmp_path, devices=2, strategy="ddp", global_batch_size=8, micro_batch_size=2,
+          warmup_steps=3, max_steps=6)
+    hp = dict(learning_rate=3e-3, min_lr=3e-4, warmup_steps=3, max_steps=6, lr_schedule="cosine", decay_fraction=0.2)
+    records = [r for r in metrics(tmp_path) if "lr" in r]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert r["lr"] == pytest.approx(get_lr(r["step"] - 1, hp), rel=1e-12)
+        assert r["iter"] == 2 * r["step"]  # micro-steps per rank
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_run_stops(prepared_data, tmp_path):
+    # An absurd learning rate blows the weights up after the first update; every later step is non-finite.
+    out = train(prepared_data, tmp_path, check=False, learning_rate=1e30, min_lr=1e30, warmup_steps=0,
+                grad_clip=0, max_steps=50, max_nonfinite_steps=3, save_interval=1, keep_last_checkpoints=0)
+    assert out.returncode == 1, out.stderr
+    assert "3 consecutive non-finite steps" in out.stderr
+    skipped = [r["skipped_steps"] for r in metrics(tmp_path) if "skipped_steps" in r]
+    assert skipped[-1] == 3
+    assert len(skipped) < 50
+
+
+@pytest.mark.parametrize(
+    "overrides,flag",
+    [
+        (dict(model_name="LLaMmlein_12M"), "--model_name"),
+        (dict(train_data_dir="does/not/exist"), "--train_data_dir"),
+        (dict(train_data_dir="EMPTY"), "--train_data_dir"),
+        (dict(n_embd=64, vocab_size=256), "--tokenizer_path"),
+        (dict(out_dir="FILE/sub"), "--out_dir"),
+        (dict(global_batch_size=8, micro_batch_size=3), "--micro_batch_size"),
+    ],
+)
+def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, flag):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    overrides = {k: str(v).replace("EMPTY", str(empty)).replace("FILE", str(tmp_path / "file")) for k, v in overrides.items()}
+    out_dir = tmp_path / "out"
+    result = train(prepared_data, out_dir, check=False, **overrides)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], result.stderr
+    assert not (out_dir / "metrics.jsonl").exists() and not list(out_dir.glob("iter-*"))
