@@ -211,6 +211,8 @@ class GPT(nn.Module):
         if input_pos is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids and input_pos (KV-cache decoding) cannot be combined")
+            if self.transformer.h[0].attn.kv_cache is None:
+                raise RuntimeError("input_pos was given but no KV cache is set; call GPT.set_kv_cache first")
             cos, sin = cos[input_pos], sin[input_pos]
             max_len = self.transformer.h[0].attn.kv_cache.k.shape[1]
             attn_mask = (torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None])[None, None]
