@@ -1,0 +1,291 @@
+"""Read training checkpoints outside the trainer (export, generation, evaluation) and write converted ones safely.
+
+`load_checkpoint(path)` accepts both layouts the trainer writes (see `lit_gpt.checkpoints`): a full `.pth` file,
+memory-mapped so that nothing is read until used, or a sharded torch-distributed-checkpoint directory, read one
+tensor at a time through torch's own DCP loader without a process group. Either way the model tensors come back
+behind a lazy mapping with clean lit-gpt keys (wrapper prefixes such as `_forward_module.` stripped), so a
+converter holds about one tensor at a time, not the whole model and never the optimizer state.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from lit_gpt.config import Config
+
+META_FILE = "meta.pt"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Module wrappers that insert a name component: Fabric, torch.compile, activation checkpointing, FSDP1.
+WRAPPER_PARTS = {"_forward_module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+# Config fields that describe the trained weights (the rest are runtime choices or derived).
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_query_groups", "head_size", "intermediate_size",
+               "padded_vocab_size", "norm_eps", "rope_base")
+
+
+class CheckpointError(ValueError):
+    """Bad input to a conversion/generation script; the message names the file or flag."""
+
+
+def clean_key(key: str) -> str:
+    parts = [p for p in key.split(".") if p not in WRAPPER_PARTS]
+    if parts and parts[0] == "module":  # a DDP module's own state_dict
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+# ------------------------------------------------------------------ lazy model state
+class LazyStateDict(Mapping):
+    """Model tensors by clean key; `shapes` needs no reads; `release(key)` frees a tensor once the caller is done."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def release(self, key: str) -> None:
+        pass
+
+
+class MmapStateDict(LazyStateDict):
+    """Tensors of a memory-mapped `torch.load`: pages are read on first touch."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self.shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def release(self, key: str) -> None:
+        # Touched file pages stay mapped (and count as our memory) until unmapped; dropping them keeps an export of a
+        # large checkpoint at about one tensor's worth of source pages. They would simply be re-read if touched again.
+        _drop_pages(self._tensors[key])
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    if _LIBC is None:
+        return
+    storage = t.untyped_storage()
+    page = mmap.PAGESIZE
+    start = -(-storage.data_ptr() // page) * page  # whole pages inside this tensor only
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+class DCPStateDict(LazyStateDict):
+    """The "model" entries of a torch distributed checkpoint, each loaded (resharded to one full tensor) on access."""
+
+    def __init__(self, path: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = Path(path)
+        metadata = FileSystemReader(str(self.path)).read_metadata()
+        planner_data = metadata.planner_data or {}
+        self._items: dict[str, tuple[str, TensorStorageMetadata]] = {}
+        for fqn, item in metadata.state_dict_metadata.items():
+            nested = planner_data.get(fqn, tuple(fqn.split(".", 1)))
+            if isinstance(item, TensorStorageMetadata) and len(nested) == 2 and nested[0] == "model":
+                self._items[clean_key(nested[1])] = (nested[1], item)
+        self.shapes = {k: tuple(item.size) for k, (_, item) in self._items.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        stored_key, item = self._items[key]
+        target = {"model": {stored_key: torch.empty(item.size, dtype=item.properties.dtype)}}
+        dcp.load(target, checkpoint_id=self.path, no_dist=True)  # reads only this tensor's shards
+        return target["model"][stored_key]
+
+
+# ------------------------------------------------------------------ loading
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint as {"model": LazyStateDict, "config": dict | None, "iter_num", "step_count",
+    "tokens_seen", "hparams", "data", ...}; the optimizer state is never read."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types for a file that is not a checkpoint
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+        if "model" not in state and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            state = {"model": state}  # a bare state dict (e.g. lit-gpt's lit_model.pth)
+        if not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{path}: no 'model' state dict in this checkpoint")
+        model = MmapStateDict({clean_key(k): v for k, v in state.pop("model").items() if isinstance(v, torch.Tensor)})
+    elif path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path}: not a sharded checkpoint directory (no .metadata file)")
+        model = DCPStateDict(path)
+        state = torch.load(path / META_FILE, map_location="cpu", weights_only=True) if (path / META_FILE).is_file() else {}
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if not len(model):
+        raise CheckpointError(f"{path}: the checkpoint holds no model tensors")
+    state.pop("optimizer", None)
+    state.setdefault("config", None)
+    for key in ("iter_num", "step_count", "tokens_seen", "hparams"):
+        state.setdefault(key, None)
+    return {**state, "model": model}
+
+
+def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> Config:
+    """The model config of a checkpoint: stored in it, else `model_config.json` beside it, else `--model_name`.
+
+    With `--model_name`, the named config must agree with what the checkpoint records and with its tensor shapes.
+    """
+    path = Path(path)
+    stored = ckpt.get("config")
+    beside = path.parent / "model_config.json"
+    if stored is None and beside.is_file():
+        try:
+            stored = json.loads(beside.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{beside}: unreadable ({e})") from None
+    if model_name:
+        try:
+            config = Config.from_name(model_name)
+        except ValueError as e:
+            raise CheckpointError(f"--model_name: {e}") from None
+        if stored is not None:
+            trained = Config.from_dict(stored)
+            diff = [f"{f}={getattr(trained, f)} (named: {getattr(config, f)})" for f in ARCH_FIELDS
+                    if getattr(trained, f) != getattr(config, f)]
+            if diff:
+                raise CheckpointError(f"--model_name {model_name}: does not match the checkpoint {path}, which was "
+                                      f"trained with {', '.join(diff)}")
+            config = config.replace(vocab_size=trained.vocab_size, block_size=trained.block_size)
+        source = f"--model_name {model_name}"
+    elif stored is not None:
+        config = Config.from_dict(stored)
+        source = str(path)
+    else:
+        raise CheckpointError(f"{path}: records no model config and there is no {beside.name} beside it; "
+                              "pass --model_name")
+    check_shapes(ckpt["model"], config, source, path)
+    return config
+
+
+def check_shapes(model: LazyStateDict, config: Config, source: str, path: Path) -> None:
+    from lit_gpt.hf_convert import lit_model_shapes
+
+    expected = lit_model_shapes(config)
+    missing = sorted(set(expected) - set(model.shapes))
+    extra = sorted(set(model.shapes) - set(expected))
+    wrong = [f"{k} {list(model.shapes[k])} (expected {list(v)})" for k, v in expected.items()
+             if k in model.shapes and model.shapes[k] != v]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+            f"shape {wrong[0]}" if wrong else ""]))
+        raise CheckpointError(f"{source}: config {config.name or '(custom)'} does not match the weights in {path}: "
+                              f"{detail}")
+
+
+def find_tokenizer(checkpoint: Path, explicit: Optional[Path] = None) -> Path:
+    """`--tokenizer DIR`, else the `tokenizer/` directory the trainer writes beside its checkpoints."""
+    candidate = Path(explicit) if explicit else Path(checkpoint).parent / "tokenizer"
+    flag = f"--tokenizer {candidate}" if explicit else f"{candidate} (pass --tokenizer DIR)"
+    if not candidate.is_dir():
+        raise CheckpointError(f"{flag}: tokenizer directory not found")
+    if not any((candidate / f).is_file() for f in TOKENIZER_FILES[:2]):
+        raise CheckpointError(f"{flag}: holds neither tokenizer.model nor tokenizer.json")
+    return candidate
+
+
+def load_gpt(source: Path, model_name: Optional[str] = None, tokenizer: Optional[Path] = None,
+             dtype: torch.dtype = torch.float32):
+    """A GPT in eval mode from a training checkpoint (file or sharded dir) or an HF export directory.
+
+    Returns (model, config, tokenizer_dir, checkpoint metadata).
+    """
+    from lit_gpt.hf_convert import is_hf_dir, read_hf_checkpoint
+    from lit_gpt.model import GPT
+
+    source = Path(source)
+    if is_hf_dir(source):
+        tok_dir = Path(tokenizer) if tokenizer else source
+        vocab = _tokenizer_vocab_size(tok_dir)
+        try:
+            config, tensors = read_hf_checkpoint(source, vocab_size=vocab)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        state, meta = {k: t.to(dtype) for k, t in tensors}, {}
+    else:
+        ckpt = load_checkpoint(source)
+        config = resolve_config(ckpt, source, model_name)
+        tok_dir = find_tokenizer(source, tokenizer)
+        state = {k: ckpt["model"][k].to(dtype) for k in ckpt["model"]}
+        meta = {k: v for k, v in ckpt.items() if k != "model"}
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    return model.eval(), config, tok_dir, meta
+
+
+def _tokenizer_vocab_size(directory: Path) -> int:
+    from lit_gpt.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer(directory).vocab_size
+    except ValueError as e:
+        raise CheckpointError(f"tokenizer {directory}: {e}") from None
+
+
+# ------------------------------------------------------------------ writing converted outputs
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(src) / name, dst / name)
+    return copied
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir") -> Iterator[Path]:
+    """Yield a fresh temp dir beside `out_dir`; it becomes `out_dir` only if the block finishes without error."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{flag} {out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{flag} {out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published model directory should not be
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(old / "replaced")
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

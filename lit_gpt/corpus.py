@@ -1,0 +1,289 @@
+"""Documents (id, text) from `.txt`, `.jsonl`, `.jsonl.zst` and `.parquet` files, cut into ordered work units.
+
+The main process cuts the inputs into units (line-aligned byte blocks, whole `.txt` files, parquet row groups),
+cheap work that keeps the order deterministic; `parse_unit` (run in worker processes) turns a unit into
+documents. A document's id is the record's id field, else `name:line` (`name` = the file's path relative to the
+common folder of all inputs, so ids survive moving the corpus). A `.txt` file is one document (id `name`), or one
+document per non-empty line with `txt_docs_per_line`. Malformed records come back as messages naming file and line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+FORMATS = ("jsonl.zst", "jsonl", "txt", "parquet")
+UNIT_BYTES = 1 << 20
+
+
+class InputError(ValueError):
+    """Bad input; the message names the file (and line) or the flag and what is wrong."""
+
+
+def file_format(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    return next((f for f in FORMATS if name.endswith("." + f)), None)
+
+
+def expand_inputs(paths: Sequence[Union[str, Path]], flag: str = "--input") -> list[Path]:
+    """Files named on the command line; directories contribute their supported files, sorted."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
+            if not found:
+                raise InputError(f"{flag} {path}: directory holds no {'/'.join('.' + f for f in FORMATS)} files")
+            files.extend(found)
+        elif path.is_file():
+            if file_format(path) is None:
+                raise InputError(f"{flag} {path}: unsupported file type (use {', '.join('.' + f for f in FORMATS)})")
+            files.append(path)
+        else:
+            raise InputError(f"{flag} {path}: no such file or directory")
+    if not files:
+        raise InputError(f"{flag}: no input files given")
+    seen: set[Path] = set()
+    unique = []
+    for path in files:  # the same file named twice is read once
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique
+
+
+def document_names(files: Sequence[Path]) -> list[str]:
+    """Stable per-file names for document ids: paths relative to the inputs' common folder."""
+    resolved = [p.resolve() for p in files]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    return [p.relative_to(root).as_posix() for p in resolved]
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int  # position in the deterministic unit sequence
+    file: int  # index into the input file list
+    kind: str  # "lines" (jsonl or txt lines), "text" (whole .txt), "parquet" (row group), "error"
+    first_line: int  # 1-based line/row number of the payload's first record
+    payload: Union[bytes, int, str]  # line-aligned bytes, a row-group number, or an error message
+    size: int  # input bytes on disk this unit accounts for (progress)
+
+
+def iter_units(files: Sequence[Path], txt_docs_per_line: bool = False, unit_bytes: int = UNIT_BYTES) -> Iterator[Unit]:
+    index = 0
+    for file_index, path in enumerate(files):
+        fmt = file_format(path)
+        for kind, first_line, payload, size in _file_units(path, fmt, txt_docs_per_line, unit_bytes):
+            yield Unit(index, file_index, kind, first_line, payload, size)
+            index += 1
+
+
+def _file_units(path: Path, fmt: str, txt_docs_per_line: bool, unit_bytes: int):
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            metadata = pq.ParquetFile(path).metadata
+            rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            yield "error", 0, f"{path}: unreadable parquet file ({e})", path.stat().st_size
+            return
+        size = path.stat().st_size
+        first = 1
+        for group, n in enumerate(rows):
+            yield "parquet", first, group, size // max(1, len(rows))
+            first += n
+        return
+    if fmt == "txt" and not txt_docs_per_line:
+        yield "text", 1, path.read_bytes(), path.stat().st_size
+        return
+    line = 1
+    with open(path, "rb") as raw:
+        blocks = _zstd_blocks(raw, unit_bytes) if fmt == "jsonl.zst" else iter(lambda: raw.read(unit_bytes), b"")
+        consumed = 0
+        try:
+            for payload in _line_aligned(blocks):
+                position = raw.tell()
+                yield "lines", line, payload, position - consumed
+                consumed = position
+                line += payload.count(b"\n")
+        except _ZstdFailure as e:
+            yield "error", line, f"{path}: corrupt zstd stream after line {line - 1} ({e})", raw.tell() - consumed
+
+
+class _ZstdFailure(Exception):
+    pass
+
+
+def _zstd_blocks(raw, read_size: int) -> Iterator[bytes]:
+    """Decompressed data of all frames; a truncated last frame is an error (zstandard's readers ignore it)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    obj, in_frame = dctx.decompressobj(), False
+    try:
+        while True:
+            data = raw.read(read_size)
+            if not data:
+                break
+            while data:
+                out = obj.decompress(data)
+                in_frame = True
+                if out:
+                    yield out
+                if obj.eof:
+                    data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+                else:
+                    data = b""
+    except zstandard.ZstdError as e:
+        raise _ZstdFailure(str(e)) from None
+    if in_frame:
+        raise _ZstdFailure("truncated: the last frame is incomplete")
+
+
+def _line_aligned(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for block in blocks:
+        block = rest + block if rest else block
+        cut = block.rfind(b"\n") + 1
+        if cut:
+            yield block[:cut]
+        rest = block[cut:]
+    if rest:
+        yield rest
+
+
+def parse_unit(unit: Unit, files: Sequence[Path], names: Sequence[str], text_field: str = "text",
+               id_field: str = "id") -> tuple[list[str], list[str], list[str]]:
+    """(ids, texts, error messages) of one unit."""
+    path, name = files[unit.file], names[unit.file]
+    if unit.kind == "error":
+        return [], [], [unit.payload]
+    if unit.kind == "text":
+        try:
+            text = unit.payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return [], [], [f"{path}: invalid UTF-8 at byte {e.start}"]
+        return [name], [text.removeprefix("\ufeff")], []
+    if unit.kind == "parquet":
+        return _parse_parquet(unit, path, name, text_field, id_field)
+    is_json = file_format(path) != "txt"
+    ids, texts, errors = [], [], []
+    lines = _split_lines(unit.payload, unit.first_line, path, errors)
+    if unit.first_line == 1 and lines[0]:
+        lines[0] = lines[0].removeprefix("\ufeff")
+    decode = _JSON_DECODER.decode
+    for number, line in enumerate(lines, unit.first_line):
+        if not line or line.isspace():
+            continue
+        if not is_json:
+            ids.append(f"{name}:{number}")
+            texts.append(line.rstrip("\r"))
+            continue
+        try:
+            record = decode(line)
+        except ValueError as e:
+            errors.append(f"{path}:{number}: invalid JSON ({getattr(e, 'msg', e)})")
+            continue
+        text, error = _record_text(record, text_field)
+        if error:
+            errors.append(f"{path}:{number}: {error}")
+            continue
+        doc_id = record.get(id_field)
+        ids.append(f"{name}:{number}" if doc_id is None else str(doc_id))
+        texts.append(text)
+    return ids, texts, errors
+
+
+_JSON_DECODER = json.JSONDecoder()
+
+
+def _split_lines(payload: bytes, first_line: int, path: Path, errors: list[str]) -> list[Optional[str]]:
+    """Decoded lines (None for a line that is not UTF-8, reported in `errors`)."""
+    try:
+        return payload.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        pass
+    lines: list[Optional[str]] = []
+    for number, raw in enumerate(payload.split(b"\n"), first_line):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            errors.append(f"{path}:{number}: invalid UTF-8 at byte {e.start} of the line")
+            lines.append(None)
+    return lines
+
+
+def _record_text(record, text_field: str) -> tuple[Optional[str], Optional[str]]:
+    if type(record) is dict and type(record.get(text_field)) is str:  # the common case, fast
+        return record[text_field], None
+    if not isinstance(record, dict):
+        return None, f"record is a JSON {type(record).__name__}, not an object"
+    if text_field not in record:
+        return None, f"missing text field '{text_field}'"
+    text = record[text_field]
+    if not isinstance(text, str):
+        return None, f"text field '{text_field}' holds {type(text).__name__}, not a string"
+    return text, None
+
+
+def _parse_parquet(unit: Unit, path: Path, name: str, text_field: str, id_field: str):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = [c for c in (text_field, id_field) if c in parquet.schema_arrow.names]
+        if text_field not in columns:
+            return [], [], [f"{path}: no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)})"]
+        table = parquet.read_row_group(unit.payload, columns=columns)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        return [], [], [f"{path}: unreadable parquet row group {unit.payload} ({e})"]
+    texts_raw = table.column(text_field).to_pylist()
+    ids_raw = table.column(id_field).to_pylist() if id_field in columns else [None] * len(texts_raw)
+    ids, texts, errors = [], [], []
+    for number, (doc_id, text) in enumerate(zip(ids_raw, texts_raw), unit.first_line):
+        if not isinstance(text, str):
+            errors.append(f"{path}:row {number}: text field '{text_field}' holds {type(text).__name__}, not a string")
+            continue
+        ids.append(f"{name}:{number}" if doc_id is None else str(doc_id))
+        texts.append(text)
+    return ids, texts, errors
+
+
+class ErrorPolicy:
+    """`--on_error stop` raises the first message; `skip` counts them and prints the first few."""
+
+    SHOWN = 10
+
+    def __init__(self, on_error: str) -> None:
+        if on_error not in ("skip", "stop"):
+            raise InputError(f"--on_error {on_error}: use 'skip' or 'stop'")
+        self.on_error = on_error
+        self.count = 0
+
+    def report(self, errors: Sequence[str]) -> None:
+        if not errors:
+            return
+        if self.on_error == "stop":
+            raise InputError(f"{errors[0]} (use --on_error skip to skip malformed records)")
+        for message in errors:
+            self.count += 1
+            if self.count <= self.SHOWN:
+                print(f"warning: skipped: {message}", file=sys.stderr)
+        if self.count > self.SHOWN and self.count - len(errors) <= self.SHOWN:
+            print("warning: further skipped records are only counted", file=sys.stderr)
+
+
+def iter_documents(files: Sequence[Path], policy: ErrorPolicy, text_field: str = "text", id_field: str = "id",
+                   txt_docs_per_line: bool = False) -> Iterator[tuple[str, str]]:
+    """All (id, text) pairs in order, in this process."""
+    names = document_names(files)
+    for unit in iter_units(files, txt_docs_per_line):
+        ids, texts, errors = parse_unit(unit, files, names, text_field, id_field)
+        policy.report(errors)
+        yield from zip(ids, texts)

@@ -1,0 +1,77 @@
+"""Shared fixtures for the Hugging Face export/import/generation tests: a small German tokenizer and checkpoints
+laid out as the trainer writes them (everything built locally; nothing comes from the Hub)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_script, write_corpus
+from lit_gpt.config import Config
+from lit_gpt.model import GPT
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+TOKENIZER_VOCAB = 500  # padded to 512 by the model: exercises the padded lm_head rows
+
+# n_embd 64 with 8 heads: MHA (8 groups), GQA (2 groups), MQA (1 group).
+ATTENTION_VARIANTS = {"mha": 8, "gqa": 2, "mqa": 1}
+
+
+def small_config(n_query_groups: int = 2, **kw) -> Config:
+    base = dict(name="test_small", n_layer=2, n_head=8, n_embd=64, n_query_groups=n_query_groups,
+                intermediate_size=160, vocab_size=TOKENIZER_VOCAB, block_size=128)
+    return Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("hf_tokenizer")
+    corpus = write_corpus(base / "corpus", n_docs=300)
+    out = base / "tokenizer"
+    run_script("scripts/train_tokenizer.py", "--input", str(corpus), "--output_dir", str(out),
+               "--vocab_size", str(TOKENIZER_VOCAB), "--num_threads", "1")
+    return out
+
+
+def random_state(config: Config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A randomly initialised model's state; RMSNorm weights perturbed too, so that every tensor is distinctive."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_f" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.state_dict()
+
+
+def write_run_dir(out_dir: Path, config: Config, tokenizer: Path, state: dict, step: int = 10) -> Path:
+    """A trainer-style out_dir with one full checkpoint, model_config.json and tokenizer/; returns the checkpoint."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tokenizer, out_dir / "tokenizer", dirs_exist_ok=True)
+    (out_dir / "model_config.json").write_text(json.dumps(config.to_dict()))
+    path = out_dir / f"iter-{step:08d}-ckpt.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "iter_num": step * 4,
+                "step_count": step, "tokens_seen": step * 4 * 2 * config.block_size,
+                "hparams": {"learning_rate": 4e-4, "global_batch_size": 8}, "config": config.to_dict(),
+                "data": {"global_batch_size": 8, "samples_seen": step * 8,
+                         "manifest": [{"file": "train_0000000000.bin", "tokens": 4096}]}}, path)
+    return path
+
+
+def export(checkpoint: Path, out_dir: Path, *extra: str, check: bool = True):
+    return run_script("scripts/convert_lit_checkpoint.py", "--checkpoint", str(checkpoint), "--out_dir", str(out_dir),
+                      *extra, check=check)
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
