@@ -18,7 +18,8 @@ if [ ${#missing[@]} -eq 0 ]; then
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_ci_deps: apt-get not available; install ${PACKAGES[*]} yourself (missing: ${missing[*]}). The Slurm test will skip."
+    echo "install_ci_deps: apt-get not available; install ${PACKAGES[*]} yourself (missing: ${missing[*]})." \
+         "The Slurm test will skip."
     exit 0
 fi
 SUDO=""
@@ -26,7 +27,8 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         SUDO="sudo -n"
     else
-        echo "install_ci_deps: not root and no password-less sudo; install ${PACKAGES[*]} yourself. The Slurm test will skip."
+        echo "install_ci_deps: not root and no password-less sudo; install ${PACKAGES[*]} yourself." \
+             "The Slurm test will skip."
         exit 0
     fi
 fi

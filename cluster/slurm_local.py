@@ -58,6 +58,8 @@ class LocalSlurm:
         reason = missing_requirements()
         if reason:
             raise SlurmUnavailable(reason)
+        # A directory we created is ours to delete on stop(); a given one (e.g. a test's tmp_path) is kept.
+        self._own_dir = workdir is None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="slurm-local-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to ~107 bytes; keep munge's socket in a short private dir.
@@ -135,7 +137,8 @@ class LocalSlurm:
     def start(self, timeout: float = 60.0) -> "LocalSlurm":
         self._write_config()
         m = self.dir / "munge"
-        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.sock_dir / 'munge.socket'}",
+        self._spawn("munged", [_which("munged"), "--foreground", "--force",
+                               f"--socket={self.sock_dir / 'munge.socket'}",
                                f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
                                f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"])
         self._wait(lambda: (self.sock_dir / "munge.socket").exists(), timeout, "munged socket")
@@ -256,6 +259,8 @@ class LocalSlurm:
             log.close()
         self._logs.clear()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalSlurm":
         return self.start()

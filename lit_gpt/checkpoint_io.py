@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,12 +56,23 @@ class LazyStateDict(Mapping):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def as_dtype(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor in `dtype` (the stored tensor itself when it already is)."""
+        return self[key].to(dtype)
+
     def release(self, key: str) -> None:
         pass
 
 
 class MmapStateDict(LazyStateDict):
-    """Tensors of a memory-mapped `torch.load`: pages are read on first touch."""
+    """Tensors of a memory-mapped `torch.load`: pages are read on first touch.
+
+    Touched file pages stay mapped, and count as our memory, until dropped: `release` and the chunked `as_dtype`
+    drop them, so that converting a large checkpoint holds about one chunk of source pages rather than all of them
+    (pages would simply be re-read from the file if touched again).
+    """
+
+    CHUNK_BYTES = 64 << 20
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self._tensors = tensors
@@ -69,9 +81,20 @@ class MmapStateDict(LazyStateDict):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
+    def as_dtype(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        source = self._tensors[key]
+        if source.dtype == dtype:
+            return source
+        if source.dim() == 0 or not source.is_contiguous():
+            return source.to(dtype)
+        out = torch.empty(source.shape, dtype=dtype)
+        rows = max(1, self.CHUNK_BYTES // max(1, source[0].nbytes))
+        for start in range(0, source.shape[0], rows):
+            out[start:start + rows].copy_(source[start:start + rows])
+            _drop_pages(source[start:start + rows])
+        return out
+
     def release(self, key: str) -> None:
-        # Touched file pages stay mapped (and count as our memory) until unmapped; dropping them keeps an export of a
-        # large checkpoint at about one tensor's worth of source pages. They would simply be re-read if touched again.
         _drop_pages(self._tensors[key])
 
 
@@ -79,12 +102,12 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else
 
 
 def _drop_pages(t: torch.Tensor) -> None:
-    if _LIBC is None:
+    """madvise(DONTNEED) the whole pages inside a contiguous tensor of a read-only file mapping."""
+    if _LIBC is None or not t.is_contiguous():
         return
-    storage = t.untyped_storage()
     page = mmap.PAGESIZE
-    start = -(-storage.data_ptr() // page) * page  # whole pages inside this tensor only
-    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.nbytes) // page * page
     if end > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
@@ -111,7 +134,9 @@ class DCPStateDict(LazyStateDict):
 
         stored_key, item = self._items[key]
         target = {"model": {stored_key: torch.empty(item.size, dtype=item.properties.dtype)}}
-        dcp.load(target, checkpoint_id=self.path, no_dist=True)  # reads only this tensor's shards
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(target, checkpoint_id=self.path, no_dist=True)  # reads only this tensor's shards
         return target["model"][stored_key]
 
 
@@ -201,30 +226,38 @@ def check_shapes(model: LazyStateDict, config: Config, source: str, path: Path) 
                               f"{detail}")
 
 
+def check_tokenizer_dir(directory: Path, flag: str) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{flag} {directory}: tokenizer directory not found")
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES[:2]):
+        raise CheckpointError(f"{flag} {directory}: holds neither tokenizer.model nor tokenizer.json")
+    return directory
+
+
 def find_tokenizer(checkpoint: Path, explicit: Optional[Path] = None) -> Path:
     """`--tokenizer DIR`, else the `tokenizer/` directory the trainer writes beside its checkpoints."""
-    candidate = Path(explicit) if explicit else Path(checkpoint).parent / "tokenizer"
-    flag = f"--tokenizer {candidate}" if explicit else f"{candidate} (pass --tokenizer DIR)"
-    if not candidate.is_dir():
-        raise CheckpointError(f"{flag}: tokenizer directory not found")
-    if not any((candidate / f).is_file() for f in TOKENIZER_FILES[:2]):
-        raise CheckpointError(f"{flag}: holds neither tokenizer.model nor tokenizer.json")
-    return candidate
+    if explicit:
+        return check_tokenizer_dir(explicit, "--tokenizer")
+    return check_tokenizer_dir(Path(checkpoint).parent / "tokenizer", "no --tokenizer DIR given; default")
 
 
 def load_gpt(source: Path, model_name: Optional[str] = None, tokenizer: Optional[Path] = None,
-             dtype: torch.dtype = torch.float32):
+             dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
     """A GPT in eval mode from a training checkpoint (file or sharded dir) or an HF export directory.
 
-    Returns (model, config, tokenizer_dir, checkpoint metadata).
+    Returns (model, config, tokenizer_dir or None without `with_tokenizer`, checkpoint metadata).
     """
     from lit_gpt.hf_convert import is_hf_dir, read_hf_checkpoint
     from lit_gpt.model import GPT
 
     source = Path(source)
+    tok_dir = None
     if is_hf_dir(source):
-        tok_dir = Path(tokenizer) if tokenizer else source
-        vocab = _tokenizer_vocab_size(tok_dir)
+        vocab = None
+        if with_tokenizer:
+            tok_dir = check_tokenizer_dir(tokenizer or source, "--tokenizer" if tokenizer else "model directory")
+            vocab = _tokenizer_vocab_size(tok_dir)
         try:
             config, tensors = read_hf_checkpoint(source, vocab_size=vocab)
         except ValueError as e:
@@ -233,8 +266,9 @@ def load_gpt(source: Path, model_name: Optional[str] = None, tokenizer: Optional
     else:
         ckpt = load_checkpoint(source)
         config = resolve_config(ckpt, source, model_name)
-        tok_dir = find_tokenizer(source, tokenizer)
-        state = {k: ckpt["model"][k].to(dtype) for k in ckpt["model"]}
+        if with_tokenizer:
+            tok_dir = find_tokenizer(source, tokenizer)
+        state = {k: ckpt["model"].as_dtype(k, dtype) for k in ckpt["model"]}
         meta = {k: v for k, v in ckpt.items() if k != "model"}
     with torch.device("meta"):
         model = GPT(config)

@@ -74,7 +74,9 @@ class Unit:
     size: int  # input bytes on disk this unit accounts for (progress)
 
 
-def iter_units(files: Sequence[Path], txt_docs_per_line: bool = False, unit_bytes: int = UNIT_BYTES) -> Iterator[Unit]:
+def iter_units(files: Sequence[Path], txt_docs_per_line: bool = False,
+               unit_bytes: Optional[int] = None) -> Iterator[Unit]:
+    unit_bytes = unit_bytes or UNIT_BYTES
     index = 0
     for file_index, path in enumerate(files):
         fmt = file_format(path)
@@ -173,6 +175,14 @@ def parse_unit(unit: Unit, files: Sequence[Path], names: Sequence[str], text_fie
     if unit.kind == "parquet":
         return _parse_parquet(unit, path, name, text_field, id_field)
     is_json = file_format(path) != "txt"
+    fast = _parse_json_lines_fast(unit, name, text_field, id_field) if is_json else None
+    if fast is not None:
+        return fast[0], fast[1], []
+    return _parse_lines(unit, path, name, is_json, text_field, id_field)
+
+
+def _parse_lines(unit: Unit, path: Path, name: str, is_json: bool, text_field: str, id_field: str):
+    """Line by line: every record checked, every problem named with file and line."""
     ids, texts, errors = [], [], []
     lines = _split_lines(unit.payload, unit.first_line, path, errors)
     if unit.first_line == 1 and lines[0]:
@@ -201,6 +211,38 @@ def parse_unit(unit: Unit, files: Sequence[Path], names: Sequence[str], text_fie
 
 
 _JSON_DECODER = json.JSONDecoder()
+
+
+def _parse_json_lines_fast(unit: Unit, name: str, text_field: str, id_field: str):
+    """(ids, texts) through pyarrow's JSON reader (about twice as fast as the json module), or None whenever the
+    unit is anything but clean (blank lines, bad records, unusual types): the line-by-line path then decides and
+    names every problem, so both paths give the same documents."""
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
+    payload = unit.payload
+    lines = payload.count(b"\n") + (not payload.endswith(b"\n"))
+    if not payload.strip() or b"\n\n" in payload or payload[:1].isspace() or payload.startswith(b"\xef\xbb\xbf"):
+        return None
+    try:
+        table = pa_json.read_json(pa.BufferReader(payload),
+                                  read_options=pa_json.ReadOptions(use_threads=False, block_size=len(payload) + 1))
+    except (pa.ArrowException, ValueError):
+        return None
+    columns = table.schema.names
+    if table.num_rows != lines or text_field not in columns:
+        return None
+    text = table.column(text_field)
+    if not pa.types.is_string(text.type) or text.null_count:
+        return None
+    texts = text.to_pylist()
+    if id_field not in columns:
+        return [f"{name}:{n}" for n in range(unit.first_line, unit.first_line + lines)], texts
+    id_column = table.column(id_field)
+    if not (pa.types.is_string(id_column.type) or pa.types.is_integer(id_column.type) or pa.types.is_null(id_column.type)):
+        return None
+    ids = [f"{name}:{n}" if i is None else str(i) for n, i in enumerate(id_column.to_pylist(), unit.first_line)]
+    return ids, texts
 
 
 def _split_lines(payload: bytes, first_line: int, path: Path, errors: list[str]) -> list[Optional[str]]:

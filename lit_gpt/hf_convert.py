@@ -1,8 +1,8 @@
 """Mapping between lit-gpt state dicts / Configs and Hugging Face `LlamaForCausalLM`, in both directions.
 
 Every HF tensor derives from exactly one lit tensor (the fused QKV splits into three), so conversions work one
-tensor at a time and never need the whole model in memory. Conversions are pure reshapes and slices: they work on
-meta tensors too, which is how the exporter plans file layouts before reading any weights.
+tensor at a time and never need the whole model in memory. Conversions are pure reshapes and slices, so they also
+work on meta tensors: that is how the HF shapes of a config are derived, to check files before reading weights.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ QKV = "attn.attn.weight"
 HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# --dtype values: short and torch spellings.
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, **{v: k for k, v in _DTYPE_NAMES.items()}}
 
 
 # ------------------------------------------------------------------ fused QKV
@@ -58,12 +59,27 @@ def merge_qkv(config: Config, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
 
 # ------------------------------------------------------------------ names
 def lit_model_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """Every lit parameter name and shape for `config` (built on the meta device: no memory, no init)."""
-    from lit_gpt.model import GPT
+    """Every lit parameter name and shape of `GPT(config)`, embedding first and lm_head last.
 
-    with torch.device("meta"):
-        model = GPT(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    Spelled out rather than read from a meta-device GPT: building one costs seconds of first-use torch imports in a
+    CLI; tests/test_hf_import.py checks that the two agree.
+    """
+    c = config
+    block = {
+        "norm_1.weight": (c.n_embd,),
+        QKV: (c.qkv_size, c.n_embd),
+        "attn.proj.weight": (c.n_embd, c.n_head * c.head_size),
+        "norm_2.weight": (c.n_embd,),
+        "mlp.fc_1.weight": (c.intermediate_size, c.n_embd),
+        "mlp.fc_2.weight": (c.intermediate_size, c.n_embd),
+        "mlp.proj.weight": (c.n_embd, c.intermediate_size),
+    }
+    shapes = {"transformer.wte.weight": (c.padded_vocab_size, c.n_embd)}
+    for i in range(c.n_layer):
+        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in block.items()})
+    shapes["transformer.ln_f.weight"] = (c.n_embd,)
+    shapes["lm_head.weight"] = (c.padded_vocab_size, c.n_embd)
+    return shapes
 
 
 def hf_model_shapes(config: Config) -> dict[str, tuple[int, ...]]:
@@ -148,12 +164,11 @@ def hf_config(config: Config, dtype: torch.dtype, bos_id: Optional[int], eos_id:
     }
 
 
-def config_from_hf(hf: dict, vocab_size: Optional[int] = None, name: str = "") -> Config:
+def config_from_hf(hf: dict, vocab_size: Optional[int] = None, name: str = "", where: str = "config.json") -> Config:
     """Our Config for an HF Llama config.json: a registry entry when the architecture matches, else a custom one.
 
     `vocab_size` is the tokenizer's size when known (the embedding may hold more, padded rows).
     """
-    where = "config.json"
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported (only 'llama')")
     unsupported = {"attention_bias": True, "mlp_bias": True}
@@ -233,11 +248,15 @@ def read_hf_checkpoint(directory: Path, vocab_size: Optional[int] = None) -> tup
         hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory / 'config.json'}: unreadable ({e})") from None
-    config = config_from_hf(hf, vocab_size=vocab_size, name=directory.name)
+    try:
+        config = config_from_hf(hf, vocab_size=vocab_size, name=directory.name, where=str(directory / "config.json"))
+    except KeyError as e:
+        raise ValueError(f"{directory / 'config.json'}: missing {e}") from None
     weights = HFWeights(directory)
     expected = hf_model_shapes(config)
     present = {k for k in weights.keys() if not k.endswith("rotary_emb.inv_freq")}  # old exports stored RoPE
-    missing = sorted(set(expected) - present - {"lm_head.weight"})  # absent lm_head: tied embeddings
+    optional = {"lm_head.weight"} if hf.get("tie_word_embeddings") else set()  # tied: the embedding serves
+    missing = sorted(set(expected) - present - optional)
     extra = sorted(present - set(expected))
     if missing or extra:
         raise ValueError(f"{directory}: weights do not match config.json (missing {missing[:3]}, unexpected {extra[:3]})")

@@ -71,7 +71,12 @@ class Tokenizer:
                 token = token.get("content")
             return vocab.get(token) if isinstance(token, str) else None
 
-        self.bos_id, self.eos_id = token_id("bos_token"), token_id("eos_token")
+        def conventional(*names: str) -> Optional[int]:  # for a bare tokenizer.json without config files
+            return next((vocab[n] for n in names if n in vocab), None)
+
+        bos, eos = token_id("bos_token"), token_id("eos_token")
+        self.bos_id = bos if bos is not None else conventional("<s>", "<|begin_of_text|>", "<bos>")
+        self.eos_id = eos if eos is not None else conventional("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
         self.unk_id, self.pad_id = token_id("unk_token"), token_id("pad_token")
         if "add_bos_token" in config:
             self.default_bos = bool(config["add_bos_token"]) and self.bos_id is not None

@@ -460,7 +460,8 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
                 ce, objective = token_losses(logits, mb["labels"].to(fabric.device), hp["z_loss"])
                 fabric.backward(objective * (W / global_real))
             loss_sum += ce.detach()
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=hp["grad_clip"] or float("inf"))
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=hp["grad_clip"] or float("inf"),
+                                           error_if_nonfinite=False)  # non-finite steps are skipped below
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss = (fabric.all_reduce(loss_sum, reduce_op="sum") / global_real).item()
         if math.isfinite(loss) and math.isfinite(float(grad_norm)):
@@ -475,17 +476,12 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
         step += 1
         iter_num += len(micro_batches)
         tokens_seen += int(global_real.item())
-        if nonfinite_in_a_row >= hp["max_nonfinite_steps"]:
-            fabric.print(f"error: {nonfinite_in_a_row} consecutive non-finite steps; stopping. The last good "
-                         f"checkpoint is {latest_checkpoint(out_dir)}", file=sys.stderr)
-            return 1
-
         if step % hp["log_interval"] == 0 or step == hp["max_steps"]:
             monitor.update(tokens_seen)
             elapsed = time.perf_counter() - start_time
             eta = elapsed / (step - start_step) * (hp["max_steps"] - step)
             memory = (torch.cuda.max_memory_allocated() if fabric.device.type == "cuda" else _rss_bytes()) / 2**30
-            record = {"iter": iter_num, "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+            record = {"iter": iter_num, "step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr, "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None,
                       "tokens": tokens_seen, "tokens_per_sec": monitor.tokens_per_sec(), "mfu": monitor.mfu(),
                       "skipped_steps": skipped, "memory_gb": memory, "time": elapsed}
             metrics.write(record)
@@ -495,11 +491,17 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
                          + (f" | {tps:,.0f} tok/s" if tps else "") + (f" | MFU {mfu:.1%}" if mfu else "")
                          + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
 
+        if nonfinite_in_a_row >= hp["max_nonfinite_steps"]:
+            fabric.print(f"error: {nonfinite_in_a_row} consecutive non-finite steps; stopping. The last good "
+                         f"checkpoint is {latest_checkpoint(out_dir)}", file=sys.stderr)
+            return 1
+
         if val_data is not None and hp["eval_interval"] and step % hp["eval_interval"] == 0 and step < hp["max_steps"]:
             _log_validation(fabric, model, val_data, hp, metrics, step, iter_num)
 
         stop_now = preemption.agreed(fabric) or step == hp["stop_at_step"]
-        if step % hp["save_interval"] == 0 or step == hp["max_steps"] or stop_now:
+        periodic = (step % hp["save_interval"] == 0 or step == hp["max_steps"]) and not nonfinite_in_a_row
+        if periodic or stop_now:
             save(step)
         if stop_now:
             if preemption.requested and launcher == "slurm" and rank == 0 and "SLURM_JOB_ID" in os.environ:

@@ -31,7 +31,7 @@ from lit_gpt.checkpoint_io import (  # noqa: E402
     CheckpointError, LazyStateDict, atomic_output_dir, copy_tokenizer_files, find_tokenizer, load_checkpoint,
     resolve_config)
 from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.hf_convert import TORCH_DTYPES, hf_config, hf_names, lit_model_shapes, lit_to_hf  # noqa: E402
+from lit_gpt.hf_convert import TORCH_DTYPES, hf_config, lit_model_shapes, lit_to_hf  # noqa: E402
 
 VERIFY_TOLERANCE = 1e-4
 GERMAN_SAMPLES = (
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_dir", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's out_dir/tokenizer)")
     p.add_argument("--model_name", help="registry config to use; must match the checkpoint (default: its own config)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the exported weights")
+    p.add_argument("--dtype", choices=list(TORCH_DTYPES), default="bf16", help="dtype of the exported weights")
     p.add_argument("--max_shard_size", default="5GB", help="split model.safetensors above this size (e.g. 2GB, 500MiB)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                    help="compare the export's logits and tokenizer with ours (needs two fp32 copies, one at a time)")
@@ -94,18 +94,14 @@ def write_weights(model: LazyStateDict, config: Config, out: Path, dtype: torch.
     for keys, filename in zip(shards, names):
         tensors = {}
         for key in keys:
-            source = model[key]
-            for name, t in lit_to_hf(config, key, source).items():
-                tensors[name] = t.to(dtype).contiguous()
+            for name, t in lit_to_hf(config, key, model.as_dtype(key, dtype)).items():
+                tensors[name] = t.contiguous()
                 weight_map[name] = filename
-                total += tensors[name].nbytes
-            if all(t.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
-                   for t in (tensors[n] for n in hf_names(key))):
-                model.release(key)  # converted copies made: the source pages are no longer needed
+                total += t.nbytes
         save_file(tensors, out / filename, metadata={"format": "pt"})
         del tensors
         for key in keys:
-            model.release(key)
+            model.release(key)  # source pages that were written as they are (export dtype == checkpoint dtype)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -177,8 +173,11 @@ def verify_export(export_dir: Path, model: LazyStateDict, config: Config, tokeni
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory only: never reach for the Hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from lit_gpt.model import GPT
+
+    hf_logging.disable_progress_bar()
     from lit_gpt.tokenizer import Tokenizer
 
     generator = torch.Generator().manual_seed(seed)
@@ -186,9 +185,12 @@ def verify_export(export_dir: Path, model: LazyStateDict, config: Config, tokeni
     with torch.device("meta"):
         ours = GPT(config)
     # Our model with exactly the exported values (rounded to the export dtype), computed in fp32 like theirs.
-    ours.load_state_dict({k: model[k].to(dtype).float() for k in model}, assign=True)
+    # One fp32 model in memory at a time: ours is freed (and its source pages dropped) before theirs loads.
+    ours.load_state_dict({k: model.as_dtype(k, dtype).float() for k in model}, assign=True)
     expected = ours.eval()(idx)
     del ours
+    for key in model:
+        model.release(key)
     hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, local_files_only=True).eval()
     got = hf(idx).logits
     del hf
@@ -225,8 +227,8 @@ def export(args: argparse.Namespace) -> Path:
             diff = verify_export(tmp, ckpt["model"], config, tokenizer_dir, dtype)
             verified = f"logits max abs diff {diff:.2e} (fp32, tolerance {VERIFY_TOLERANCE}); tokenizer identical"
             print(f"verified: {verified}")
-        write_model_card(tmp, ckpt, config, args.checkpoint, args.dtype, verified)
-    print(f"wrote {args.out_dir} ({size / 1e9:.2f} GB of {args.dtype} weights)")
+        write_model_card(tmp, ckpt, config, args.checkpoint, str(dtype).removeprefix("torch."), verified)
+    print(f"wrote {args.out_dir} ({size / 1e9:.2f} GB of {str(dtype).removeprefix('torch.')} weights)")
     return args.out_dir
 
 

@@ -16,7 +16,7 @@ def main() -> int:
         print(f"error: {path}: no metrics (did the run start?)", file=sys.stderr)
         return 2
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if "val_loss" in r]
     if not train:
         print(f"error: {path}: no training steps logged", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -47,13 +48,15 @@ def random_state(config: Config, seed: int = 0) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def write_run_dir(out_dir: Path, config: Config, tokenizer: Path, state: dict, step: int = 10) -> Path:
-    """A trainer-style out_dir with one full checkpoint, model_config.json and tokenizer/; returns the checkpoint."""
+def write_run_dir(out_dir: Path, config: Config, tokenizer: Path, state: Optional[dict] = None, step: int = 10):
+    """A trainer-style out_dir: model_config.json, tokenizer/ and (given a state) one full checkpoint, returned."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(tokenizer, out_dir / "tokenizer", dirs_exist_ok=True)
     (out_dir / "model_config.json").write_text(json.dumps(config.to_dict()))
+    if state is None:
+        return None
     path = out_dir / f"iter-{step:08d}-ckpt.pth"
     torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "iter_num": step * 4,
                 "step_count": step, "tokens_seen": step * 4 * 2 * config.block_size,

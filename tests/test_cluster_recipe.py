@@ -11,6 +11,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,12 +102,13 @@ def test_def_installs_every_pinned_requirement_at_its_version(definition):
     assert re.search(r"TORCH_PIN=\$\(grep -E '\^torch==' requirements.txt\)", definition["post"])
     assert re.search(r'pip install --index-url "\$TORCH_INDEX" "\$TORCH_PIN"', definition["post"])
     for name, version in _pins(ROOT / "requirements.txt").items():
-        assert installed.get(name) == version, f"{name}=={version} from requirements.txt: the image installs {installed.get(name)}"
+        assert installed.get(name) == version, f"{name}=={version} (requirements.txt): image has {installed.get(name)}"
     for name, version in _pins(ROOT / "requirements-cuda.txt").items():
-        assert installed.get(name) == version, f"{name}=={version} from requirements-cuda.txt: image has {installed.get(name)}"
+        assert installed.get(name) == version, f"{name}=={version} (requirements-cuda.txt): image has {installed.get(name)}"
     # The extras may not move a CPU pin, and the build fails on any drift from either file.
     assert "-r requirements-cuda.txt -c requirements.txt" in " ".join(post)
-    assert "/opt/llammlein/requirements.txt" in definition["post"] and "/opt/llammlein/requirements-cuda.txt" in definition["post"]
+    for name in ("requirements.txt", "requirements-cuda.txt"):
+        assert f"/opt/llammlein/{name}" in definition["post"], f"the drift check must read {name}"
     # No pin in the .def contradicts the requirement files.
     for name, version in re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s\"']*)", definition["post"]):
         if _norm(name) in installed and _norm(name) != "pip":
@@ -149,7 +151,7 @@ def test_def_environment_and_runscript(definition):
 
 
 # ------------------------------------------------- build-image.sh -----------------------------------------------------
-def _bin_dir(tmp_path: Path, tools=("bash", "dirname", "grep", "head", "cat", "env")) -> Path:
+def _bin_dir(tmp_path: Path, tools=("bash", "dirname", "grep", "sed", "cat", "env")) -> Path:
     """A PATH holding only the listed system tools (so apptainer/singularity are certainly absent)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -189,9 +191,6 @@ def test_build_image_calls_apptainer_from_the_repo_root(tmp_path):
     assert args[0] == "build" and args[-2:] == [str(tmp_path / "img.sif"), "llammlein.def"]
     assert "--fakeroot" in args and "MAX_JOBS=6" in args
 
-    _stub(bin_dir, "apptainer", 'echo "apptainer version 1.1.9"\n')
-    old = subprocess.run([str(bin_dir / "bash"), str(BUILD)], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert old.returncode != 0 and "1.2" in old.stderr
 
 
 # ------------------------------------------------- train_fabric.sh ----------------------------------------------------
@@ -272,6 +271,27 @@ def test_train_script_without_container_and_on_efa(tmp_path):
     assert "FI_PROVIDER=efa" in job_env
 
 
+def test_train_script_relays_the_trainers_requeue_out_of_the_container(tmp_path):
+    """The image has no scontrol: the trainer's `scontrol requeue` becomes a request the batch script carries out."""
+    _, bin_dir, env = _fake_cluster(tmp_path)
+    host_calls = tmp_path / "host_scontrol.txt"
+    _stub(bin_dir, "scontrol",
+          f'[ "$1 $2" = "show hostnames" ] && {{ echo node-a; exit 0; }}\necho "$*" >> {host_calls}\n')
+    _stub(bin_dir, "srun", 'shift\nexec "$@"\n')  # one task, here; drops --kill-on-bad-exit
+    # exec --nv --bind B --pwd D IMAGE cmd...: run cmd with the PATH the container would have.
+    _stub(bin_dir, "apptainer", 'shift 7\nPATH="$APPTAINERENV_PREPEND_PATH:$PATH" exec "$@"\n')
+    (bin_dir / "python").symlink_to(sys.executable)
+    (tmp_path / "repo" / "pretrain" / "tinyllama_fabric.py").write_text(
+        "import os, subprocess\n"
+        "r = subprocess.run(['scontrol', 'requeue', os.environ['SLURM_JOB_ID']], capture_output=True, text=True)\n"
+        "print('trainer:', r.returncode, r.stdout.strip())\n")
+    result = subprocess.run(["bash", str(TRAIN)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trainer: 0 scontrol requeue 4711: requested from inside the container" in result.stdout, result.stdout
+    assert host_calls.read_text().splitlines() == ["requeue 4711"], "the batch script must requeue, once"
+    assert not list((tmp_path / "runs" / "120m").glob(".slurm-relay-*")), "relay directory left behind"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"LLAMMLEIN_IMAGE": "/nonexistent/llammlein.sif"}, "build-image.sh"),
     ({"SLURM_NTASKS_PER_NODE": None}, "--ntasks-per-node"),
@@ -301,10 +321,26 @@ def test_create_sbatch_wraps_create_sh(tmp_path):
     (repo / "scripts" / "create.sh").write_text(f'printf "%s\\n" "$@" > {tmp_path}/create.txt\n')
     (tmp_path / "ckpt.pth").write_text("")
     env.update(LLAMMLEIN_NO_CONTAINER="1")
-    result = subprocess.run(["bash", str(CREATE), str(tmp_path / "ckpt.pth"), str(tmp_path / "hf"), "--dtype", "bfloat16"],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    argv = ["bash", str(CREATE), str(tmp_path / "ckpt.pth"), str(tmp_path / "hf"), "--dtype", "bfloat16"]
+    result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "create.txt").read_text().split() == [str(tmp_path / "ckpt.pth"), str(tmp_path / "hf"),
                                                              "--dtype", "bfloat16"]
     missing = subprocess.run(["bash", str(CREATE)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "CHECKPOINT" in missing.stderr
+
+
+@pytest.mark.parametrize("command, version, ok", [
+    ("singularity", "apptainer version 1.3.6", True),  # Apptainer's compatibility link
+    ("singularity", "singularity-ce version 4.2.1", True),
+    ("singularity", "singularity-ce version 3.11.4", False),
+    ("apptainer", "apptainer version 1.1.9", False),
+])
+def test_build_image_checks_the_runtime_version(tmp_path, command, version, ok):
+    bin_dir = _bin_dir(tmp_path)
+    _stub(bin_dir, command, f'[ "$1" = --version ] && {{ echo "{version}"; exit 0; }}\nexit 0\n')
+    result = subprocess.run([str(bin_dir / "bash"), str(BUILD)], env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (result.returncode == 0) == ok, result.stderr
+    if not ok:
+        assert "too old" in result.stderr

@@ -51,7 +51,8 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _wait_until(predicate, timeout: float, what: str, cluster: LocalSlurm, job_id: int, log: Path):
+def _wait_until(predicate, timeout: float, what: str, cluster: LocalSlurm, job_id: int, log: Path,
+                poll: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -59,7 +60,7 @@ def _wait_until(predicate, timeout: float, what: str, cluster: LocalSlurm, job_i
             return value
         if cluster.job_info(job_id).get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
-        time.sleep(0.2)
+        time.sleep(poll)
     info = cluster.job_info(job_id)
     text = log.read_text(errors="replace") if log.exists() else "(no job output)"
     raise AssertionError(f"timed out waiting for {what}; job {job_id} is {info.get('JobState')} "
@@ -140,9 +141,12 @@ def test_job_script_signal_requeue_mechanics(slurm: LocalSlurm, tmp_path: Path):
 
 # --------------------------------------------------------------------------------------------------------------------
 # The real trainer: Fabric ranks from Slurm, checkpoint on USR1, requeue, resume, identical losses.
+MAX_STEPS = 20  # ~0.1-0.3 s each here: the pre-emption signal lands after a few steps, well before the end
 TRAIN_ARGS = ("--accelerator", "cpu", "--strategy", "ddp", "--precision", "32-true", "--global_batch_size", "32",
-              "--micro_batch_size", "2", "--max_steps", "12", "--save_interval", "4", "--log_interval", "1",
-              "--eval_interval", "0", "--seed", "42", "--num_workers", "0")
+              "--micro_batch_size", "2", "--max_steps", str(MAX_STEPS), "--save_interval", "5", "--log_interval", "1",
+              "--eval_interval", "0", "--seed", "42", "--num_workers", "0",
+              # A real learning rate: a resume that lost optimizer state would show in the losses.
+              "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2")
 
 
 def _losses(out_dir: Path) -> dict[int, float]:
@@ -166,7 +170,7 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     reference = _losses(ref)
-    assert sorted(reference) == list(range(1, 13))
+    assert sorted(reference) == list(range(1, MAX_STEPS + 1))
 
     out = tmp_path / "slurm_out"
     env = {**_clean_env(), **data, "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable, "OUT_DIR": str(out),
@@ -180,7 +184,7 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
     def training_started() -> bool:
         return metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines())
 
-    _wait_until(training_started, 300, "the first training step", slurm, job, log)
+    _wait_until(training_started, 300, "the first training step", slurm, job, log, poll=0.05)
     subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm.env, check=True, timeout=30)
     info = _finished(slurm, job, log, timeout=600)
     text = log.read_text()
@@ -189,6 +193,8 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
     hparams = json.loads((out / "hparams.json").read_text())
     assert hparams["world_size"] == 2 and hparams["launched_by"] == "slurm", hparams
     assert text.count("world_size=2 (slurm)") == 2, text
+    for rank in (0, 1):  # each srun task became the Fabric rank Slurm gave it (SLURM_PROCID), in both runs
+        assert text.count(f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2") == 2, text
     # Pre-empted mid-run, checkpointed, requeued under the same id, resumed from that checkpoint.
     assert "Pre-empted: requeueing Slurm job" in text, text
     assert int(info["Restarts"]) == 1, info
@@ -196,10 +202,10 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
     resumed = [line for line in text.splitlines() if line.startswith("Resumed from ")]
     assert len(resumed) == 1, text
     resume_step = int(resumed[0].split(" at step ")[1].split()[0])
-    assert 1 <= resume_step < 12, f"the signal came too late to interrupt training (resumed at {resume_step}):\n{text}"
-    assert f"iter-{resume_step:08d}-ckpt.pth" in resumed[0]
+    assert 1 <= resume_step < MAX_STEPS, f"the signal came too late to interrupt training (step {resume_step}):\n{text}"
+    assert f"iter-{resume_step:08d}-ckpt.pth" in resumed[0] and "(written by 2 ranks, now 2)" in resumed[0]
     # ... and the interruption changed nothing: the same loss at every step as the uninterrupted run.
     losses = _losses(out)
-    assert sorted(losses) == list(range(1, 13)), f"steps missing or extra: {sorted(losses)}"
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1)), f"steps missing or extra: {sorted(losses)}"
     for step, loss in reference.items():
         assert abs(losses[step] - loss) <= 1e-5, f"step {step}: {losses[step]} (Slurm, resumed) vs {loss} (reference)"

@@ -27,11 +27,18 @@ if [ -z "$RUNTIME" ]; then
 fi
 
 # %arguments/--build-arg in the definition file arrived in Apptainer 1.2 and SingularityCE 4.0.
-version="$("$RUNTIME" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+' | head -n1 || true)"
+# Judge by what --version reports: `singularity` is often Apptainer's compatibility link.
+version_text="$("$RUNTIME" --version 2>/dev/null || true)"
+version="$(grep -oE '[0-9]+\.[0-9]+' <<< "$version_text" | sed -n 1p || true)"
 major="${version%%.*}"; minor="${version#*.}"
 if [ -n "$version" ]; then
-    if { [ "$RUNTIME" = apptainer ] && { [ "$major" -lt 1 ] || { [ "$major" -eq 1 ] && [ "$minor" -lt 2 ]; }; }; } ||
-       { [ "$RUNTIME" = singularity ] && [ "$major" -lt 4 ]; }; then
+    too_old=0
+    if [[ "$version_text" == *apptainer* ]]; then
+        { [ "$major" -lt 1 ] || { [ "$major" -eq 1 ] && [ "$minor" -lt 2 ]; }; } && too_old=1
+    else
+        [ "$major" -lt 4 ] && too_old=1
+    fi
+    if [ "$too_old" = 1 ]; then
         echo "error: $RUNTIME $version is too old for llammlein.def (build arguments); need Apptainer >= 1.2" \
              "or SingularityCE >= 4.0." >&2
         exit 1

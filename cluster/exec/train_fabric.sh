@@ -31,7 +31,8 @@ REPO_DIR="${LLAMMLEIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$REPO_DIR"
 REPO_DIR="$(pwd -P)"
 if [ ! -f pretrain/tinyllama_fabric.py ]; then
-    echo "error: $REPO_DIR has no pretrain/tinyllama_fabric.py; submit from the repository root or set LLAMMLEIN_ROOT" >&2
+    echo "error: $REPO_DIR has no pretrain/tinyllama_fabric.py;" \
+         "submit from the repository root or set LLAMMLEIN_ROOT" >&2
     exit 2
 fi
 if [ -z "${SLURM_JOB_ID:-}" ]; then
@@ -75,8 +76,6 @@ case "${LLAMMLEIN_NETWORK:-ib}" in
     ib)
         # InfiniBand HCAs NCCL may use: the prefix "mlx5" matches every Mellanox/NVIDIA ConnectX port.
         export NCCL_IB_HCA="${NCCL_IB_HCA:-mlx5}"
-        # GPUDirect RDMA when NIC and GPU share a PCIe switch (the NCCL default level, made explicit).
-        export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PIX}"
         ;;
     efa)
         # AWS Elastic Fabric Adapter through libfabric (needs the aws-ofi-nccl plugin in the image or bound in).
@@ -154,6 +153,28 @@ else
     bind_list="$(IFS=,; echo "${binds[*]}")${LLAMMLEIN_BINDS:+,$LLAMMLEIN_BINDS}"
     # --nv: the host's NVIDIA driver and devices; --pwd: run from the bound checkout.
     LAUNCH=("$RUNTIME" exec --nv --bind "$bind_list" --pwd "$REPO_DIR" "$IMAGE" python)
+
+    # The image has no Slurm. A stand-in `scontrol` first on the container's PATH turns the trainer's
+    # `scontrol requeue` (rank 0, after its pre-emption checkpoint) into a request that this script carries out
+    # once the trainer has exited. It lives in OUT_DIR, which every node sees and the container binds.
+    relay_dir="$(realpath "$OUT_DIR")/.slurm-relay-$SLURM_JOB_ID"
+    rm -rf "$relay_dir"
+    mkdir -p "$relay_dir"
+    cat > "$relay_dir/scontrol" <<RELAY
+#!/bin/sh
+if [ "\$1" = requeue ]; then
+    touch "$relay_dir/requeue"
+    echo "scontrol requeue \$2: requested from inside the container; the batch script requeues the job"
+    exit 0
+fi
+echo "error: scontrol \$1 is not available inside the container" >&2
+exit 1
+RELAY
+    chmod +x "$relay_dir/scontrol"
+    case "$(basename "$RUNTIME")" in
+        apptainer) export APPTAINERENV_PREPEND_PATH="$relay_dir" ;;
+        *) export SINGULARITYENV_PREPEND_PATH="$relay_dir" ;;
+    esac
 fi
 
 echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES node(s) x" \
@@ -163,4 +184,15 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLUR
 status=0
 srun --kill-on-bad-exit=1 "${LAUNCH[@]}" "${TRAINER[@]}" "${EXTRA[@]}" "$@" || status=$?
 echo "[$(date -Is)] job $SLURM_JOB_ID: trainer exited with status $status"
+if [ -n "${relay_dir:-}" ]; then
+    requested=0
+    if [ -e "$relay_dir/requeue" ]; then
+        requested=1
+    fi
+    rm -rf "$relay_dir"
+    if [ "$requested" = 1 ]; then
+        echo "[$(date -Is)] job $SLURM_JOB_ID: requeueing (the trainer checkpointed after a pre-emption signal)"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+fi
 exit $status

@@ -1,0 +1,154 @@
+"""Node-local copies of chunk files (e.g. in /dev/shm or $TMPDIR), filled ahead of use by a background thread.
+
+`prefetch(paths)` queues chunks the loader will need next; the thread copies each one under a temporary name,
+verifies it (size and LITPKDS header equal to the source) and renames it into place, evicting the oldest copies
+first when the cache would exceed `max_bytes`. `path(source)` returns the cached copy when it is complete and
+verified by size, else the source itself: a full, missing, broken or unwritable cache only costs speed.
+Several ranks of a node may share one cache directory (copies are atomic renames; eviction is by age on disk).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable, Optional
+
+from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
+
+
+class NodeCache:
+    def __init__(self, cache_dir, max_bytes: Optional[int] = None) -> None:
+        self.root = Path(cache_dir)
+        self.broken = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.max_bytes = int(max_bytes) if max_bytes else shutil.disk_usage(self.root).free // 2
+        except OSError as e:
+            self._give_up(f"cannot use {self.root} ({e})")
+            self.max_bytes = 0
+        self._queue: Optional[queue.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._queued: set[Path] = set()
+
+    # ------------------------------------------------------------------ reading
+    def path(self, source: Path) -> Path:
+        """The verified cached copy of `source` when there is one, else `source`."""
+        if self.broken:
+            return source
+        cached = self.cached_name(source)
+        try:
+            if cached.stat().st_size == source.stat().st_size:
+                return cached
+        except OSError:
+            pass
+        return source
+
+    def cached_name(self, source: Path) -> Path:
+        # Chunk names repeat across datasets (train_0000000000.bin): one sub-folder per source folder.
+        folder = hashlib.sha1(str(Path(source).resolve().parent).encode()).hexdigest()[:16]
+        return self.root / folder / Path(source).name
+
+    # ------------------------------------------------------------------ filling
+    def prefetch(self, sources: Iterable[Path]) -> None:
+        """Queue chunks for copying, in the order they will be needed."""
+        if self.broken:
+            return
+        if self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="node-cache", daemon=True)
+            self._thread.start()
+        for source in sources:
+            source = Path(source)
+            if source not in self._queued:
+                self._queued.add(source)
+                self._queue.put(source)
+
+    def wait(self) -> None:
+        """Block until everything queued so far has been handled (tests, benchmarks)."""
+        if self._queue is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            source = self._queue.get()
+            try:
+                if source is None:
+                    return
+                if not self.broken:
+                    self.copy(source)
+            finally:
+                self._queue.task_done()
+
+    def copy(self, source: Path) -> bool:
+        """Copy and verify one chunk now; False when it was not cached (too big, full, unreadable or broken)."""
+        target = self.cached_name(source)
+        try:
+            size = source.stat().st_size
+            if self.path(source) == target:
+                return True
+            if size > self.max_bytes or not self._make_room(size):
+                return False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                shutil.copyfile(source, tmp)
+                read_header(tmp)  # a valid LITPKDS file whose size matches its header ...
+                if tmp.stat().st_size != size or _header(tmp) != _header(source):  # ... and equals the source's
+                    return False
+                os.replace(tmp, target)
+            except ChunkFormatError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            return True
+        except FileNotFoundError:
+            return False  # the source vanished or a concurrent eviction removed the copy: read the source
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # full: this chunk stays on the source
+                return False
+            self._give_up(f"cannot write to {self.root} ({e})")
+            return False
+
+    def _make_room(self, size: int) -> bool:
+        """Evict the oldest cached files until `size` more bytes fit under max_bytes."""
+        files = []
+        for folder in self.root.iterdir():
+            if folder.is_dir():
+                for entry in os.scandir(folder):
+                    if entry.is_file() and not entry.name.startswith("."):
+                        stat = entry.stat()
+                        files.append((stat.st_mtime_ns, stat.st_size, Path(entry.path)))
+        used = sum(f[1] for f in files)
+        for _, file_size, path in sorted(files):
+            if used + size <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            used -= file_size
+        return used + size <= self.max_bytes
+
+    def _give_up(self, reason: str) -> None:
+        if not self.broken:
+            print(f"warning: node cache disabled, reading from the source: {reason}", file=sys.stderr)
+        self.broken = True
+
+    def __getstate__(self) -> dict:
+        # Data-loader workers get a reader-only copy; the filling thread stays in the main process.
+        state = self.__dict__.copy()
+        state.update(_queue=None, _thread=None, _queued=set())
+        return state
+
+
+def _header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEADER_SIZE)

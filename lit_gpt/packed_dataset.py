@@ -1,0 +1,364 @@
+"""Memory-mapped LITPKDS chunks, mixed sources, and the per-optimizer-step loader.
+
+A source is a directory of chunk files read as one token stream: the files of its `manifest.json` (written by
+`scripts/prepare_data.py`; only each file's real tokens count) or, for TinyLlama-written folders, all `*.bin` files
+in name order (every token counts). Samples are consecutive, non-overlapping windows of block_size + 1 tokens of
+that stream (they may span chunk boundaries); a last partial window is kept and padded, its padding masked in
+`labels`. Sample ids number the samples of all sources consecutively.
+
+The global order (`lit_gpt.sample_order`) maps position p = 0, 1, 2, ... to a sample id as a pure function of
+(seed, data, epoch), independent of ranks and workers. `StepLoader` gives optimizer step s the positions
+[s * G, (s + 1) * G); rank r takes its contiguous share [s*G + r*G/W, s*G + (r+1)*G/W), micro-batch m the m-th
+slice of b. Resuming at step k is O(1): nothing is replayed, and any world size sees the same samples per step.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+from bisect import bisect_right
+import json
+import math
+from collections import OrderedDict
+from itertools import count
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from lit_gpt.litpkds import HEADER_SIZE, read_header
+from lit_gpt.node_cache import NodeCache
+from lit_gpt.sample_order import SampleOrder
+
+INDEX_DIR = "index"
+ORDER_VERSION = 1
+SHUFFLE = {"block": 256, "window": 64, "mix_window": 1 << 16}
+_OPEN_MAPS = 128
+_OPEN_INDEXES = 256
+
+
+class DataSource:
+    """One directory of chunk files as a single token stream."""
+
+    def __init__(self, directory: Path, cache: Optional[NodeCache] = None) -> None:
+        self.directory = Path(directory)
+        self.cache = cache
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: data directory does not exist")
+        manifest = self.directory / "manifest.json"
+        if manifest.is_file():
+            self._from_manifest(manifest)
+        else:
+            self._from_files()
+        self.offsets = np.concatenate([[0], np.cumsum([c["tokens"] for c in self.chunks])]).astype(np.int64)
+        self._offsets = self.offsets.tolist()  # bisect on a list beats numpy for single lookups
+        self.tokens = int(self.offsets[-1])
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._indexes: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _from_manifest(self, path: Path) -> None:
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            files = manifest["files"]
+            self.pad_id = int(manifest.get("pad_id", 0))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: unreadable dataset manifest ({e})") from None
+        if not files:
+            raise ValueError(f"{self.directory}: the manifest lists no chunk files (empty split)")
+        self.chunks = []
+        for entry in files:
+            chunk = self._chunk(self.directory / entry["name"])
+            if not 0 < entry["tokens"] <= chunk["chunk_size"]:
+                raise ValueError(f"{chunk['path']}: manifest says {entry['tokens']} real tokens, header holds "
+                                 f"{chunk['chunk_size']}")
+            index = self.directory / INDEX_DIR / (chunk["path"].stem + ".json")
+            if not index.is_file():
+                raise ValueError(f"{index}: document index of {chunk['path'].name} is missing")
+            chunk.update(tokens=int(entry["tokens"]), index=index, first_doc=int(entry["first_doc"]))
+            self.chunks.append(chunk)
+        self.documents = int(manifest.get("documents", sum(e["documents"] for e in files)))
+        self.fingerprint = _sha256([(e["name"], e["tokens"], e.get("sha256")) for e in files])
+
+    def _from_files(self) -> None:
+        paths = sorted(self.directory.glob("*.bin"))
+        if (self.directory / INDEX_DIR).is_dir():
+            raise ValueError(f"{self.directory}: chunk indexes but no manifest.json; the preparation did not finish "
+                             f"(re-run scripts/prepare_data.py)")
+        if not paths:
+            raise ValueError(f"{self.directory}: no chunk files (*.bin) and no manifest.json")
+        self.chunks = [self._chunk(p) for p in paths]
+        for chunk in self.chunks:
+            chunk.update(tokens=chunk["chunk_size"], index=None, first_doc=-1)
+        self.pad_id, self.documents = 0, None
+        self.fingerprint = _sha256([(c["path"].name, c["chunk_size"], c["dtype"].name) for c in self.chunks])
+
+    @staticmethod
+    def _chunk(path: Path) -> dict:
+        dtype, chunk_size = read_header(path)  # checks magic, version, dtype and file size; names the file
+        return {"path": path, "dtype": dtype, "chunk_size": chunk_size}
+
+    @property
+    def has_index(self) -> bool:
+        return self.documents is not None
+
+    def samples(self, sample_tokens: int) -> int:
+        """Full windows, plus a padded last one when at least one (input, label) pair is left."""
+        full, rest = divmod(self.tokens, sample_tokens)
+        return full + (rest >= 2)
+
+    # ------------------------------------------------------------------ tokens
+    def chunk_of(self, positions) -> np.ndarray:
+        return np.searchsorted(self.offsets, positions, side="right") - 1
+
+    def read(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Stream tokens [start, stop) into out[:stop - start]."""
+        offsets = self._offsets
+        c, pos = bisect_right(offsets, start) - 1, start
+        while pos < stop:
+            end = min(stop, offsets[c + 1])
+            base = offsets[c]
+            out[pos - start:end - start] = self._map(c)[pos - base:end - base]
+            pos, c = end, c + 1
+
+    def _map(self, c: int) -> np.ndarray:
+        """The chunk's tokens as a read-only array over a memory map (a plain ndarray: cheap to slice)."""
+        maps = self._maps
+        if c in maps:
+            maps.move_to_end(c)
+            return maps[c]
+        chunk = self.chunks[c]
+        path = self.cache.path(chunk["path"]) if self.cache is not None else chunk["path"]
+        try:
+            array = _map_tokens(path, chunk["dtype"], chunk["chunk_size"])
+        except OSError:
+            if path == chunk["path"]:
+                raise
+            array = _map_tokens(chunk["path"], chunk["dtype"], chunk["chunk_size"])  # the copy was just evicted
+        maps[c] = array
+        if len(maps) > _OPEN_MAPS:
+            maps.popitem(last=False)
+        return array
+
+    # ------------------------------------------------------------------ documents
+    def doc_starts(self, start: int, stop: int) -> np.ndarray:
+        """Stream positions in [start, stop) where a document starts."""
+        found = []
+        for c in range(int(self.chunk_of(start)), int(self.chunk_of(stop - 1)) + 1):
+            starts = self._index(c) + self.offsets[c]
+            found.append(starts[(starts >= start) & (starts < stop)])
+        return np.concatenate(found)
+
+    def doc_numbers(self, positions: np.ndarray) -> np.ndarray:
+        """Number (within this source) of the document holding each stream position."""
+        positions = np.asarray(positions, dtype=np.int64)
+        chunks = self.chunk_of(positions)
+        out = np.empty_like(positions)
+        for c in np.unique(chunks):
+            at = np.nonzero(chunks == c)[0]
+            inside = np.searchsorted(self._index(int(c)), positions[at] - self.offsets[c], side="right") - 1
+            out[at] = self.chunks[c]["first_doc"] + inside
+        return out
+
+    def doc_start(self, number: int) -> int:
+        """Stream position where document `number` starts."""
+        first_docs = np.array([c["first_doc"] for c in self.chunks])
+        c = int(np.searchsorted(first_docs, number, side="right") - 1)  # the chunk where it starts
+        return int(self.offsets[c] + self._index(c)[number - self.chunks[c]["first_doc"]])
+
+    def index_of_chunk(self, c: int) -> dict:
+        """The chunk's index file: tokens, doc_starts, doc_ids, first_doc."""
+        path = self.chunks[c]["index"]
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable chunk index ({e})") from None
+
+    def _index(self, c: int) -> np.ndarray:
+        if c in self._indexes:
+            self._indexes.move_to_end(c)
+            return self._indexes[c]
+        starts = np.asarray(self.index_of_chunk(c)["doc_starts"], dtype=np.int64)
+        self._indexes[c] = starts
+        if len(self._indexes) > _OPEN_INDEXES:
+            self._indexes.popitem(last=False)
+        return starts
+
+    def __getstate__(self) -> dict:  # data-loader workers reopen their own maps
+        state = self.__dict__.copy()
+        state.update(_maps=OrderedDict(), _indexes=OrderedDict())
+        return state
+
+
+class PackedDataset:
+    """Samples of block_size + 1 tokens from one or more sources, in a deterministic global order."""
+
+    def __init__(self, sources: Sequence, weights: Optional[Sequence[float]] = None, block_size: int = 2048,
+                 seed: int = 42, with_doc_ids: bool = False, cache_dir=None, cache_max_bytes: Optional[int] = None):
+        if isinstance(sources, (str, Path)):
+            sources = [sources]
+        if not sources:
+            raise ValueError("PackedDataset: no data directories given")
+        if block_size < 1:
+            raise ValueError(f"block_size {block_size}: must be positive")
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(sources):
+                raise ValueError(f"{len(weights)} weights for {len(sources)} data directories")
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(f"weights {weights}: must be positive numbers")
+        self.block_size, self.seed, self.weights, self.with_doc_ids = block_size, seed, weights, with_doc_ids
+        self.sample_tokens = block_size + 1
+        self.cache = NodeCache(cache_dir, cache_max_bytes) if cache_dir else None
+        self.sources = [DataSource(Path(s), self.cache) for s in sources]
+        sizes = [s.samples(self.sample_tokens) for s in self.sources]
+        for source, size in zip(self.sources, sizes):
+            if size == 0:
+                raise ValueError(f"{source.directory}: holds only {source.tokens} token(s), not one sample")
+            if with_doc_ids and not source.has_index:
+                raise ValueError(f"{source.directory}: no document index (not written by prepare_data.py), "
+                                 f"so doc_ids cannot be produced")
+        self.order = SampleOrder(sizes, weights, seed, **SHUFFLE)
+        self.sample_offsets = self.order.offsets
+        self._sample_offsets = self.sample_offsets.tolist()
+        self.samples_per_epoch = int(self.sample_offsets[-1])
+        self.manifest = self._describe(sizes)
+
+    def _describe(self, sizes: list[int]) -> dict:
+        sources = [{"path": str(s.directory.resolve()), "files": len(s.chunks), "tokens": s.tokens, "samples": n,
+                    "documents": s.documents, "fingerprint": s.fingerprint} for s, n in zip(self.sources, sizes)]
+        order = {"order_version": ORDER_VERSION, "block_size": self.block_size, "seed": self.seed,
+                 "weights": self.weights, "shuffle": SHUFFLE, "sources": [s["fingerprint"] for s in sources]}
+        return {**order, "sources": sources, "samples_per_epoch": self.samples_per_epoch,
+                "fingerprint": _sha256(order)}
+
+    # ------------------------------------------------------------------ samples
+    def sample_ids(self, positions) -> np.ndarray:
+        """Global order: positions -> sample ids."""
+        return self.order(positions)
+
+    def locate(self, sample_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, first stream token) of each sample."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= self.samples_per_epoch):
+            raise IndexError(f"sample ids must lie in [0, {self.samples_per_epoch})")
+        source = np.searchsorted(self.sample_offsets, sample_ids, side="right") - 1
+        return source, (sample_ids - self.sample_offsets[source]) * self.sample_tokens
+
+    def get_batch(self, sample_ids) -> dict[str, torch.Tensor]:
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= self.samples_per_epoch):
+            raise IndexError(f"sample ids must lie in [0, {self.samples_per_epoch})")
+        T, S = self.block_size, self.sample_tokens
+        tokens = np.empty((len(sample_ids), S), dtype=np.int64)
+        real = np.full(len(sample_ids), S, dtype=np.int64)
+        doc_ids = np.zeros((len(sample_ids), T), dtype=np.int64) if self.with_doc_ids else None
+        offsets = self._sample_offsets
+        for row, sample in enumerate(sample_ids.tolist()):
+            s = bisect_right(offsets, sample) - 1
+            source = self.sources[s]
+            start = (sample - offsets[s]) * S
+            stop = min(start + S, source.tokens)
+            source.read(start, stop, tokens[row])
+            if stop - start < S:  # the last, partial sample of a source
+                real[row] = stop - start
+                tokens[row, real[row]:] = source.pad_id
+            if doc_ids is not None:
+                starts_in_row = source.doc_starts(start, stop) - start
+                doc_ids[row] = np.searchsorted(starts_in_row, np.arange(T), side="right")
+        labels = tokens[:, 1:].copy()
+        if (real < S).any():
+            labels[np.arange(T)[None, :] >= (real - 1)[:, None]] = -100  # padding carries no loss
+        batch = {"input_ids": torch.from_numpy(tokens[:, :T].copy()), "labels": torch.from_numpy(labels),
+                 "sample_index": torch.from_numpy(sample_ids.copy())}
+        if doc_ids is not None:
+            batch["doc_ids"] = torch.from_numpy(doc_ids)  # the padding continues the last document
+        return batch
+
+    def chunk_paths(self, sample_ids) -> list[Path]:
+        """Chunk files the samples read, in order of first use (for node-local prefetching)."""
+        sources, starts = self.locate(sample_ids)
+        paths: dict[Path, None] = {}
+        for s, start in zip(sources.tolist(), starts.tolist()):
+            source = self.sources[s]
+            stop = min(start + self.sample_tokens, source.tokens)
+            for c in range(int(source.chunk_of(start)), int(source.chunk_of(stop - 1)) + 1):
+                paths[source.chunks[c]["path"]] = None
+        return list(paths)
+
+    def __repr__(self) -> str:
+        return (f"PackedDataset({len(self.sources)} source(s), {self.samples_per_epoch} samples of "
+                f"{self.sample_tokens} tokens, weights={self.weights}, seed={self.seed})")
+
+
+class StepLoader:
+    """Yields (step, micro_batches) forever from `start_step`; micro_batches are this rank's share of the step."""
+
+    def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, num_workers: int = 0, prefetch_steps: int = 4) -> None:
+        G, b, W = global_batch_size, micro_batch_size, world_size
+        if min(G, b, W) < 1 or G % (W * b):
+            raise ValueError(f"global_batch_size {G} must be a positive multiple of micro_batch_size {b} x "
+                             f"devices {W} (= {b * W})")
+        if not 0 <= rank < W:
+            raise ValueError(f"rank {rank} outside world_size {W}")
+        if start_step < 0 or num_workers < 0:
+            raise ValueError(f"start_step {start_step} and num_workers {num_workers} must not be negative")
+        self.dataset, self.global_batch_size, self.micro_batch_size = dataset, G, b
+        self.rank, self.world_size, self.start_step, self.num_workers = rank, W, start_step, num_workers
+        self.per_rank = G // W
+        self.prefetch_steps = prefetch_steps
+
+    def positions(self, step: int) -> np.ndarray:
+        first = step * self.global_batch_size + self.rank * self.per_rank
+        return np.arange(first, first + self.per_rank, dtype=np.int64)
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        ids = self.dataset.sample_ids(self.positions(step))
+        b = self.micro_batch_size
+        return [self.dataset.get_batch(ids[i:i + b]) for i in range(0, len(ids), b)]
+
+    def __iter__(self):
+        cache = self.dataset.cache
+        hinted = self.start_step
+        if self.num_workers == 0:
+            batches = map(self.micro_batches, count(self.start_step))
+        else:
+            loader = torch.utils.data.DataLoader(_Steps(self), batch_size=None, sampler=_From(self.start_step),
+                                                 num_workers=self.num_workers, collate_fn=_identity)
+            batches = iter(loader)
+        for step, micro_batches in zip(count(self.start_step), batches):
+            if cache is not None:  # copy the chunks of the next steps node-locally while this one trains
+                while hinted <= step + self.prefetch_steps:
+                    cache.prefetch(self.dataset.chunk_paths(self.dataset.sample_ids(self.positions(hinted))))
+                    hinted += 1
+            yield step, micro_batches
+
+
+class _Steps(torch.utils.data.Dataset):
+    def __init__(self, loader: StepLoader) -> None:
+        self.loader = loader
+
+    def __getitem__(self, step: int):
+        return self.loader.micro_batches(step)
+
+
+class _From(torch.utils.data.Sampler):
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self):
+        return count(self.start)
+
+
+def _map_tokens(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=HEADER_SIZE)
+
+
+def _identity(x):
+    return x
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Export a training checkpoint to a verified Hugging Face model directory.
+#
+#   scripts/create.sh CHECKPOINT OUT_DIR [options of scripts/convert_lit_checkpoint.py]
+#
+# CHECKPOINT is an iter-XXXXXXXX-ckpt.pth file or sharded directory. --verify is on (pass --no-verify to skip it);
+# other options (--dtype fp32, --tokenizer DIR, --max_shard_size 2GB, --overwrite, ...) are passed through.
+set -euo pipefail
+if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then
+    echo "usage: $0 CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--tokenizer DIR] [--no-verify] [...]" >&2
+    exit 2
+fi
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+checkpoint="$1" out_dir="$2"
+shift 2
+exec "${PYTHON:-python}" "$here/convert_lit_checkpoint.py" --checkpoint "$checkpoint" --out_dir "$out_dir" --verify "$@"

@@ -1,0 +1,91 @@
+"""Perplexity of a checkpoint or Hugging Face export on a prepared validation set.
+
+    python scripts/evaluate.py --checkpoint out/run/iter-00010000-ckpt.pth --data_dir data/val
+    python scripts/evaluate.py --checkpoint hf/run --data_dir data/val --max_samples 2000 --block_size 1024
+
+Samples are the dataset's windows of block_size + 1 tokens (scripts/prepare_data.py output, read with
+`lit_gpt.packed_dataset.PackedDataset`), taken in file order: every token of the split is scored once, the padding
+of the last partial window is not. Prints one JSON line: mean token loss (nats), perplexity, tokens, samples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lit_gpt.checkpoint_io import CheckpointError, load_gpt  # noqa: E402
+from lit_gpt.hf_convert import TORCH_DTYPES  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, sharded dir or HF export dir")
+    p.add_argument("--data_dir", type=Path, required=True, help="a prepared split, e.g. data/val")
+    p.add_argument("--block_size", type=int, help="tokens per sample (default: the model's block_size)")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--max_samples", type=int, default=0, help="score only the first N samples (0: all)")
+    p.add_argument("--document_masking", action=argparse.BooleanOptionalAction, default=None,
+                   help="attend within documents only (default: as the checkpoint was trained)")
+    p.add_argument("--model_name", help="config for checkpoints that record none")
+    p.add_argument("--dtype", choices=list(TORCH_DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking: bool, device) -> dict:
+    n = dataset.samples_per_epoch if max_samples <= 0 else min(max_samples, dataset.samples_per_epoch)
+    vocab = model.config.padded_vocab_size
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = dataset.get_batch(range(start, min(start + batch_size, n)))
+        idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        if idx.max() >= vocab:
+            raise CheckpointError(f"--data_dir {dataset.sources[0].directory}: token id {idx.max().item()} is outside "
+                                  f"the model's vocabulary ({vocab}); prepared with another tokenizer?")
+        doc_ids = batch["doc_ids"].to(device) if document_masking else None
+        logits = model(idx, doc_ids=doc_ids).float()
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+        tokens += int((labels != -100).sum())
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "samples": n}
+
+
+def main(argv=None) -> int:
+    from lit_gpt.packed_dataset import PackedDataset
+
+    args = parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise CheckpointError(f"--batch_size {args.batch_size}: must be at least 1")
+        model, config, _, meta = load_gpt(args.checkpoint, args.model_name, dtype=TORCH_DTYPES[args.dtype],
+                                          with_tokenizer=False)
+        block_size = args.block_size or config.block_size
+        if not 0 < block_size <= config.block_size:
+            raise CheckpointError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
+        masking = args.document_masking
+        if masking is None:
+            masking = bool((meta.get("hparams") or {}).get("document_masking", False))
+        try:
+            dataset = PackedDataset([args.data_dir], block_size=block_size, with_doc_ids=masking)
+        except ValueError as e:
+            raise CheckpointError(f"--data_dir {args.data_dir}: {e}") from None
+        result = evaluate(model.to(args.device), dataset, args.batch_size, args.max_samples, masking, args.device)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir),
+                      "block_size": block_size, "document_masking": masking}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

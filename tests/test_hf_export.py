@@ -1,0 +1,215 @@
+"""Export to Hugging Face: loads with transformers and matches our logits (MHA/GQA/MQA), shards, dtypes, sharded
+training checkpoints, and clean failures on bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from hf_helpers import (ATTENTION_VARIANTS, export, load_safetensors_dir, random_state, small_config,  # noqa: F401
+                        tokenizer_dir, write_run_dir)
+from lit_gpt.hf_convert import lit_to_hf
+from lit_gpt.model import GPT
+from scripts.convert_lit_checkpoint import main as convert_main
+from scripts.convert_lit_checkpoint import parse_size
+
+
+def hf_model(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_export_matches_transformers(tmp_path, tokenizer_dir, variant):
+    config = small_config(ATTENTION_VARIANTS[variant])
+    state = random_state(config)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, state)
+    out = tmp_path / "hf"
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(out), "--dtype", "fp32", "--verify"]) == 0
+
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "README.md", "tokenizer.model",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["num_key_value_heads"] == ATTENTION_VARIANTS[variant]
+
+    ours = GPT(config).eval()
+    ours.load_state_dict(state)
+    idx = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf_model(out)(idx).logits - ours(idx)).abs().max().item()
+    assert diff <= 1e-4
+
+    card = (out / "README.md").read_text()
+    assert "| optimizer steps | 10 |" in card and "train_0000000000.bin" in card and "max abs diff" in card
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == list(range(500, 512))  # padded lm_head rows
+
+
+def test_bf16_sharded_export(tmp_path, tokenizer_dir):
+    config = small_config(2)
+    state = random_state(config)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, state)
+    out = tmp_path / "hf"
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(out), "--max_shard_size", "40KB", "--verify"]) == 0
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) > 3 and set(index["weight_map"].values()) == {f.name for f in files}
+    exported = load_safetensors_dir(out)
+    expected = {n: t.to(torch.bfloat16) for k, v in state.items() for n, t in lit_to_hf(config, k, v).items()}
+    assert exported.keys() == expected.keys() == index["weight_map"].keys()
+    for name, tensor in expected.items():
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor), name
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in expected.values())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path, tokenizer_dir):
+    config = small_config(2)
+    state = random_state(config)
+    wrapped = {f"_forward_module._orig_mod.{k}".replace(".attn.", "._checkpoint_wrapped_module.attn."): v
+               for k, v in state.items()}
+    for name, sd in (("plain", state), ("wrapped", wrapped)):
+        ckpt = write_run_dir(tmp_path / name, config, tokenizer_dir, sd)
+        assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / f"hf_{name}")]) == 0
+    plain, other = load_safetensors_dir(tmp_path / "hf_plain"), load_safetensors_dir(tmp_path / "hf_wrapped")
+    assert plain.keys() == other.keys() and all(torch.equal(plain[k], other[k]) for k in plain)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1234") == 1234
+    assert parse_size("1.5MB") == 1_500_000
+
+
+# ------------------------------------------------------------------ bad input
+def _expect_error(capsys, argv, *fragments):
+    assert convert_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_model_name_mismatch_fails_cleanly(tmp_path, tokenizer_dir, capsys):
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    out = tmp_path / "hf"
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out), "--model_name", "micro"],
+                  "--model_name micro", "n_head=8 (named: 4)")
+    # Without a recorded config, the shapes decide.
+    state = torch.load(ckpt, weights_only=True)
+    state.pop("config")
+    torch.save(state, ckpt)
+    (ckpt.parent / "model_config.json").unlink()
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out), "--model_name", "micro"],
+                  "--model_name micro", "does not match the weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_missing_tokenizer_fails_cleanly(tmp_path, tokenizer_dir, capsys):
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    out = tmp_path / "hf"
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out), "--tokenizer", str(tmp_path / "nope")],
+                  "--tokenizer", "not found")
+    for f in (ckpt.parent / "tokenizer").iterdir():
+        f.unlink()
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out)], "tokenizer", "--tokenizer DIR")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_existing_output_needs_overwrite(tmp_path, tokenizer_dir, capsys):
+    config = small_config(1)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out)], str(out), "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+def test_failed_verification_leaves_nothing(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import scripts.convert_lit_checkpoint as convert
+
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    monkeypatch.setattr(convert, "VERIFY_TOLERANCE", -1.0)  # nothing can pass
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--verify"], "--verify")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_create_sh_verifies_by_default(tmp_path, tokenizer_dir):
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    result = subprocess.run(["bash", "scripts/create.sh", str(ckpt), str(tmp_path / "hf"), "--dtype", "fp32"],
+                            cwd=ROOT, capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
+                                                                          "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "verified: logits max abs diff" in result.stdout
+
+
+# ------------------------------------------------------------------ sharded training checkpoints
+SHARDED_SCRIPT = r"""
+import sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+from lightning.fabric import Fabric
+from hf_helpers import random_state, small_config
+from lit_gpt.checkpoints import save_checkpoint
+from lit_gpt.distributed import make_strategy
+from lit_gpt.model import GPT
+
+out, kind = sys.argv[1], sys.argv[2]
+config = small_config(2)
+strategy = make_strategy(kind, world_size=2)
+fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
+fabric.launch()
+model = GPT(config)
+model.load_state_dict(random_state(config))
+model = fabric.setup_module(model)
+optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
+loss = model(torch.randint(0, 500, (2, 16))).float().logsumexp(-1).mean()
+fabric.backward(loss)
+optimizer.step()  # moves the weights and creates optimizer state that the export must skip
+meta = dict(step_count=1, iter_num=1, tokens_seen=64, hparams={{}}, config=config.to_dict(), data={{}})
+save_checkpoint(out + "/iter-00000001-ckpt.pth", model, optimizer, meta, "sharded")
+fabric.save(out + "/fabric-sharded", {{"model": model, "optimizer": optimizer, "iter_num": 1}})
+save_checkpoint(out + "/full/iter-00000001-ckpt.pth", model, optimizer, meta, "full")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "fsdp2"])
+def test_sharded_checkpoint_exports_like_full(tmp_path, tokenizer_dir, kind):
+    config = small_config(2)
+    run = tmp_path / "run"
+    (run / "full").mkdir(parents=True)
+    for d in (run, run / "full"):
+        write_run_dir(d, config, tokenizer_dir)  # tokenizer + model_config.json, as the trainer leaves them
+    script = tmp_path / "write_sharded.py"
+    script.write_text(SHARDED_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    run_script(str(script), str(run), kind)
+    sharded, full = run / "iter-00000001-ckpt.pth", run / "full" / "iter-00000001-ckpt.pth"
+    assert sharded.is_dir() and full.is_file()
+
+    exports = {}
+    for name, ckpt in (("sharded", sharded), ("full", full), ("fabric", run / "fabric-sharded")):
+        # Fabric's own layout records no config: it comes from model_config.json beside the checkpoint.
+        assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / name), "--dtype", "fp32"]) == 0
+        exports[name] = load_safetensors_dir(tmp_path / name)
+    untrained = {n: t for k, v in random_state(config).items() for n, t in lit_to_hf(config, k, v).items()}
+    assert exports["full"].keys() == exports["sharded"].keys() == exports["fabric"].keys() == untrained.keys()
+    for name, tensor in exports["full"].items():
+        assert torch.equal(exports["sharded"][name], tensor), name
+        assert torch.equal(exports["fabric"][name], tensor), name
+    assert any(not torch.equal(exports["full"][n], untrained[n]) for n in untrained)  # the step moved weights

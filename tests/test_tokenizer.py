@@ -1,0 +1,141 @@
+"""Tokenizer training, the Hugging Face files and `lit_gpt.tokenizer.Tokenizer`."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from conftest import ROOT, write_corpus
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import train_tokenizer  # noqa: E402
+from fortunes_to_jsonl import fortunes  # noqa: E402
+
+from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+
+FORTUNES = Path("/usr/share/games/fortunes/de")
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+HARD_TEXTS = [
+    "Grüße aus Köln: Straße, Maß, Äpfel, Öl, Übermut — ẞ",
+    "Zahlen 1234567 und 3,14 am 2024-01-01",
+    "Emoji per Byte-Fallback: 😀🦙🇩🇪 Ende",
+    "mehrere   Leerzeichen    hier\tund Tabs",
+    "Zeile eins\nZeile zwei\n\n\nnach Leerzeilen\r\n",
+    " führendes Leerzeichen",
+    "   drei führende",
+    "",
+    " ",
+    "<s> ist ein HTML-Tag </s> und <unk> <|im_start|>",
+    "▁schon▁markiert",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Real German text (Debian's fortunes-de) when installed, else the generated corpus."""
+    base = tmp_path_factory.mktemp("tok_corpus")
+    files = sorted(p for p in FORTUNES.glob("*") if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
+    docs = [d for p in files[:20] for d in fortunes(p)]
+    if not docs:
+        return write_corpus(base, n_docs=600)
+    path = base / "fortunes.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "text": d}, ensure_ascii=False) + "\n"
+                            for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(out), "--vocab_size", "1200",
+                                 "--special_tokens", *SPECIALS]) == 0
+    return out
+
+
+def corpus_texts(corpus: Path, n: int = 300) -> list[str]:
+    lines = corpus.read_text(encoding="utf-8").splitlines()[:n]
+    return [json.loads(line)["text"] for line in lines]
+
+
+def test_writes_sentencepiece_and_hf_files(trained):
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["add_eos_token"] is False
+    assert not list(trained.glob(".*.tmp"))
+
+
+def test_autotokenizer_encodes_and_decodes_like_sentencepiece(trained, corpus, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(trained))
+    sp = spm.SentencePieceProcessor(model_file=str(trained / "tokenizer.model"))
+    assert len(hf) == sp.get_piece_size() == 1200
+    for text in HARD_TEXTS + corpus_texts(corpus):
+        ids = sp.encode(text, add_bos=True)
+        assert hf(text)["input_ids"] == ids, text
+        assert hf.decode(ids, skip_special_tokens=True) == sp.decode(ids), text
+        # Lossless round trip, except for U+2581 itself, which SentencePiece uses as its space symbol.
+        assert sp.decode(ids) == text or "▁" in text
+    # The emoji exist only as UTF-8 bytes; the leading space survives; special-token strings stay text.
+    assert any(sp.is_byte(i) for i in sp.encode("🦙"))
+    assert sp.encode(" x")[:1] != sp.encode("x")[:1]
+    assert 1 not in sp.encode("<s>") and hf("<s>", add_special_tokens=False)["input_ids"] == sp.encode("<s>")
+    assert hf.convert_tokens_to_ids(SPECIALS) == [sp.piece_to_id(t) for t in SPECIALS]
+
+
+def test_tokenizer_class_over_every_form(trained):
+    forms = [Tokenizer(trained), Tokenizer(trained / "tokenizer.model"), Tokenizer(trained / "tokenizer.json")]
+    assert [t.backend for t in forms] == ["sentencepiece", "sentencepiece", "tokenizers"]
+    hf_only = trained.parent / "hf_only"
+    hf_only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (hf_only / name).write_bytes((trained / name).read_bytes())
+    forms.append(Tokenizer(hf_only))
+    for tok in forms:
+        assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.default_bos) == (1200, 1, 2, None, True)
+        for text in HARD_TEXTS:
+            assert tok.encode(text) == forms[0].encode(text), (tok, text)
+            assert tok.decode(tok.encode(text, eos=True)) == text or "▁" in text
+        assert tok.encode_batch(HARD_TEXTS, bos=False, eos=True) == [forms[0].encode(t, bos=False, eos=True)
+                                                                      for t in HARD_TEXTS]
+
+
+def test_bos_eos_policy_is_explicit(trained):
+    tok = Tokenizer(trained)
+    plain = tok.encode("Hallo Welt", bos=False)
+    assert tok.encode("Hallo Welt") == [1] + plain  # default: BOS, like LLäMmlein
+    assert tok.encode("Hallo Welt", bos=False, eos=True) == plain + [2]
+    assert tok.encode("Hallo Welt", bos=True, eos=True) == [1] + plain + [2]
+
+
+def test_hf_file_without_config_follows_its_post_processor(trained, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((trained / "tokenizer.json").read_bytes())
+    tok = Tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.default_bos) == (1, 2, True)
+    assert tok.encode("Hallo") == Tokenizer(trained).encode("Hallo")
+
+
+@pytest.mark.parametrize("make", ["missing", "empty_dir", "wrong_file"])
+def test_bad_tokenizer_path_is_one_clear_error(tmp_path, make):
+    path = {"missing": tmp_path / "nope", "empty_dir": tmp_path, "wrong_file": tmp_path / "x.txt"}[make]
+    if make == "wrong_file":
+        path.write_text("hello")
+    with pytest.raises(ValueError, match=str(path.name)):
+        Tokenizer(path)
+
+
+def test_training_errors_name_the_flag(corpus, tmp_path, capsys):
+    assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(tmp_path / "t"),
+                                 "--vocab_size", "100"]) == 2
+    assert "--vocab_size 100" in capsys.readouterr().err
+    assert train_tokenizer.main(["--input", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "t"),
+                                 "--vocab_size", "400"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_without_flag(trained, corpus, capsys):
+    assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(trained), "--vocab_size", "1200"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
