@@ -239,7 +239,7 @@ def _parse_json_lines_fast(unit: Unit, name: str, text_field: str, id_field: str
     if id_field not in columns:
         return [f"{name}:{n}" for n in range(unit.first_line, unit.first_line + lines)], texts
     id_column = table.column(id_field)
-    if not (pa.types.is_string(id_column.type) or pa.types.is_integer(id_column.type) or pa.types.is_null(id_column.type)):
+    if not any(check(id_column.type) for check in (pa.types.is_string, pa.types.is_integer, pa.types.is_null)):
         return None
     ids = [f"{name}:{n}" if i is None else str(i) for n, i in enumerate(id_column.to_pylist(), unit.first_line)]
     return ids, texts

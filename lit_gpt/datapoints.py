@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lit_gpt.atomic_write import write_atomically
 from lit_gpt.packed_dataset import PackedDataset
 
 LOG_DIR = "datapoints"
@@ -36,12 +36,7 @@ def _segment_name(first: int, last: int, rank: int, world_size: int) -> str:
 def _write_npz(path: Path, **arrays) -> None:
     blob = io.BytesIO()
     np.savez(blob, **arrays)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomically(path, blob.getvalue())
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -72,9 +67,7 @@ class DatapointLogger:
                 raise ValueError(f"{path}: the run was logged with other training data or order settings "
                                  f"(fingerprint {logged.get('fingerprint')}, now {manifest['fingerprint']}); "
                                  f"resuming would mix two sample orders")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        tmp.replace(path)
+        write_atomically(path, json.dumps(manifest, indent=1).encode("utf-8"))
 
     def _drop_from(self, step: int) -> None:
         for path in sorted(self.dir.glob("steps-*.npz")):
@@ -139,7 +132,8 @@ class DatapointLog:
             columns["slot"].append(np.tile(rank * k + np.arange(k, dtype=np.int64), n))  # position within the step
             columns["sample"].append(data["samples"].astype(np.int64).ravel())
         flat = {key: np.concatenate(value) if value else np.zeros(0, np.int64) for key, value in columns.items()}
-        self.step_col, self.rank_col, self.slot_col, self.sample_col = (flat[k] for k in ("step", "rank", "slot", "sample"))
+        self.step_col, self.rank_col = flat["step"], flat["rank"]
+        self.slot_col, self.sample_col = flat["slot"], flat["sample"]
         self.world_sizes = self._check(step_rows)
         self._dataset: Optional[PackedDataset] = None
 

@@ -14,10 +14,10 @@ slice of b. Resuming at step k is O(1): nothing is replayed, and any world size 
 from __future__ import annotations
 
 import hashlib
-import mmap
-from bisect import bisect_right
 import json
 import math
+import mmap
+from bisect import bisect_right
 from collections import OrderedDict
 from itertools import count
 from pathlib import Path
@@ -59,25 +59,25 @@ class DataSource:
     def _from_manifest(self, path: Path) -> None:
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-            files = manifest["files"]
+            entries = [(e["name"], int(e["tokens"]), int(e["first_doc"]), e.get("sha256")) for e in manifest["files"]]
             self.pad_id = int(manifest.get("pad_id", 0))
+            self.documents = int(manifest["documents"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: unreadable dataset manifest ({e})") from None
-        if not files:
+            raise ValueError(f"{path}: unreadable dataset manifest ({type(e).__name__}: {e})") from None
+        if not entries:
             raise ValueError(f"{self.directory}: the manifest lists no chunk files (empty split)")
         self.chunks = []
-        for entry in files:
-            chunk = self._chunk(self.directory / entry["name"])
-            if not 0 < entry["tokens"] <= chunk["chunk_size"]:
-                raise ValueError(f"{chunk['path']}: manifest says {entry['tokens']} real tokens, header holds "
+        for name, tokens, first_doc, _ in entries:
+            chunk = self._chunk(self.directory / name)
+            if not 0 < tokens <= chunk["chunk_size"]:
+                raise ValueError(f"{chunk['path']}: the manifest says {tokens} real tokens, the header holds "
                                  f"{chunk['chunk_size']}")
             index = self.directory / INDEX_DIR / (chunk["path"].stem + ".json")
             if not index.is_file():
-                raise ValueError(f"{index}: document index of {chunk['path'].name} is missing")
-            chunk.update(tokens=int(entry["tokens"]), index=index, first_doc=int(entry["first_doc"]))
+                raise ValueError(f"{index}: document index of {name} is missing")
+            chunk.update(tokens=tokens, index=index, first_doc=first_doc)
             self.chunks.append(chunk)
-        self.documents = int(manifest.get("documents", sum(e["documents"] for e in files)))
-        self.fingerprint = _sha256([(e["name"], e["tokens"], e.get("sha256")) for e in files])
+        self.fingerprint = _sha256([(name, tokens, sha) for name, tokens, _, sha in entries])
 
     def _from_files(self) -> None:
         paths = sorted(self.directory.glob("*.bin"))
@@ -219,7 +219,6 @@ class PackedDataset:
                                  f"so doc_ids cannot be produced")
         self.order = SampleOrder(sizes, weights, seed, **SHUFFLE)
         self.sample_offsets = self.order.offsets
-        self._sample_offsets = self.sample_offsets.tolist()
         self.samples_per_epoch = int(self.sample_offsets[-1])
         self.manifest = self._describe(sizes)
 
@@ -245,26 +244,22 @@ class PackedDataset:
         return source, (sample_ids - self.sample_offsets[source]) * self.sample_tokens
 
     def get_batch(self, sample_ids) -> dict[str, torch.Tensor]:
+        """input_ids/labels [b, T] (labels -100 on padding), sample_index [b] and, if asked for, doc_ids [b, T]."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        if sample_ids.size and (sample_ids.min() < 0 or sample_ids.max() >= self.samples_per_epoch):
-            raise IndexError(f"sample ids must lie in [0, {self.samples_per_epoch})")
+        sources, starts = self.locate(sample_ids)
         T, S = self.block_size, self.sample_tokens
         tokens = np.empty((len(sample_ids), S), dtype=np.int64)
         real = np.full(len(sample_ids), S, dtype=np.int64)
         doc_ids = np.zeros((len(sample_ids), T), dtype=np.int64) if self.with_doc_ids else None
-        offsets = self._sample_offsets
-        for row, sample in enumerate(sample_ids.tolist()):
-            s = bisect_right(offsets, sample) - 1
+        for row, (s, start) in enumerate(zip(sources.tolist(), starts.tolist())):
             source = self.sources[s]
-            start = (sample - offsets[s]) * S
             stop = min(start + S, source.tokens)
             source.read(start, stop, tokens[row])
             if stop - start < S:  # the last, partial sample of a source
                 real[row] = stop - start
                 tokens[row, real[row]:] = source.pad_id
-            if doc_ids is not None:
-                starts_in_row = source.doc_starts(start, stop) - start
-                doc_ids[row] = np.searchsorted(starts_in_row, np.arange(T), side="right")
+            if doc_ids is not None:  # count of document starts up to each position: changes exactly at a start
+                doc_ids[row] = np.searchsorted(source.doc_starts(start, stop) - start, np.arange(T), side="right")
         labels = tokens[:, 1:].copy()
         if (real < S).any():
             labels[np.arange(T)[None, :] >= (real - 1)[:, None]] = -100  # padding carries no loss

@@ -22,7 +22,8 @@ import numpy as np
 _U64 = np.uint64
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer on uint64 arrays: a fast bijective mix with good avalanche."""
     with np.errstate(over="ignore"):
         x = x + _U64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
@@ -55,7 +56,7 @@ def _feistel(x: np.ndarray, half: int, keys: np.ndarray) -> np.ndarray:
     shift, mask = _U64(half), _U64((1 << half) - 1)
     left, right = x >> shift, x & mask
     for key in keys:
-        left, right = right, left ^ (_splitmix64(right ^ key) & mask)
+        left, right = right, left ^ (splitmix64(right ^ key) & mask)
     return (left << shift) | right
 
 

@@ -43,8 +43,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_gpt.corpus import ErrorPolicy, InputError, Unit, document_names, expand_inputs, iter_units, parse_unit  # noqa: E402
+from lit_gpt.atomic_write import write_atomically  # noqa: E402
+from lit_gpt.corpus import (  # noqa: E402
+    ErrorPolicy, InputError, Unit, document_names, expand_inputs, iter_units, parse_unit)
 from lit_gpt.litpkds import chunk_name, encode_header, token_dtype  # noqa: E402
+from lit_gpt.sample_order import splitmix64  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 SPLITS = ("train", "val")
@@ -76,7 +79,8 @@ class ChunkWriter:
     """Appends documents to numbered chunk files; each chunk is written complete or not at all."""
 
     def __init__(self, directory: Path, prefix: str, chunk_size: int, dtype: np.dtype, pad_id: int) -> None:
-        self.directory, self.prefix, self.chunk_size, self.dtype, self.pad_id = directory, prefix, chunk_size, dtype, pad_id
+        self.directory, self.prefix, self.chunk_size = directory, prefix, chunk_size
+        self.dtype, self.pad_id = dtype, pad_id
         self.buffer = np.full(chunk_size, pad_id, dtype=dtype)
         self.fill = 0  # tokens in the open chunk
         self.counter = 0  # number of the open chunk
@@ -113,10 +117,10 @@ class ChunkWriter:
         starts = np.concatenate(self.starts).tolist() if self.starts else []
         index = {"file": name, "chunk_size": self.chunk_size, "tokens": self.fill, "pad_id": self.pad_id,
                  "first_doc": self.docs_before, "doc_starts": starts, "doc_ids": self.ids}
-        _write_atomically(self.directory / "index" / (name[:-4] + ".json"),
+        write_atomically(self.directory / "index" / (name[:-4] + ".json"),
                           json.dumps(index, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
         data = encode_header(self.dtype, self.chunk_size) + self.buffer.tobytes()
-        _write_atomically(self.directory / name, data)
+        write_atomically(self.directory / name, data)
         self.files.append({"name": name, "tokens": self.fill, "documents": len(starts),
                            "first_doc": self.docs_before, "sha256": hashlib.sha256(data).hexdigest()})
         self.docs_before += len(starts)
@@ -143,16 +147,6 @@ class ChunkWriter:
                 (self.directory / "index" / (path.stem + ".json")).unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------------------- tokenizing
 _worker: dict = {}
 
@@ -167,16 +161,8 @@ def validation_mask(ids, seed: int, val_fraction: float) -> np.ndarray:
     hash = splitmix64(crc32(id) XOR splitmix64(seed)); validation when hash < val_fraction * 2**64. (CRC32 alone is
     linear; the splitmix64 finalizer makes the result uniform. Cheaper than a cryptographic hash per document.)"""
     crc = np.fromiter((zlib.crc32(i.encode("utf-8")) for i in ids), np.uint64, len(ids))
-    hashes = _splitmix64(crc ^ _splitmix64(np.array([seed % 2**64], np.uint64))[0])
+    hashes = splitmix64(crc ^ splitmix64(np.array([seed % 2**64], np.uint64))[0])
     return hashes < np.uint64(min(int(val_fraction * 2.0**64), 2**64 - 1))
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def tokenize_unit(unit: Unit) -> dict:
@@ -264,7 +250,7 @@ def save_state(out: Path, fingerprint: str, next_unit: int, stats: dict, writers
         meta["writers"][split], buffers[split] = writer.state()
     blob = io.BytesIO()
     np.savez(blob, meta=np.array(json.dumps(meta)), **buffers)
-    _write_atomically(out / STATE_FILE, blob.getvalue())
+    write_atomically(out / STATE_FILE, blob.getvalue())
 
 
 def load_state(out: Path, fingerprint: str) -> Optional[tuple[dict, dict]]:
@@ -313,7 +299,7 @@ def write_manifest(args, split: str, writer: ChunkWriter, fingerprint: str, toke
         "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
         "skipped_records": stats["skipped"], "empty_documents": stats["empty"], "fingerprint": fingerprint,
     }
-    _write_atomically(args.output_dir / split / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
+    write_atomically(args.output_dir / split / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
 
 
 def validate(args: argparse.Namespace, tokenizer: Tokenizer) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lit_gpt.atomic_write import write_atomically  # noqa: E402
 from lit_gpt.corpus import ErrorPolicy, InputError, expand_inputs, iter_documents  # noqa: E402
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -166,12 +167,6 @@ def check_equivalence(model: bytes, tokenizer_json: str, texts: list[str]) -> No
         if ids != hf_ids or hf.decode(ids) != sp.decode(ids):
             raise RuntimeError(f"Hugging Face conversion differs from SentencePiece on {text[:80]!r}: "
                                f"{ids[:12]} vs {hf_ids[:12]}")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:

@@ -72,7 +72,8 @@ def test_log_holds_every_step_once_with_the_samples_of_an_uninterrupted_run(run)
     assert [log.world_sizes[s] for s in (0, 9, 10, 19)] == [2, 2, 4, 4]  # stale steps 10..12 of run A dropped
     for step in range(20):
         assert np.array_equal(log.samples(step), reference[step])
-    assert sorted(p.name for p in (out / "datapoints").glob("*.npz"))[0] == "steps-00000000-00000004-rank00000-of00002.npz"
+    first = sorted(p.name for p in (out / "datapoints").glob("*.npz"))[0]
+    assert first == "steps-00000000-00000004-rank00000-of00002.npz"
 
 
 def test_documents_until_step_and_by_checkpoint(run, capsys):

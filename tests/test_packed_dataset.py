@@ -242,7 +242,7 @@ def test_node_cache_falls_back_when_broken(order_data, tmp_path, capsys):
 def test_loader_with_node_cache_matches_without(order_data, tmp_path):
     plain = PackedDataset([order_data], block_size=15, seed=2)
     cached = PackedDataset([order_data], block_size=15, seed=2, cache_dir=tmp_path / "shm", cache_max_bytes=10**8)
-    for ((_, a), _), ((_, b), _) in zip(zip(StepLoader(plain, 64, 8), range(5)), zip(StepLoader(cached, 64, 8), range(5))):
+    for (_, a), (_, b), _ in zip(StepLoader(plain, 64, 8), StepLoader(cached, 64, 8), range(5)):
         for x, y in zip(a, b):
             assert all(torch.equal(x[k], y[k]) for k in x)
     cached.cache.wait()

@@ -210,7 +210,7 @@ def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, fla
     empty.mkdir()
     (tmp_path / "file").write_text("not a directory")
     overrides = {k: str(v).replace("EMPTY", str(empty)).replace("FILE", str(tmp_path / "file")) for k, v in overrides.items()}
-    out_dir = tmp_path / "out"
+    out_dir = Path(overrides.pop("out_dir", tmp_path / "out"))
     result = train(prepared_data, out_dir, check=False, **overrides)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
