@@ -1,6 +1,6 @@
 """Loader throughput from page-cached chunks: our StepLoader vs litdata's StreamingDataset over the same tokens.
 
-    .venv-bench/bin/python bench/bench_loader.py [--tokens 100000000] [--num_workers 0]
+    /tmp/bench-venv/bin/python bench/bench_loader.py [--tokens 100000000] [--num_workers 0,2]
 
 (litdata runs in its own venv, see bench/requirements-bench.txt; without litdata only our loader is measured.)
 Both read the same random token stream (uint16, vocab 32,000), written once as LITPKDS chunks for us and once
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +28,9 @@ from lit_gpt.litpkds import chunk_name, encode_header  # noqa: E402
 from lit_gpt.packed_dataset import PackedDataset, StepLoader  # noqa: E402
 
 CHUNK_TOKENS = 2049 * 1024  # TinyLlama's chunk size
+# Both loaders read ahead (ours up to 2 groups of 64 steps per worker); a warm-up longer than that makes the timed
+# part measure the steady rate at which batches are produced, not a queue filled before the clock started.
+WARMUP_BATCHES = 600
 
 
 def write_chunks(directory: Path, files: int, chunk_tokens: int = CHUNK_TOKENS, vocab_size: int = 32000,
@@ -54,7 +58,8 @@ def warm_page_cache(directory: Path) -> None:
 def time_ours(directory: Path, block: int, batch: int, batches: int, workers: int) -> float:
     ds = PackedDataset([directory], block_size=block, seed=42)
     loader = iter(StepLoader(ds, batch, batch, num_workers=workers))
-    next(loader)  # start-up (and workers) outside the timing
+    for _ in range(WARMUP_BATCHES):  # start-up, and the batches workers read ahead, outside the timing
+        next(loader)
     start = time.perf_counter()
     for _ in range(batches):
         _, (mb,) = next(loader)
@@ -81,7 +86,8 @@ def time_litdata(directory: Path, block: int, batch: int, batches: int, workers:
     ds = StreamingDataset(str(directory), item_loader=TokensLoader(block_size=block + 1), shuffle=True, seed=42,
                           drop_last=True)
     loader = iter(StreamingDataLoader(ds, batch_size=batch, num_workers=workers))
-    next(loader)
+    for _ in range(WARMUP_BATCHES):
+        next(loader)
     start = time.perf_counter()
     for _ in range(batches):
         data = next(loader)
@@ -96,8 +102,8 @@ def main() -> None:
     p.add_argument("--block_size", type=int, default=2048)
     p.add_argument("--micro_batch_size", type=int, default=8)
     p.add_argument("--batches", type=int, default=1000)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="best of N timings each")
+    p.add_argument("--num_workers", default="0,2", help="comma-separated worker counts, each measured")
+    p.add_argument("--repeats", type=int, default=5, help="timings per contender, alternating ours and litdata")
     args = p.parse_args()
     try:
         import litdata
@@ -110,17 +116,25 @@ def main() -> None:
         chunks = write_chunks(ours, max(1, args.tokens // CHUNK_TOKENS))
         if litdata is not None:
             litdata_optimize(chunks, theirs)
-        result = {"tokens": len(chunks) * CHUNK_TOKENS, "block_size": args.block_size,
-                  "micro_batch_size": args.micro_batch_size, "batches": args.batches, "num_workers": args.num_workers}
-        shape = (args.block_size, args.micro_batch_size, args.batches, args.num_workers)
-        warm_page_cache(ours)
-        result["ours_tokens_per_s"] = round(max(time_ours(ours, *shape) for _ in range(args.repeats)))
-        if litdata is not None:
             warm_page_cache(theirs)
-            result["litdata_version"] = litdata.__version__
-            result["litdata_tokens_per_s"] = round(max(time_litdata(theirs, *shape) for _ in range(args.repeats)))
-            result["speedup"] = round(result["ours_tokens_per_s"] / result["litdata_tokens_per_s"], 2)
-    print(json.dumps(result, indent=1))
+        warm_page_cache(ours)
+        for workers in (int(w) for w in args.num_workers.split(",")):
+            shape = (args.block_size, args.micro_batch_size, args.batches, workers)
+            timings: dict[str, list[float]] = {"ours": [], "litdata": []}
+            for _ in range(args.repeats):  # alternate, so that a noisy neighbour slows both alike
+                timings["ours"].append(time_ours(ours, *shape))
+                if litdata is not None:
+                    timings["litdata"].append(time_litdata(theirs, *shape))
+            result = {"tokens": len(chunks) * CHUNK_TOKENS, "block_size": args.block_size,
+                      "micro_batch_size": args.micro_batch_size, "batches": args.batches, "num_workers": workers,
+                      "ours_tokens_per_s": [round(t) for t in timings["ours"]]}
+            if litdata is not None:
+                result["litdata_version"] = litdata.__version__
+                result["litdata_tokens_per_s"] = [round(t) for t in timings["litdata"]]
+                result["speedup_best"] = round(max(timings["ours"]) / max(timings["litdata"]), 2)
+                result["speedup_median"] = round(statistics.median(timings["ours"])
+                                                 / statistics.median(timings["litdata"]), 2)
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
