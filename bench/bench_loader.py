@@ -1,8 +1,8 @@
 """Loader throughput from page-cached chunks: our StepLoader vs litdata's StreamingDataset over the same tokens.
 
-    /tmp/bench-venv/bin/python bench/bench_loader.py [--tokens 100000000] [--num_workers 0,2]
+    .venv-bench/bin/python bench/bench_loader.py [--tokens 100000000] [--num_workers 0,2]
 
-(litdata runs in its own venv, see bench/requirements-bench.txt; without litdata only our loader is measured.)
+(litdata lives in its own venv: bash bench/setup_env.sh; without litdata only our loader is measured.)
 Both read the same random token stream (uint16, vocab 32,000), written once as LITPKDS chunks for us and once
 through `litdata.optimize` with a `TokensLoader`; both shuffle, produce micro-batches of b x (T + 1) tokens and
 hand the trainer int64 `input_ids`/`labels` of b x T (for litdata that split and cast are timed as part of its

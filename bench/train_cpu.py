@@ -14,13 +14,13 @@ because a shared machine makes single timings noisy. Extra contenders: `ours_com
 --compile true) and `litgpt_eager` (litgpt with torch.compile disabled).
 
     python bench/train_cpu.py                                   # demo_25M, batch 4 x 512, 3 rounds
-    python bench/train_cpu.py --litgpt_python /path/to/venv/bin/python --rounds 5
+    python bench/train_cpu.py --litgpt_python /path/to/venv/bin/python --rounds 5   # default: .venv-bench
     python bench/train_cpu.py --profile ours,hf                 # where a step spends its time (torch.profiler)
     python bench/train_cpu.py --device cuda                     # GPU: MFU per model and attention backend
     python bench/train_cpu.py --device cpu --mfu --models micro # the GPU-mode code, run on CPU (a smoke test)
 
-litgpt is not a dependency of this project; install it in a separate environment (see
-bench/requirements-bench.txt) and pass that interpreter with --litgpt_python (or $LITGPT_PYTHON).
+litgpt is not a dependency of this project; `bash bench/setup_env.sh` installs it in .venv-bench, which is used by
+default (or pass another interpreter with --litgpt_python or $LITGPT_PYTHON).
 
 GPU mode (--device cuda) runs our `GPT` in-process for LLaMmlein_120M and LLaMmlein_1B with each attention
 backend (sdpa, fa2, fa3; a backend that cannot run is skipped with the reason) under bf16-mixed autocast (or
@@ -505,6 +505,13 @@ def _load() -> str:
         return "?"
 
 
+def litgpt_interpreter(args) -> str:
+    """--litgpt_python, else $LITGPT_PYTHON, else the venv of bench/setup_env.sh, else this interpreter."""
+    bench_venv = ROOT / ".venv-bench" / "bin" / "python"
+    return (args.litgpt_python or os.environ.get("LITGPT_PYTHON")
+            or (str(bench_venv) if bench_venv.exists() else sys.executable))
+
+
 def interpreter_has(python: str, module: str) -> bool:
     probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
     return probe.returncode == 0
@@ -516,7 +523,7 @@ def compare(args) -> int:
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         raise SystemExit(f"--contenders: unknown {sorted(unknown)}; choose from {CONTENDERS}")
-    litgpt_python = args.litgpt_python or os.environ.get("LITGPT_PYTHON") or sys.executable
+    litgpt_python = litgpt_interpreter(args)
     runnable = []
     for c in contenders:
         if c.startswith("litgpt") and not interpreter_has(litgpt_python, "litgpt.pretrain"):
@@ -616,7 +623,7 @@ def print_report(args, cfg: Config, summary: dict) -> None:
     print(f"\n### {args.model_name} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.n_head} heads / "
           f"{cfg.n_query_groups} KV groups, MLP {cfg.intermediate_size}, vocab {cfg.padded_vocab_size}), "
           f"batch {args.batch} x {args.seq_len}, fp32, {args.threads} threads\n")
-    print(env_line(args.litgpt_python or os.environ.get("LITGPT_PYTHON") or sys.executable) + "\n")
+    print(env_line(litgpt_interpreter(args)) + "\n")
     ours = summary.get("ours", {}).get("median_tps")
     best = summary.get("ours", {}).get("best_tps")
     print("| contender | params | median tokens/s | ours / contender (median) | best run | ours / contender (best) "
@@ -634,7 +641,7 @@ def print_report(args, cfg: Config, summary: dict) -> None:
 
 def profile_report(args) -> int:
     cfg = model_config(args)
-    litgpt_python = args.litgpt_python or os.environ.get("LITGPT_PYTHON") or sys.executable
+    litgpt_python = litgpt_interpreter(args)
     spec = dict(model_name=args.model_name, dims=dims_of(cfg), seq_len=args.seq_len, batch=args.batch,
                 threads=args.threads, seed=args.seed, lr=args.lr, timeout=args.timeout, profile_steps=args.profile_steps)
     for target in [t.strip() for t in args.profile.split(",") if t.strip()]:
@@ -814,7 +821,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch/OpenMP threads, all")
     p.add_argument("--num_workers", type=int, default=1, help="data loader processes, all contenders")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS, help=f"comma-separated from {CONTENDERS}")
-    p.add_argument("--litgpt_python", default="", help="interpreter with litgpt installed (default: $LITGPT_PYTHON)")
+    p.add_argument("--litgpt_python", default="",
+                   help="interpreter with litgpt installed (default: $LITGPT_PYTHON, else .venv-bench/bin/python)")
     p.add_argument("--train_data_dir", default="", help="prepared LITPKDS train/ folder (skips data preparation)")
     p.add_argument("--tokenizer_path", default="", help="its tokenizer (with --train_data_dir)")
     p.add_argument("--corpus", default="", help="corpus for data preparation (default: fortunes-de or synthetic)")

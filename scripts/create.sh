@@ -13,4 +13,7 @@ fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 checkpoint="$1" out_dir="$2"
 shift 2
-exec "${PYTHON:-python}" "$here/convert_lit_checkpoint.py" --checkpoint "$checkpoint" --out_dir "$out_dir" --verify "$@"
+# $PYTHON, else the checkout's .venv (scripts/setup_env.sh), else python3 (e.g. inside the Apptainer image).
+python="${PYTHON:-}"
+[ -n "$python" ] || { [ -x "$here/../.venv/bin/python" ] && python="$here/../.venv/bin/python"; } || python=python3
+exec "$python" "$here/convert_lit_checkpoint.py" --checkpoint "$checkpoint" --out_dir "$out_dir" --verify "$@"

@@ -45,7 +45,7 @@ $PY scripts/summarize_run.py "$DEMO_DIR/out" --expect_falling
 CKPT=$(ls -d "$DEMO_DIR"/out/iter-*-ckpt.pth | sort | tail -n 1)
 if [ -f scripts/create.sh ] && [ -f scripts/generate.py ]; then
     echo "== 6/6 Hugging Face export of $CKPT (verified against transformers) and a sample"
-    bash scripts/create.sh "$CKPT" "$DEMO_DIR/hf" --dtype float32 --overwrite
+    PYTHON=$PY bash scripts/create.sh "$CKPT" "$DEMO_DIR/hf" --dtype float32 --overwrite
     $PY scripts/generate.py --checkpoint "$DEMO_DIR/hf" --prompt "Der König" --max_new_tokens 60 --temperature 0.8 --top_k 50 --seed 0
 fi
 echo "Done: checkpoint $CKPT; logs in $DEMO_DIR/out"
