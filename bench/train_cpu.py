@@ -1,7 +1,8 @@
 """Training throughput: this toolkit's trainer against litgpt's `pretrain` and a plain `transformers` loop.
 
-CPU mode (the default) trains the same Llama-style model (same dims, batch, sequence length, fp32, thread count and
-token data) with three contenders, each in its own subprocess, and reports the median steady-state tokens/s:
+CPU mode (the default) trains the same Llama-style model (same dims, batch, sequence length, thread count, token
+data and precision: fp32, or bf16-mixed for all with --precision bf16-mixed) with three contenders, each in its own
+subprocess, and reports the median steady-state tokens/s:
 
   ours     pretrain/tinyllama_fabric.py as a subprocess on a prepared LITPKDS dataset (its real data loading,
            logging and step), tokens/s read from its metrics.jsonl
@@ -222,7 +223,7 @@ def run_ours(spec: dict, out: Path, compile_: bool) -> dict:
             continue
         cfg_args += [f"--{key}", str(value)]
     cmd = [spec["python"], str(TRAINER), "--model_name", spec["model_name"], *cfg_args,
-           "--accelerator", "cpu", "--devices", "1", "--strategy", "auto", "--precision", "32-true",
+           "--accelerator", "cpu", "--devices", "1", "--strategy", "auto", "--precision", spec["precision"],
            "--global_batch_size", str(spec["batch"]), "--micro_batch_size", str(spec["batch"]),
            "--max_steps", str(spec["steps"]), "--warmup_steps", "2", "--learning_rate", str(spec["lr"]),
            "--min_lr", str(spec["lr"] / 10), "--weight_decay", str(WEIGHT_DECAY), "--grad_clip", str(GRAD_CLIP),
@@ -292,7 +293,8 @@ def worker_hf(spec: dict) -> dict:
     while step < spec["steps"]:
         for batch in loader:
             x, y = batch[:, :T], batch[:, 1:]
-            logits = model(input_ids=x).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed"):
+                logits = model(input_ids=x).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -392,7 +394,7 @@ def worker_litgpt(spec: dict, compile_: bool) -> dict:
     # After training, litgpt re-parses sys.argv as its own CLI to save hyperparameters.yaml: give it a valid one.
     sys.argv = [sys.argv[0], "bench"]
     lp.setup(
-        model_name="bench", model_config=lit_config, out_dir=Path(spec["out"]) / "litgpt_out", precision="32-true",
+        model_name="bench", model_config=lit_config, out_dir=Path(spec["out"]) / "litgpt_out", precision=spec["precision"],
         data=ChunkData(),
         train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=B, micro_batch_size=B,
                         max_tokens=spec["steps"] * B * T, max_norm=GRAD_CLIP, lr_warmup_steps=2,
@@ -523,6 +525,8 @@ def compare(args) -> int:
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         raise SystemExit(f"--contenders: unknown {sorted(unknown)}; choose from {CONTENDERS}")
+    if args.precision not in ("", "32-true", "bf16-mixed"):
+        raise SystemExit(f"--precision {args.precision}: the CPU comparison runs 32-true or bf16-mixed")
     litgpt_python = litgpt_interpreter(args)
     runnable = []
     for c in contenders:
@@ -539,7 +543,7 @@ def compare(args) -> int:
     work = Path(args.work_dir) / "runs"
     shutil.rmtree(work, ignore_errors=True)
     spec = dict(model_name=args.model_name, dims=dims_of(cfg), seq_len=args.seq_len, batch=args.batch,
-                steps=args.warmup + args.steps, threads=args.threads, workers=args.num_workers, seed=args.seed,
+                precision=args.precision or "32-true", steps=args.warmup + args.steps, threads=args.threads, workers=args.num_workers, seed=args.seed,
                 lr=args.lr, train_dir=str(train_dir.resolve()), tokenizer_path=tokenizer_path,
                 python=sys.executable, timeout=args.timeout)
     tokens_per_step = args.batch * args.seq_len
@@ -622,7 +626,7 @@ def env_line(litgpt_python: str) -> str:
 def print_report(args, cfg: Config, summary: dict) -> None:
     print(f"\n### {args.model_name} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.n_head} heads / "
           f"{cfg.n_query_groups} KV groups, MLP {cfg.intermediate_size}, vocab {cfg.padded_vocab_size}), "
-          f"batch {args.batch} x {args.seq_len}, fp32, {args.threads} threads\n")
+          f"batch {args.batch} x {args.seq_len}, {args.precision or '32-true'}, {args.threads} threads\n")
     print(env_line(litgpt_interpreter(args)) + "\n")
     ours = summary.get("ours", {}).get("median_tps")
     best = summary.get("ours", {}).get("best_tps")
@@ -836,11 +840,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--profile", default="", help="profile a step instead: comma-separated from ours, hf, litgpt")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--json_out", default="")
+    p.add_argument("--precision", default="", choices=("", "bf16-mixed", "bf16-true", "32-true"),
+                   help="default: bf16-mixed on CUDA, 32-true on CPU (the CPU comparison takes 32-true or "
+                        "bf16-mixed, for every contender)")
     g = p.add_argument_group("GPU / MFU mode")
     g.add_argument("--models", default="LLaMmlein_120M,LLaMmlein_1B")
     g.add_argument("--backends", default=",".join(GPU_BACKENDS))
-    g.add_argument("--precision", default="", choices=("", "bf16-mixed", "bf16-true", "32-true"),
-                   help="default: bf16-mixed on CUDA, 32-true on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile each Block (as the trainer's --compile)")
     g.add_argument("--gpu_batch", type=int, default=0, help=f"micro batch (default {GPU_DEFAULT_BATCH}, else 4)")
     g.add_argument("--gpu_seq_len", type=int, default=0, help="default: the model's block_size")
