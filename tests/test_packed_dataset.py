@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lit_gpt import packed_dataset
 from lit_gpt.node_cache import NodeCache
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
 
@@ -158,6 +159,24 @@ def test_order_independent_of_world_size_and_workers(order_data):
     assert step_samples(ds, 8, 1, 4, steps=6) == reference
     assert step_samples(ds, 8, 2, 2, steps=6, num_workers=2) == reference
     assert step_samples(PackedDataset([order_data], block_size=15, seed=4), 8, 2, 1, steps=6) != reference
+
+
+def test_reading_in_groups_of_steps_changes_nothing(order_data, monkeypatch):
+    # The loader reads ~GROUP_TOKENS tokens of steps at a time; with groups of 3 steps, runs of 7 steps starting off a
+    # group boundary cross two boundaries, in process and in workers.
+    ds = PackedDataset([order_data], block_size=15, seed=3)
+    reference = step_samples(ds, 8, 2, 1, steps=12)
+    monkeypatch.setattr(packed_dataset, "GROUP_TOKENS", 3 * 8 * 16)
+    assert StepLoader(ds, 8, 2).group_steps == 3
+    for workers in (0, 2):
+        assert step_samples(ds, 8, 2, 1, steps=12, num_workers=workers) == reference
+        assert step_samples(ds, 8, 2, 2, steps=7, start=5, num_workers=workers) == reference[5:]
+    cached = PackedDataset([order_data], block_size=15, seed=3, cache_dir=order_data / "cache", cache_max_bytes=10**8)
+    assert step_samples(cached, 8, 2, 1, steps=12) == reference
+    cached.cache.wait()  # the chunks of the groups read (and of the next ones) were hinted and copied
+    used = cached.chunk_paths(np.array(sum(reference, [])))
+    assert used and all(cached.cache.path(path) != path for path in used)
+    cached.cache.close()
 
 
 def test_resume_gives_the_remaining_order_in_constant_time(order_data):
