@@ -121,13 +121,15 @@ def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict]:
     """Resolve hyperparameters: file defaults < YAML file < command line. Returns (hparams, model overrides)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of hyperparameters (and model config fields)")
+    kinds = {key: _typed(default) for key, default in HPARAMS.items()}
     for key, default in HPARAMS.items():
-        parser.add_argument(f"--{key}", type=_typed(default), default=argparse.SUPPRESS, help=f"default: {default!r}")
-    model_fields = {f.name: f for f in fields(Config) if f.name not in ("name", "attn_impl")}
+        parser.add_argument(f"--{key}", type=kinds[key], default=argparse.SUPPRESS, help=f"default: {default!r}")
+    model_fields = {f.name for f in fields(Config) if f.name not in ("name", "attn_impl")}
     group = parser.add_argument_group("model config overrides (lit_gpt.Config fields)")
-    for name, f in model_fields.items():
-        kind = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), int)
-        group.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS)
+    for f in fields(Config):
+        if f.name in model_fields:
+            kinds[f.name] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), int)
+            group.add_argument(f"--{f.name}", type=kinds[f.name], default=argparse.SUPPRESS)
     given = vars(parser.parse_args(argv))
 
     hparams, overrides = dict(HPARAMS), {}
@@ -136,9 +138,18 @@ def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict]:
             from_file = yaml.safe_load(Path(config_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise InputError(f"--config {config_file}: cannot read YAML ({e})") from e
-        unknown = set(from_file) - set(HPARAMS) - set(model_fields)
+        if not isinstance(from_file, dict):
+            raise InputError(f"--config {config_file}: expected a mapping of names to values")
+        unknown = set(from_file) - set(kinds)
         if unknown:
             raise InputError(f"--config {config_file}: unknown keys {sorted(unknown)}")
+        # The same conversions as on the command line (YAML reads 1e-3 as a string, for one).
+        for key, value in from_file.items():
+            try:
+                from_file[key] = kinds[key](str(value))
+            except (ValueError, argparse.ArgumentTypeError):
+                expected = "true/false" if kinds[key] is _parse_bool else kinds[key].__name__
+                raise InputError(f"--config {config_file}: {key}: expected {expected}, got {value!r}") from None
         given = {**from_file, **given}
     for key, value in given.items():
         (overrides if key in model_fields else hparams)[key] = value

@@ -3,6 +3,7 @@ the LR schedule, non-finite steps and input errors. Every run is a real subproce
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,6 +193,24 @@ def test_nonfinite_steps_are_skipped_then_run_stops(prepared_data, tmp_path):
     skipped = [r["skipped_steps"] for r in metrics(tmp_path) if "skipped_steps" in r]
     assert skipped[-1] == 3
     assert len(skipped) < 50
+
+
+def test_yaml_config_then_command_line(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from pretrain.tinyllama_fabric import InputError, parse_hparams
+
+    config = tmp_path / "run.yaml"
+    # YAML reads 1e-3 as a string and `yes` as a bool: values go through the command line's conversions.
+    config.write_text("learning_rate: 1e-3\nmax_steps: 10\nactivation_checkpointing: yes\nn_layer: 2\n")
+    hp, overrides = parse_hparams(["--config", str(config), "--max_steps", "20", "--n_embd", "64"])
+    assert hp["learning_rate"] == 1e-3 and isinstance(hp["learning_rate"], float)
+    assert hp["max_steps"] == 20 and hp["activation_checkpointing"] is True  # the command line wins
+    assert overrides == {"n_layer": 2, "n_embd": 64}
+    for text, message in [("max_stepz: 3", "unknown keys ['max_stepz']"), ("max_steps: lots", "max_steps: expected int"),
+                          ("compile: maybe", "compile: expected true/false"), ("- 1", "expected a mapping")]:
+        config.write_text(text + "\n")
+        with pytest.raises(InputError, match=re.escape(message)):
+            parse_hparams(["--config", str(config)])
 
 
 @pytest.mark.parametrize(
