@@ -229,6 +229,10 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
         raise InputError(f"--out_dir {out}: not writable ({e.strerror or e})") from None
     if hp["resume"] and hp["resume"] != "auto" and not Path(hp["resume"]).exists():
         raise InputError(f"--resume {hp['resume']}: no such checkpoint")
+    if not hp["resume"] and (newest := latest_checkpoint(out)) is not None:
+        # A fresh run here would mix its checkpoints with the old run's, and rotation would delete the new ones.
+        raise InputError(f"--out_dir {out}: holds checkpoints of an earlier run (newest: {newest.name}); pass "
+                         f"--resume auto to continue it, or choose another --out_dir")
     if hp["init_from"] and not Path(hp["init_from"]).is_file():
         raise InputError(f"--init_from {hp['init_from']}: no such checkpoint file")
     return config
@@ -293,18 +297,19 @@ class Preemption:
 
 
 class MetricsLog:
-    """metrics.jsonl and metrics.csv in out_dir (rank 0); a resumed run first drops records past its checkpoint."""
+    """metrics.jsonl and metrics.csv in out_dir (rank 0). A resumed run keeps the records up to its checkpoint's step
+    (those after it are replaced by the steps it trains again); a fresh run starts them anew."""
 
     COLUMNS = ("iter", "step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu",
                "skipped_steps", "memory_gb", "time")
 
-    def __init__(self, out_dir: Path, resume_step: int, enabled: bool) -> None:
+    def __init__(self, out_dir: Path, resume_step: Optional[int], enabled: bool) -> None:
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         self.enabled = enabled
         if not enabled:
             return
         kept = []
-        if self.jsonl.exists():
+        if self.jsonl.exists() and resume_step is not None:
             kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as f:
@@ -424,7 +429,7 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
 
     if rank == 0:
         write_run_files(out_dir, hp, config, {"world_size": W, "launched_by": launcher, "num_parameters": n_params})
-    metrics = MetricsLog(out_dir, resume_step=step, enabled=rank == 0)
+    metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0)
     datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
     preemption = Preemption()
     monitor = SpeedMonitor(flops_per_token(config, n_params), W, device_peak_flops(fabric.device))

@@ -235,3 +235,12 @@ def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, fla
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and flag in errors[0], result.stderr
     assert not (out_dir / "metrics.jsonl").exists() and not list(out_dir.glob("iter-*"))
+
+
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(prepared_data, tmp_path):
+    old = tmp_path / "iter-00000002-ckpt.pth"
+    old.write_bytes(b"an earlier run's checkpoint")
+    result = train(prepared_data, tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "error: --out_dir" in result.stderr and "--resume auto" in result.stderr
+    assert old.read_bytes() == b"an earlier run's checkpoint" and not (tmp_path / "metrics.jsonl").exists()
