@@ -54,9 +54,11 @@ class DatapointLogger:
         self.dtype = np.uint32 if dataset.samples_per_epoch < 2**32 else np.int64
         self._steps: list[int] = []
         self._samples: list[np.ndarray] = []
+        # Every rank checks (read-only), so that all stop together rather than rank 0 alone while the rest wait.
+        self._check_dataset(dataset.manifest, resume_step)
         if rank == 0:  # the other ranks write only at flush, after collectives that follow this
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._check_dataset(dataset.manifest, resume_step)
+            write_atomically(self.dir / DATASET_FILE, json.dumps(dataset.manifest, indent=1).encode("utf-8"))
             self._drop_from(resume_step)
 
     def _check_dataset(self, manifest: dict, resume_step: int) -> None:
@@ -67,7 +69,6 @@ class DatapointLogger:
                 raise ValueError(f"{path}: the run was logged with other training data or order settings "
                                  f"(fingerprint {logged.get('fingerprint')}, now {manifest['fingerprint']}); "
                                  f"resuming would mix two sample orders")
-        write_atomically(path, json.dumps(manifest, indent=1).encode("utf-8"))
 
     def _drop_from(self, step: int) -> None:
         for path in sorted(self.dir.glob("steps-*.npz")):

@@ -33,6 +33,7 @@ import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from lit_gpt.config import Config
@@ -415,7 +416,12 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     step, iter_num, tokens_seen, skipped = 0, 0, 0, 0
     resume_path = latest_checkpoint(out_dir) if hp["resume"] == "auto" else (Path(hp["resume"]) if hp["resume"] else None)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, model, optimizer)
+        try:
+            ckpt = load_checkpoint(resume_path, model, optimizer)
+        except (Exception, CheckpointException) as e:  # the same on every rank: all of them stop with this message
+            raise InputError(f"--resume {resume_path}: cannot be loaded into {hp['model_name']} with this optimizer "
+                             f"({type(e).__name__}: {str(e).strip()[:500]}); a converted model without optimizer "
+                             f"state starts with --init_from") from None
         if ckpt["data"]["global_batch_size"] != G:
             raise InputError(f"--global_batch_size {G} differs from the checkpoint's "
                              f"{ckpt['data']['global_batch_size']}: the sample position would not map to a step")
@@ -430,7 +436,10 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     if rank == 0:
         write_run_files(out_dir, hp, config, {"world_size": W, "launched_by": launcher, "num_parameters": n_params})
     metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0)
-    datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
+    try:
+        datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
+    except ValueError as e:
+        raise InputError(f"--train_data_dir: {e}") from None
     preemption = Preemption()
     monitor = SpeedMonitor(flops_per_token(config, n_params), W, device_peak_flops(fabric.device))
     fabric.print(f"{hp['model_name']}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "

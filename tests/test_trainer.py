@@ -244,3 +244,16 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints(prepared_data, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "error: --out_dir" in result.stderr and "--resume auto" in result.stderr
     assert old.read_bytes() == b"an earlier run's checkpoint" and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_resume_into_another_model_or_data_is_one_clear_error(prepared_data, tmp_path):
+    train(prepared_data, tmp_path, max_steps=4, stop_at_step=2)
+    ckpt = tmp_path / "iter-00000002-ckpt.pth"
+    for overrides, flag in [(dict(n_layer=3), "--resume"), (dict(train_data_dir=prepared_data["val"]), "--train_data_dir")]:
+        result = train(prepared_data, tmp_path, check=False, max_steps=4, resume=ckpt, **overrides)
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {flag}"), result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.glob("iter-*")) == [ckpt.name]  # nothing written, nothing lost
