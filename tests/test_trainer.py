@@ -65,7 +65,8 @@ def single_process(prepared_data, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy,sharding",
-    [("fsdp", "FULL_SHARD"), ("fsdp", "SHARD_GRAD_OP"), ("fsdp", "HYBRID_SHARD"), ("fsdp2", "FULL_SHARD"), ("ddp", "FULL_SHARD")],
+    [("fsdp", "FULL_SHARD"), ("fsdp", "SHARD_GRAD_OP"), ("fsdp", "HYBRID_SHARD"), ("fsdp", "NO_SHARD"),
+     ("fsdp2", "FULL_SHARD"), ("ddp", "FULL_SHARD")],
 )
 def test_two_ranks_match_one_process(prepared_data, single_process, tmp_path, strategy, sharding):
     train(prepared_data, tmp_path, devices=2, strategy=strategy, sharding_strategy=sharding)
@@ -257,3 +258,41 @@ def test_resume_into_another_model_or_data_is_one_clear_error(prepared_data, tmp
         assert len(errors) == 1 and errors[0].startswith(f"error: {flag}"), result.stderr[-2000:]
         assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.glob("iter-*")) == [ckpt.name]  # nothing written, nothing lost
+
+
+@pytest.mark.slow
+def test_loader_workers_node_cache_and_activation_checkpointing_change_no_number(prepared_data, tmp_path):
+    plain, options = tmp_path / "plain", tmp_path / "options"
+    train(prepared_data, plain, max_steps=3)
+    train(prepared_data, options, max_steps=3, num_workers=2, cache_dir=tmp_path / "cache", cache_max_gb=1,
+          activation_checkpointing="true")
+    assert_losses_close(train_losses(options), train_losses(plain), 0.0)
+    assert list((tmp_path / "cache").rglob("*.bin"))  # the node-local cache was filled and read
+
+
+@pytest.mark.slow
+def test_document_masked_loss_equals_an_in_process_reference(prepared_data, tmp_path):
+    # The trainer's first logged loss, recomputed here from the same initial weights and the same samples.
+    from lightning.fabric.utilities.seed import seed_everything
+
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+    from lit_gpt.packed_dataset import PackedDataset, StepLoader
+    from pretrain.tinyllama_fabric import token_losses
+
+    train(prepared_data, tmp_path, max_steps=1, document_masking="true", z_loss=1e-3)
+    logged = train_losses(tmp_path)[1]
+
+    seed_everything(1234)
+    model = GPT(Config.from_name("micro"))
+    data = PackedDataset([prepared_data["train"]], block_size=model.config.block_size, seed=1234, with_doc_ids=True)
+    _, micro_batches = next(iter(StepLoader(data, global_batch_size=8, micro_batch_size=2)))
+    assert any(len(mb["doc_ids"].unique()) > 1 for mb in micro_batches)  # documents are packed together
+    with torch.no_grad():
+        def loss(masked: bool) -> float:
+            total = sum(token_losses(model(mb["input_ids"], doc_ids=mb["doc_ids"] if masked else None), mb["labels"],
+                                     0.0)[0] for mb in micro_batches)
+            return (total / sum((mb["labels"] != -100).sum() for mb in micro_batches)).item()
+
+        assert logged == pytest.approx(loss(masked=True), abs=1e-5)  # the logged loss is the CE, without z-loss
+        assert abs(logged - loss(masked=False)) > 1e-4  # and the mask matters
