@@ -296,3 +296,13 @@ def test_document_masked_loss_equals_an_in_process_reference(prepared_data, tmp_
 
         assert logged == pytest.approx(loss(masked=True), abs=1e-5)  # the logged loss is the CE, without z-loss
         assert abs(logged - loss(masked=False)) > 1e-4  # and the mask matters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_precisions_track_fp32(prepared_data, single_process, tmp_path, precision):
+    train(prepared_data, tmp_path, micro_batch_size=4, precision=precision)
+    losses, reference = train_losses(tmp_path), train_losses(single_process)
+    assert sorted(losses) == sorted(reference)
+    assert max(abs(losses[s] - reference[s]) for s in losses) < 0.05  # bf16 rounding, not a different computation
+    assert losses != reference  # and bf16 really was used
