@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,12 +206,21 @@ def _parse_lines(unit: Unit, path: Path, name: str, is_json: bool, text_field: s
             errors.append(f"{path}:{number}: {error}")
             continue
         doc_id = record.get(id_field)
-        ids.append(f"{name}:{number}" if doc_id is None else str(doc_id))
+        doc_id = f"{name}:{number}" if doc_id is None else str(doc_id)
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"): not Unicode text, the tokenizer and the UTF-8 id hash
+        # would crash on it. (pyarrow's reader rejects such units, so only this path sees them.)
+        bad = next((f for f, value in ((f"text field '{text_field}'", text), (f"id field '{id_field}'", doc_id))
+                    if _SURROGATE.search(value)), None)
+        if bad:
+            errors.append(f"{path}:{number}: {bad} holds a lone UTF-16 surrogate escape (not valid Unicode)")
+            continue
+        ids.append(doc_id)
         texts.append(text)
     return ids, texts, errors
 
 
 _JSON_DECODER = json.JSONDecoder()
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _parse_json_lines_fast(unit: Unit, name: str, text_field: str, id_field: str):

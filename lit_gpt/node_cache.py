@@ -2,9 +2,10 @@
 
 `prefetch(paths)` queues chunks the loader will need next; the thread copies each one under a temporary name,
 verifies it (size and LITPKDS header equal to the source) and renames it into place, evicting the oldest copies
-first when the cache would exceed `max_bytes`. `path(source)` returns the cached copy when it is complete and
-verified by size, else the source itself: a full, missing, broken or unwritable cache only costs speed.
-Several ranks of a node may share one cache directory (copies are atomic renames; eviction is by age on disk).
+first when the cache would exceed `max_bytes`. `path(source)` returns the cached copy when it has the source's size
+and modification time (a copy carries the mtime of the version it copied), else the source itself: a full,
+missing, broken, unwritable or stale cache only costs speed. Several ranks of a node may share one cache directory
+(copies are atomic renames; eviction is by copy time, the copies' ctime).
 """
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ class NodeCache:
             return source
         cached = self.cached_name(source)
         try:
-            if cached.stat().st_size == source.stat().st_size:
+            # Size and mtime, not size alone: the chunks of a re-prepared dataset have the sizes of the old ones, and
+            # a cache in /dev/shm outlives jobs; a copy of the old version must not be read.
+            copy, original = cached.stat(), source.stat()
+            if (copy.st_size, copy.st_mtime_ns) == (original.st_size, original.st_mtime_ns):
                 return cached
         except OSError:
             pass
@@ -94,7 +98,8 @@ class NodeCache:
         """Copy and verify one chunk now; False when it was not cached (too big, full, unreadable or broken)."""
         target = self.cached_name(source)
         try:
-            size = source.stat().st_size
+            stat = source.stat()
+            size = stat.st_size
             if self.path(source) == target:
                 return True
             if size > self.max_bytes or not self._make_room(size):
@@ -106,6 +111,7 @@ class NodeCache:
                 read_header(tmp)  # a valid LITPKDS file whose size matches its header ...
                 if tmp.stat().st_size != size or _header(tmp) != _header(source):  # ... and equals the source's
                     return False
+                os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the version copied (see `path`)
                 os.replace(tmp, target)
             except ChunkFormatError:
                 return False
@@ -121,14 +127,14 @@ class NodeCache:
             return False
 
     def _make_room(self, size: int) -> bool:
-        """Evict the oldest cached files until `size` more bytes fit under max_bytes."""
+        """Evict the oldest cached files (by ctime: their mtime is the source's) until `size` more bytes fit."""
         files = []
         for folder in self.root.iterdir():
             if folder.is_dir():
                 for entry in os.scandir(folder):
                     if entry.is_file() and not entry.name.startswith("."):
                         stat = entry.stat()
-                        files.append((stat.st_mtime_ns, stat.st_size, Path(entry.path)))
+                        files.append((stat.st_ctime_ns, stat.st_size, Path(entry.path)))
         used = sum(f[1] for f in files)
         for _, file_size, path in sorted(files):
             if used + size <= self.max_bytes:

@@ -309,6 +309,8 @@ def validate(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
         raise InputError(f"--val_fraction {args.val_fraction}: must be in [0, 1)")
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: must be at least 1")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output_dir {args.output_dir}: exists and is not a directory")
     if tokenizer.eos_id is None:
         raise InputError(f"--tokenizer {args.tokenizer}: has no EOS token to separate documents")
     if args.bos and tokenizer.bos_id is None:
@@ -317,10 +319,10 @@ def validate(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
 
 def pad_id_for(tokenizer: Tokenizer) -> int:
     """The padding of the last chunk: the pad token, else <unk>; never a BOS/EOS separator."""
-    for candidate in (tokenizer.pad_id, tokenizer.unk_id):
+    # The last resort is the first id that is neither (0 is the separator in e.g. GPT-NeoX's tokenizer).
+    for candidate in (tokenizer.pad_id, tokenizer.unk_id, 0, 1, 2):
         if candidate is not None and candidate not in (tokenizer.bos_id, tokenizer.eos_id):
             return candidate
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -377,6 +379,9 @@ def run(args: argparse.Namespace) -> int:
                 save_state(args.output_dir, fingerprint, result["index"] + 1, stats, writers)
                 last_save = time.perf_counter()
 
+    if not writers["train"].docs_before and not writers["train"].fill:  # training would fail on it much later
+        found = "no documents at all" if not stats["documents"] else "documents only for the validation split"
+        raise InputError(f"--input: {found} ({stats['empty']} empty, {stats['skipped']} malformed records skipped)")
     for split, writer in writers.items():
         writer.finish()
         write_manifest(args, split, writer, fingerprint, tokenizer, tok_hashes, files, stats)

@@ -71,6 +71,8 @@ def validate(args: argparse.Namespace) -> None:
             raise InputError(f"--special_tokens {token!r}: must be non-empty, without whitespace, not <unk>/<s>/</s>")
     if len(set(args.special_tokens)) != len(args.special_tokens):
         raise InputError("--special_tokens: duplicates")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output_dir {args.output_dir}: exists and is not a directory")
     if (args.output_dir / "tokenizer.model").exists() and not args.overwrite:
         raise InputError(f"--output_dir {args.output_dir}: already holds a tokenizer (pass --overwrite to replace it)")
 
@@ -105,6 +107,9 @@ def train_sentencepiece(args: argparse.Namespace, files: list[Path], samples: li
     except RuntimeError as e:
         if count[0] == 0:
             raise InputError(f"--input: no text found in {len(files)} file(s)") from None
+        if "required_chars" in str(e):  # SentencePiece's words: "Vocabulary size is smaller than required_chars"
+            raise InputError(f"--vocab_size {args.vocab_size}: too small for the characters of this corpus; raise it "
+                             f"or lower --character_coverage ({e})") from None
         if "Vocabulary size" in str(e):
             raise InputError(f"--vocab_size {args.vocab_size}: too large for this corpus ({e})") from None
         raise
@@ -164,7 +169,9 @@ def check_equivalence(model: bytes, tokenizer_json: str, texts: list[str]) -> No
     for text in texts:
         ids = sp.encode(text)
         hf_ids = hf.encode(text, add_special_tokens=False).ids
-        if ids != hf_ids or hf.decode(ids) != sp.decode(ids):
+        # <unk> (only without byte fallback) decodes to " ⁇ " in SentencePiece and to nothing in Hugging Face, by
+        # each library's convention; the ids agree, and the text behind <unk> is lost either way.
+        if ids != hf_ids or (sp.unk_id() not in ids and hf.decode(ids) != sp.decode(ids)):
             raise RuntimeError(f"Hugging Face conversion differs from SentencePiece on {text[:80]!r}: "
                                f"{ids[:12]} vs {hf_ids[:12]}")
 
@@ -182,6 +189,9 @@ def main(argv=None) -> int:
     hf_files = hf_tokenizer_files(model, args.special_tokens)
     check_equivalence(model, hf_files["tokenizer.json"], EDGE_CASES + args.special_tokens + samples)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    # With --overwrite the old model goes first: its presence means "complete", and an interrupted write must not
+    # leave it beside the new Hugging Face files (prepare_data.py would read the old model).
+    (args.output_dir / "tokenizer.model").unlink(missing_ok=True)
     for name, content in hf_files.items():
         write_atomically(args.output_dir / name, content.encode("utf-8"))
     write_atomically(args.output_dir / "tokenizer.model", model)

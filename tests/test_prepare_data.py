@@ -1,5 +1,6 @@
 """scripts/prepare_data.py: input formats, ids, the train/val split, chunk files, errors, re-runs and resumption."""
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -239,3 +240,59 @@ def test_fast_json_path_agrees_with_the_line_by_line_path(lines, tmp_path):
     fast = corpus._parse_json_lines_fast(unit, "x.jsonl", "text", "id")
     assert fast is not None
     assert tuple(fast) == corpus._parse_lines(unit, path, "x.jsonl", True, "text", "id")[:2]
+
+
+def test_lone_surrogate_escapes_are_malformed_records(tokenizer_dir, tmp_path, capsys):
+    bad = tmp_path / "surrogates.jsonl"  # JSON can escape half of a UTF-16 pair; such a string is no Unicode text
+    bad.write_text('{"id": "a", "text": "x\\ud800y"}\n{"id": "b\\udc00", "text": "gut"}\n{"id": "c", "text": "gut"}\n',
+                   encoding="utf-8")
+    for workers in ("1", "2"):
+        assert prepare("--input", bad, "--output_dir", tmp_path / f"stop{workers}", "--tokenizer", tokenizer_dir,
+                       "--workers", workers) == 2
+        assert f"{bad}:1: text field 'text' holds a lone UTF-16 surrogate" in capsys.readouterr().err
+    assert prepare("--input", bad, "--output_dir", tmp_path / "skip", "--tokenizer", tokenizer_dir, "--workers", "1",
+                   "--on_error", "skip", "--val_fraction", "0") == 0
+    assert f"{bad}:2: id field 'id' holds a lone UTF-16 surrogate" in capsys.readouterr().err
+    assert list(documents(tmp_path / "skip" / "train")) == ["c"]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", '{"text": ""}\n'])
+def test_input_without_documents_is_an_error(tokenizer_dir, tmp_path, capsys, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content, encoding="utf-8")
+    assert prepare("--input", empty, "--output_dir", tmp_path / "out", "--tokenizer", tokenizer_dir,
+                   "--workers", "1") == 2  # not an empty dataset that the trainer rejects much later
+    assert "--input: no documents" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "train" / "manifest.json").exists()
+
+
+def test_padding_is_never_a_separator():
+    from types import SimpleNamespace
+
+    neox_like = SimpleNamespace(pad_id=None, unk_id=0, bos_id=0, eos_id=0)  # one id for unk, BOS and EOS
+    assert prepare_data.pad_id_for(neox_like) == 1
+    assert prepare_data.pad_id_for(SimpleNamespace(pad_id=None, unk_id=None, bos_id=1, eos_id=0)) == 2
+    assert prepare_data.pad_id_for(SimpleNamespace(pad_id=5, unk_id=0, bos_id=1, eos_id=2)) == 5
+
+
+def test_node_cache_never_serves_a_copy_of_an_older_version(tmp_path):
+    from lit_gpt.litpkds import encode_header
+    from lit_gpt.node_cache import NodeCache
+
+    source = tmp_path / "data" / "train_0000000000.bin"
+    source.parent.mkdir()
+    source.write_bytes(encode_header(np.uint16, 8) + np.arange(8, dtype=np.uint16).tobytes())
+    cache = NodeCache(tmp_path / "shm", max_bytes=10**6)
+    assert cache.copy(source) and cache.path(source) != source
+    # Re-prepared data: same name and size (every chunk has the full size), other tokens, a later mtime.
+    source.write_bytes(encode_header(np.uint16, 8) + np.arange(8, 16, dtype=np.uint16).tobytes())
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert cache.path(source) == source
+    assert cache.copy(source) and cache.path(source).read_bytes() == source.read_bytes()
+
+
+def test_output_dir_that_is_a_file_is_one_clear_error(tokenizer_dir, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=5)
+    (tmp_path / "file").write_text("x")
+    assert prepare("--input", corpus, "--output_dir", tmp_path / "file", "--tokenizer", tokenizer_dir) == 2
+    assert "--output_dir" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"

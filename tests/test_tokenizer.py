@@ -139,3 +139,49 @@ def test_training_errors_name_the_flag(corpus, tmp_path, capsys):
 def test_refuses_to_overwrite_without_flag(trained, corpus, capsys):
     assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(trained), "--vocab_size", "1200"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_vocab_size_too_small_for_the_characters_says_so(corpus, tmp_path, capsys):
+    assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(tmp_path / "t"), "--vocab_size", "262",
+                                 "--character_coverage", "1.0", "--num_threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--vocab_size 262: too small" in err and "too large" not in err
+
+
+def test_without_byte_fallback(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=200)
+    out = tmp_path / "tok"
+    assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(out), "--vocab_size", "300",
+                                 "--no-byte_fallback", "--num_threads", "1"]) == 0
+    sp, hf = Tokenizer(out), Tokenizer(out / "tokenizer.json")
+    for text in HARD_TEXTS:  # emoji and the like become <unk>, the same id in both
+        assert sp.encode(text, eos=True) == hf.encode(text, eos=True), text
+    assert 0 in sp.encode("😀")
+
+
+def test_overwrite_removes_the_old_model_before_writing(trained, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "tok"
+    out.mkdir()
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (out / name).write_bytes((trained / name).read_bytes())
+    real_write, written = train_tokenizer.write_atomically, []
+
+    def crash_after_the_first_file(path, data):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, data)
+
+    monkeypatch.setattr(train_tokenizer, "write_atomically", crash_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer.main(["--input", str(corpus), "--output_dir", str(out), "--vocab_size", "1000",
+                              "--num_threads", "1", "--overwrite"])
+    # The new tokenizer.json is there; the old tokenizer.model must not be, or it would be used as if complete.
+    assert written == [out / "tokenizer.json"] and not (out / "tokenizer.model").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_clear_error(corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(tmp_path / "file"),
+                                 "--vocab_size", "400"]) == 2
+    assert "--output_dir" in capsys.readouterr().err
