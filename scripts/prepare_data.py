@@ -16,9 +16,10 @@ The last chunk keeps the full size of its header (TinyLlama readers index it lik
 `tokens` entries (see its index file and the manifest) are data, the rest is the pad id (the tokenizer's pad,
 else <unk>), never BOS/EOS separators. Our reader stops at the real tokens.
 
-Files appear under their final names only when complete (temporary name + rename). Progress is saved every
-30 s; an interrupted run continues from there when re-run with the same inputs and settings, and a finished one
-is skipped. Malformed records are reported with file and line; --on_error skip counts and skips them.
+Files appear under their final names only when complete (temporary name + rename), and a run builds both splits
+in DIR/.staging, moving them into place only at the end: data already in DIR stays whole and usable until then
+(--overwrite replaces it only with a complete new dataset). Progress is saved every 30 s; an interrupted run
+continues from there when re-run with the same inputs and settings, and a finished one is skipped. Malformed records are reported with file and line; --on_error skip counts and skips them.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 SPLITS = ("train", "val")
 STATE_FILE = ".prepare_state.npz"
+# A run writes here and moves its splits into place only when both are complete: until then the dataset that was
+# in --output_dir (if any) stays there, whole and usable.
+STAGING = ".staging"
 STATE_INTERVAL_S = 30.0
 FORMAT_VERSION = 1
 
@@ -267,22 +271,30 @@ def load_state(out: Path, fingerprint: str) -> Optional[tuple[dict, dict]]:
 
 
 def prepare_output(args: argparse.Namespace, fingerprint: str) -> str:
-    """'done' (nothing to do), 'resume' or 'fresh'; refuses to replace foreign data without --overwrite."""
+    """'done' (nothing to do), 'resume' or 'fresh'; refuses to replace other data without --overwrite.
+
+    Nothing in place is touched here: a fresh run only clears the staging area (an abandoned run of ours)."""
     out = args.output_dir
     manifests = [read_manifest(out / split / "manifest.json") for split in SPLITS]
     if all(m is not None and m.get("fingerprint") == fingerprint for m in manifests):
         return "done"
-    if load_state(out, fingerprint) is not None:
+    if load_state(out / STAGING, fingerprint) is not None:
         return "resume"
-    ours = (out / STATE_FILE).exists() and not any(manifests)  # an abandoned run of ours with other settings
     existing = [p for split in SPLITS for p in (out / split).glob("*")] if out.exists() else []
-    if existing and not (ours or args.overwrite):
+    if existing and not args.overwrite:
         raise InputError(f"--output_dir {out}: holds data prepared from other inputs or settings "
-                         f"(pass --overwrite to replace it, or choose another directory)")
-    for split in SPLITS:
-        shutil.rmtree(out / split, ignore_errors=True)
-    (out / STATE_FILE).unlink(missing_ok=True)
+                         f"(pass --overwrite to replace it once the new data is complete, or choose another directory)")
+    shutil.rmtree(out / STAGING, ignore_errors=True)
     return "fresh"
+
+
+def move_into_place(out: Path) -> None:
+    """Swap the staged splits in for the ones in place, then drop the old ones and the staging area."""
+    for split in SPLITS:
+        if (out / split).exists():
+            (out / split).rename(out / STAGING / f"replaced-{split}")
+        (out / STAGING / split).rename(out / split)
+    shutil.rmtree(out / STAGING)
 
 
 def write_manifest(args, split: str, writer: ChunkWriter, fingerprint: str, tokenizer: Tokenizer,
@@ -299,7 +311,7 @@ def write_manifest(args, split: str, writer: ChunkWriter, fingerprint: str, toke
         "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
         "skipped_records": stats["skipped"], "empty_documents": stats["empty"], "fingerprint": fingerprint,
     }
-    write_atomically(args.output_dir / split / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
+    write_atomically(writer.directory / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
 
 
 def validate(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
@@ -340,18 +352,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: ChunkWriter(args.output_dir / split, split, args.chunk_size, dtype, pad_id_for(tokenizer))
+    staging = args.output_dir / STAGING
+    writers = {split: ChunkWriter(staging / split, split, args.chunk_size, dtype, pad_id_for(tokenizer))
                for split in SPLITS}
     stats = {"skipped": 0, "empty": 0, "documents": 0, "done_bytes": 0}
     next_unit = 0
     if mode == "resume":
-        meta, buffers = load_state(args.output_dir, fingerprint)
+        meta, buffers = load_state(staging, fingerprint)
         for split, writer in writers.items():
             writer.restore(meta["writers"][split], buffers[split])
         stats, next_unit = meta["stats"], meta["next_unit"]
         print(f"resuming an interrupted run at input unit {next_unit}")
     else:  # marks the directory as ours before the first chunk appears
-        save_state(args.output_dir, fingerprint, 0, stats, writers)
+        save_state(staging, fingerprint, 0, stats, writers)
 
     policy = ErrorPolicy(args.on_error)
     policy.count = stats["skipped"]
@@ -376,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(result["size"])
             bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
             if time.perf_counter() - last_save > STATE_INTERVAL_S:
-                save_state(args.output_dir, fingerprint, result["index"] + 1, stats, writers)
+                save_state(staging, fingerprint, result["index"] + 1, stats, writers)
                 last_save = time.perf_counter()
 
     if not writers["train"].docs_before and not writers["train"].fill:  # training would fail on it much later
@@ -385,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     for split, writer in writers.items():
         writer.finish()
         write_manifest(args, split, writer, fingerprint, tokenizer, tok_hashes, files, stats)
-    (args.output_dir / STATE_FILE).unlink(missing_ok=True)
+    move_into_place(args.output_dir)
     elapsed = time.perf_counter() - start
     summary = ", ".join(f"{s}: {sum(f['tokens'] for f in w.files):,} tokens in {w.docs_before:,} documents, "
                         f"{len(w.files)} chunks" for s, w in writers.items())

@@ -296,3 +296,34 @@ def test_output_dir_that_is_a_file_is_one_clear_error(tokenizer_dir, tmp_path, c
     (tmp_path / "file").write_text("x")
     assert prepare("--input", corpus, "--output_dir", tmp_path / "file", "--tokenizer", tokenizer_dir) == 2
     assert "--output_dir" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tokenizer_dir, tmp_path, monkeypatch):
+    from lit_gpt.packed_dataset import PackedDataset
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=300, seed=7)
+    out = tmp_path / "data"
+    base = ["--input", corpus, "--output_dir", out, "--tokenizer", tokenizer_dir, "--workers", "1"]
+    assert prepare(*base, "--chunk_size", "4000") == 0
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    real_write = prepare_data.ChunkWriter._write_chunk
+    calls = []
+
+    def crash_on_the_third_chunk(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self)
+
+    monkeypatch.setattr(prepare_data.ChunkWriter, "_write_chunk", crash_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*base, "--chunk_size", "1000", "--overwrite")
+    # The interrupted replacement left the old dataset exactly as it was, and readable.
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and prepare_data.STAGING not in
+            p.parts} == old
+    assert PackedDataset([out / "train"], block_size=64).samples_per_epoch > 0
+    monkeypatch.setattr(prepare_data.ChunkWriter, "_write_chunk", real_write)
+    assert prepare(*base, "--chunk_size", "1000", "--overwrite") == 0
+    assert json.loads((out / "train" / "manifest.json").read_text())["chunk_size"] == 1000
+    assert not (out / prepare_data.STAGING).exists()
