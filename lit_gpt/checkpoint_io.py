@@ -120,14 +120,25 @@ class DCPStateDict(LazyStateDict):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = Path(path)
-        metadata = FileSystemReader(str(self.path)).read_metadata()
+        try:
+            metadata = FileSystemReader(str(self.path)).read_metadata()
+        except Exception as e:  # torch raises many types for a damaged .metadata
+            raise CheckpointError(f"{self.path / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
         planner_data = metadata.planner_data or {}
         self._items: dict[str, tuple[str, TensorStorageMetadata]] = {}
+        model_fqns = set()
         for fqn, item in metadata.state_dict_metadata.items():
             nested = planner_data.get(fqn, tuple(fqn.split(".", 1)))
             if isinstance(item, TensorStorageMetadata) and len(nested) == 2 and nested[0] == "model":
                 self._items[clean_key(nested[1])] = (nested[1], item)
+                model_fqns.add(fqn)
         self.shapes = {k: tuple(item.size) for k, (_, item) in self._items.items()}
+        # Shard files are read lazily, tensor by tensor: check up front that those of the model are all there
+        # (a partial copy of the directory), rather than failing halfway through an export.
+        for index, info in metadata.storage_data.items():
+            shard = self.path / info.relative_path
+            if index.fqn in model_fqns and (not shard.is_file() or shard.stat().st_size < info.offset + info.length):
+                raise CheckpointError(f"{self.path}: shard file {info.relative_path} is missing or truncated")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
@@ -161,7 +172,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if not (path / ".metadata").is_file():
             raise CheckpointError(f"{path}: not a sharded checkpoint directory (no .metadata file)")
         model = DCPStateDict(path)
-        state = torch.load(path / META_FILE, map_location="cpu", weights_only=True) if (path / META_FILE).is_file() else {}
+        state = {}
+        if (path / META_FILE).is_file():
+            try:
+                state = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+            except Exception as e:  # as for a full checkpoint: many types for a file that is not one
+                raise CheckpointError(f"{path / META_FILE}: not a readable torch file ({type(e).__name__}: {e})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path / META_FILE}: holds a {type(state).__name__}, not a metadata dict")
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if not len(model):
@@ -207,7 +225,9 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
         raise CheckpointError(f"{path}: records no model config and there is no {beside.name} beside it; "
                               "pass --model_name")
     check_shapes(ckpt["model"], config, source, path)
-    return config
+    # The attention kernel is a runtime choice of the training run (e.g. fa3 on H100), not part of the weights:
+    # export, generation and evaluation run where that kernel may not (CPU), so pick one that can run here.
+    return config.replace(attn_impl="auto")
 
 
 def check_shapes(model: LazyStateDict, config: Config, source: str, path: Path) -> None:
@@ -295,11 +315,21 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 
 @contextmanager
-def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir") -> Iterator[Path]:
-    """Yield a fresh temp dir beside `out_dir`; it becomes `out_dir` only if the block finishes without error."""
+def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
+                      inputs: Optional[dict[str, Optional[Path]]] = None) -> Iterator[Path]:
+    """Yield a fresh temp dir beside `out_dir`; it becomes `out_dir` only if the block finishes without error.
+
+    `inputs` ({flag: path}) are what the block reads: replacing an `out_dir` that holds one of them (e.g. the run
+    directory of the checkpoint being exported) would delete it, so that is refused, --overwrite or not.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{flag} {out_dir}: exists and is not a directory")
+    for input_flag, path in (inputs or {}).items():
+        if path is not None and out_dir.exists() and (
+                Path(path).resolve() == out_dir.resolve() or out_dir.resolve() in Path(path).resolve().parents):
+            raise CheckpointError(f"{flag} {out_dir}: holds the input {input_flag} {path}, which replacing it would "
+                                  f"delete; choose another {flag}")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{flag} {out_dir}: exists and is not empty (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

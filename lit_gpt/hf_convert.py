@@ -210,12 +210,17 @@ class HFWeights:
     """Lazy, memory-mapped access to the tensors of an HF safetensors checkpoint (one file or an index)."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: not a readable safetensors index with a weight_map "
+                                 f"({type(e).__name__}: {e})") from None
         elif (directory / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -224,7 +229,11 @@ class HFWeights:
         self._handles = {}
         self._where: dict[str, str] = {}
         for name in files:
-            handle = safe_open(str(directory / name), framework="pt")
+            # A shard the index names may be missing or truncated (an interrupted download): say which.
+            try:
+                handle = safe_open(str(directory / name), framework="pt")
+            except (OSError, SafetensorError) as e:
+                raise ValueError(f"{directory / name}: cannot read this safetensors file ({e})") from None
             self._handles[name] = handle
             for key in handle.keys():
                 self._where[key] = name
@@ -248,6 +257,8 @@ def read_hf_checkpoint(directory: Path, vocab_size: Optional[int] = None) -> tup
         hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{directory / 'config.json'}: holds a JSON {type(hf).__name__}, not a model config object")
     try:
         config = config_from_hf(hf, vocab_size=vocab_size, name=directory.name, where=str(directory / "config.json"))
     except KeyError as e:

@@ -53,7 +53,8 @@ def convert(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise CheckpointError(f"--hf_dir {e}") from None
     dtype = None if args.dtype == "auto" else TORCH_DTYPES[args.dtype]
-    with atomic_output_dir(args.out_dir, args.overwrite) as tmp:
+    inputs = {"--hf_dir": args.hf_dir, "--tokenizer": args.tokenizer}
+    with atomic_output_dir(args.out_dir, args.overwrite, inputs=inputs) as tmp:
         model = {key: t if dtype is None else t.to(dtype) for key, t in tensors}
         torch.save({"model": model, "config": config.to_dict(), "source": {"hf_dir": args.hf_dir.name}},
                    tmp / CHECKPOINT_NAME)

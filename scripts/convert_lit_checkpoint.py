@@ -131,7 +131,8 @@ def write_configs_and_tokenizer(out: Path, config: Config, dtype: torch.dtype, t
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dtype: str, verified: Optional[str]) -> None:
+def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dtype: str, verified: Optional[str],
+                     title: str = "model") -> None:
     def fmt(value) -> str:
         return f"{value:,}" if isinstance(value, int) else ("unknown" if value is None else str(value))
 
@@ -147,7 +148,7 @@ def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dt
     card = "\n".join([
         "---", "language:", "- de", "library_name: transformers", "pipeline_tag: text-generation",
         "tags:", "- llama", "- llammlein", "---", "",
-        f"# {out.name if not out.name.startswith('.') else 'model'}", "",
+        f"# {title}", "",
         "A Llama-style causal language model, exported from a training checkpoint of the LLäMmlein pretraining "
         "toolkit to Hugging Face `LlamaForCausalLM` (no remote code).", "",
         "```python",
@@ -216,7 +217,9 @@ def verify_export(export_dir: Path, model: LazyStateDict, config: Config, tokeni
 def export(args: argparse.Namespace) -> Path:
     dtype = TORCH_DTYPES[args.dtype]
     max_shard_size = parse_size(args.max_shard_size)
-    with atomic_output_dir(args.out_dir, args.overwrite) as tmp:
+    inputs = {"--checkpoint": args.checkpoint,
+              "--tokenizer" if args.tokenizer else "tokenizer": args.tokenizer or args.checkpoint.parent / "tokenizer"}
+    with atomic_output_dir(args.out_dir, args.overwrite, inputs=inputs) as tmp:
         ckpt = load_checkpoint(args.checkpoint)
         config = resolve_config(ckpt, args.checkpoint, args.model_name)
         tokenizer_dir = find_tokenizer(args.checkpoint, args.tokenizer)
@@ -227,7 +230,9 @@ def export(args: argparse.Namespace) -> Path:
             diff = verify_export(tmp, ckpt["model"], config, tokenizer_dir, dtype)
             verified = f"logits max abs diff {diff:.2e} (fp32, tolerance {VERIFY_TOLERANCE}); tokenizer identical"
             print(f"verified: {verified}")
-        write_model_card(tmp, ckpt, config, args.checkpoint, str(dtype).removeprefix("torch."), verified)
+        # Titled after --out_dir: `tmp` is only the hidden temp dir it becomes.
+        write_model_card(tmp, ckpt, config, args.checkpoint, str(dtype).removeprefix("torch."), verified,
+                         title=args.out_dir.resolve().name or "model")
     print(f"wrote {args.out_dir} ({size / 1e9:.2f} GB of {str(dtype).removeprefix('torch.')} weights)")
     return args.out_dir
 

@@ -48,6 +48,7 @@ def test_export_matches_transformers(tmp_path, tokenizer_dir, variant):
 
     card = (out / "README.md").read_text()
     assert "| optimizer steps | 10 |" in card and "train_0000000000.bin" in card and "max abs diff" in card
+    assert "\n# hf\n" in card  # titled after --out_dir, not the temp dir it was written in
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["suppress_tokens"] == list(range(500, 512))  # padded lm_head rows
 
@@ -139,6 +140,32 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer_dir, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
 
 
+def test_out_dir_holding_the_input_is_refused(tmp_path, tokenizer_dir, capsys):
+    # Replacing the run directory (or the tokenizer) with the export would delete the checkpoint being exported.
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    for out, flag in ((tmp_path / "run", "--checkpoint"), (tmp_path, "--checkpoint"),
+                      (tmp_path / "run" / "tokenizer", "tokenizer")):
+        _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out), "--overwrite"],
+                      f"--out_dir {out}: holds the input {flag}")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_training_attn_impl_does_not_bind_the_export(tmp_path, tokenizer_dir):
+    # A run trained with --attn_impl fa3 on H100 records it in its config; verifying (and generating, evaluating)
+    # on a CPU must still work: the kernel is a runtime choice, not part of the weights.
+    config = small_config(2, attn_impl="fa3")
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32",
+                         "--verify"]) == 0
+    from lit_gpt.checkpoint_io import load_gpt
+
+    model, loaded, *_ = load_gpt(ckpt)  # what generate.py and evaluate.py use
+    assert loaded.attn_impl == "auto" and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
+
+
 def test_failed_verification_leaves_nothing(tmp_path, tokenizer_dir, capsys, monkeypatch):
     import scripts.convert_lit_checkpoint as convert
 
@@ -160,6 +187,36 @@ def test_create_sh_verifies_by_default(tmp_path, tokenizer_dir):
 
 
 # ------------------------------------------------------------------ sharded training checkpoints
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # a one-process save, on purpose
+def test_damaged_sharded_checkpoint_fails_cleanly(tmp_path, tokenizer_dir, capsys):
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    config = small_config(2)
+    state = random_state(config)
+    write_run_dir(tmp_path / "run", config, tokenizer_dir)
+    good = tmp_path / "run" / "iter-00000010-ckpt.pth"
+    dcp.save({"model": state}, checkpoint_id=good, no_dist=True)
+    torch.save({"step_count": 10, "config": config.to_dict()}, good / "meta.pt")
+    assert convert_main(["--checkpoint", str(good), "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert all(torch.equal(load_safetensors_dir(tmp_path / "hf")[n], t)
+               for k, v in state.items() for n, t in lit_to_hf(config, k, v).items())
+
+    def damaged(name, change, *fragments):
+        ckpt = tmp_path / "run" / name
+        shutil.copytree(good, ckpt)
+        change(ckpt)
+        _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "out")], str(ckpt), *fragments)
+
+    shard = next(good.glob("*.distcp")).name
+    damaged("no-shard", lambda c: (c / shard).unlink(), f"shard file {shard} is missing or truncated")
+    damaged("truncated", lambda c: (c / shard).write_bytes(b"x"), f"shard file {shard} is missing or truncated")
+    damaged("bad-meta", lambda c: (c / "meta.pt").write_text("junk"), "meta.pt: not a readable torch file")
+    damaged("bad-metadata", lambda c: (c / ".metadata").write_text("junk"), ".metadata: unreadable")
+    assert not (tmp_path / "out").exists()
+
+
 SHARDED_SCRIPT = r"""
 import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]

@@ -82,6 +82,44 @@ def test_import_bad_inputs(tmp_path, tokenizer_dir, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_import_broken_files_fail_cleanly(tmp_path, tokenizer_dir, capsys):
+    # A shard missing or truncated (an interrupted download), a broken index, a config that is no object:
+    # one error line naming the file, never a traceback.
+    hf_dir = tmp_path / "hf"
+    build_hf_dir(hf_dir, tokenizer_dir, 2).save_pretrained(hf_dir, max_shard_size="100KB")
+    shards = sorted(hf_dir.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (hf_dir / "model.safetensors.index.json").is_file()
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(hf_dir, d)
+        change(d)
+        capsys.readouterr()
+        assert import_main(["--hf_dir", str(d), "--out_dir", str(tmp_path / "lit")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --hf_dir ") and err.count("\n") == 1, err
+        return err
+
+    assert f"{shards[1].name}: cannot read" in broken("missing", lambda d: (d / shards[1].name).unlink())
+    assert f"{shards[0].name}: cannot read" in broken("truncated", lambda d: (d / shards[0].name).write_bytes(b"x"))
+    index = "model.safetensors.index.json"
+    assert f"{index}: not a readable" in broken("no_map", lambda d: (d / index).write_text("{}"))
+    assert f"{index}: not a readable" in broken("bad_json", lambda d: (d / index).write_text("{oops"))
+    assert "config.json: holds a JSON list" in broken("list", lambda d: (d / "config.json").write_text("[]"))
+    assert not (tmp_path / "lit").exists()
+
+
+def test_import_out_dir_holding_the_input_is_refused(tmp_path, tokenizer_dir, capsys):
+    hf_dir = tmp_path / "hf"
+    build_hf_dir(hf_dir, tokenizer_dir, 2)
+    before = sorted(p.name for p in hf_dir.iterdir())
+    for out in (hf_dir, tmp_path):
+        capsys.readouterr()
+        assert import_main(["--hf_dir", str(hf_dir), "--out_dir", str(out), "--overwrite"]) == 2
+        assert f"--out_dir {out}: holds the input --hf_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in hf_dir.iterdir()) == before
+
+
 @pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
 def test_qkv_split_merge_inverse(variant):
     config = small_config(ATTENTION_VARIANTS[variant])
