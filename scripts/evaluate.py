@@ -4,8 +4,8 @@
     python scripts/evaluate.py --checkpoint hf/run --data_dir data/val --max_samples 2000 --block_size 1024
 
 Samples are the dataset's windows of block_size + 1 tokens (scripts/prepare_data.py output, read with
-`lit_gpt.packed_dataset.PackedDataset`), taken in file order: every token of the split is scored once, the padding
-of the last partial window is not. Prints one JSON line: mean token loss (nats), perplexity, tokens, samples.
+`lit_gpt.packed_dataset.PackedDataset`), taken in file order: every token of the split except the first of each
+window is scored once as a prediction target; the padding of the last partial window is not. Prints one JSON line: mean token loss (nats), perplexity, tokens, samples.
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking
     for start in range(0, n, batch_size):
         batch = dataset.get_batch(range(start, min(start + batch_size, n)))
         idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        if idx.max() >= vocab:
-            raise CheckpointError(f"--data_dir {dataset.sources[0].directory}: token id {idx.max().item()} is outside "
+        top = max(idx.max().item(), labels.max().item())
+        if top >= vocab:
+            raise CheckpointError(f"--data_dir {dataset.sources[0].directory}: token id {top} is outside "
                                   f"the model's vocabulary ({vocab}); prepared with another tokenizer?")
         doc_ids = batch["doc_ids"].to(device) if document_masking else None
         logits = model(idx, doc_ids=doc_ids).float()
