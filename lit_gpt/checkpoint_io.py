@@ -346,7 +346,12 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / "replaced")
-            tmp.rename(out_dir)
+            try:
+                tmp.rename(out_dir)
+            except OSError:
+                (old / "replaced").rename(out_dir)  # the old directory goes back where it was
+                old.rmdir()
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
