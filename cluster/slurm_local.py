@@ -263,7 +263,11 @@ class LocalSlurm:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalSlurm":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ does not run when __enter__ fails: stop the daemons already started
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

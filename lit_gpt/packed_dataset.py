@@ -33,6 +33,7 @@ from lit_gpt.sample_order import SampleOrder
 
 INDEX_DIR = "index"
 ORDER_VERSION = 1
+MIX_VERSION = 2  # weighted mixing; 2: the rounding of the shares carries over between mixing windows
 SHUFFLE = {"block": 256, "window": 64, "mix_window": 1 << 16}
 _OPEN_MAPS = 128
 _OPEN_INDEXES = 256
@@ -232,6 +233,8 @@ class PackedDataset:
                     "documents": s.documents, "fingerprint": s.fingerprint} for s, n in zip(self.sources, sizes)]
         order = {"order_version": ORDER_VERSION, "block_size": self.block_size, "seed": self.seed,
                  "weights": self.weights, "shuffle": SHUFFLE, "sources": [s["fingerprint"] for s in sources]}
+        if self.weights is not None:  # a log of a weighted run of another mixing version has another order
+            order["mix_version"] = MIX_VERSION
         return {**order, "sources": sources, "samples_per_epoch": self.samples_per_epoch,
                 "fingerprint": _sha256(order)}
 

@@ -8,8 +8,10 @@ keyed Feistel network on [0, n) (cycle walking), so no permutation table is ever
 10**12 costs the same as at 0, and every sample of an epoch appears exactly once before any repeats.
 
 Without weights all sources form one pool (one epoch = every sample once). With weights, positions are cut into
-mixing windows of `mix_window` positions, of which source s gets round(w_s * mix_window) (largest remainder) at
-keyed-random places; each source runs through its own epochs in the order above.
+mixing windows of about `mix_window` positions; source s gets its share w_s (normalised) of every window, rounded
+so that the rounding carries over from window to window (before window w it has drawn floor(w * w_s * mix_window)
+samples, w_s to 2^-24 of a sample), at keyed-random places in the window; each source runs through its own epochs in the order above. Rounding each
+window alone would drift by the same remainder every window and give a source with w_s * mix_window < 0.5 nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 _U64 = np.uint64
+_RATE_BITS = 24  # resolution of the mixing shares: 2^-24 of a sample per window
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -123,43 +126,62 @@ class SampleOrder:
             self.pool = EpochShuffle(int(self.offsets[-1]), ("pool", seed), block, window)
             return
         self.shuffles = [EpochShuffle(n, ("source", seed, i), block, window) for i, n in enumerate(self.sizes)]
-        self.quotas = _largest_remainder(weights, mix_window)
-        self.quota_bounds = np.cumsum(self.quotas)
-        self._windows: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        if mix_window < len(self.sizes):
+            raise ValueError(f"mix_window {mix_window}: must be at least the number of sources ({len(self.sizes)})")
+        # Draws per 2^_RATE_BITS windows (exact integers summing to mix_window << _RATE_BITS): source s has drawn
+        # (w * rates[s]) >> _RATE_BITS samples before window w, so rounding never accumulates across windows.
+        self.rates = [int(r) for r in _largest_remainder(weights, mix_window << _RATE_BITS)]
+        if 0 in self.rates:
+            raise ValueError(f"weights {list(weights)}: source {self.rates.index(0)}'s share is too small to mix")
+        self._windows: OrderedDict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
         if self.weights is None:
             return self.pool(positions)
-        windows, j = np.divmod(positions, self.mix_window)
+        # Window w starts at sum_s drawn_s(w), in (w * mix_window - len(sources), w * mix_window]: a position
+        # belongs to window p // mix_window or, in its last few positions, to the next one.
+        windows = positions // self.mix_window
+        for w in np.unique(windows):
+            at = np.nonzero(windows == w)[0]
+            windows[at] += positions[at] >= int(self._drawn(int(w) + 1).sum())
         source = np.empty_like(positions)
         draw = np.empty_like(positions)  # how many earlier positions drew from the same source
         for w in np.unique(windows):
             at = np.nonzero(windows == w)[0]
-            labels, ranks = self._mixing_window(int(w))
-            source[at] = labels[j[at]]
-            draw[at] = int(w) * self.quotas[labels[j[at]]] + ranks[j[at]]
+            start, drawn, labels, ranks = self._mixing_window(int(w))
+            j = positions[at] - start
+            source[at] = labels[j]
+            draw[at] = drawn[labels[j]] + ranks[j]
         out = np.empty_like(positions)
         for s in np.unique(source):
             at = np.nonzero(source == s)[0]
             out[at] = self.offsets[s] + self.shuffles[s](draw[at])
         return out
 
-    def _mixing_window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each position in window w, its rank among that source's positions in the window)."""
+    def _drawn(self, w: int) -> np.ndarray:
+        """Samples each source drew before window w (Python ints: w * rate overflows int64)."""
+        return np.array([(w * r) >> _RATE_BITS for r in self.rates], dtype=np.int64)
+
+    def _mixing_window(self, w: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(first position of window w, samples each source drew before it, source of each position in the window,
+        its rank among that source's positions in the window)."""
         if w in self._windows:
             self._windows.move_to_end(w)
             return self._windows[w]
-        slots = permute(np.arange(self.mix_window), self.mix_window, round_keys("mix", self.seed, w))
-        labels = np.searchsorted(self.quota_bounds, slots, side="right")
+        drawn = self._drawn(w)
+        bounds = np.cumsum(self._drawn(w + 1) - drawn)
+        size = int(bounds[-1])
+        slots = permute(np.arange(size), size, round_keys("mix", self.seed, w))
+        labels = np.searchsorted(bounds, slots, side="right")
         order = np.argsort(labels, kind="stable")
-        first = np.concatenate([[0], self.quota_bounds[:-1]])
-        ranks = np.empty(self.mix_window, dtype=np.int64)
-        ranks[order] = np.arange(self.mix_window) - first[labels[order]]
-        self._windows[w] = (labels, ranks)
+        first = np.concatenate([[0], bounds[:-1]])
+        ranks = np.empty(size, dtype=np.int64)
+        ranks[order] = np.arange(size) - first[labels[order]]
+        self._windows[w] = (int(drawn.sum()), drawn, labels, ranks)
         if len(self._windows) > 4:
             self._windows.popitem(last=False)
-        return labels, ranks
+        return self._windows[w]
 
 
 def _largest_remainder(weights: Sequence[float], total: int) -> np.ndarray:

@@ -193,6 +193,19 @@ def test_build_image_calls_apptainer_from_the_repo_root(tmp_path):
 
 
 
+def test_build_image_output_is_optional_before_options(tmp_path):
+    """`build-image.sh --fakeroot` must build llammlein.sif with --fakeroot, not an image named "--fakeroot"."""
+    bin_dir = _bin_dir(tmp_path)
+    record = tmp_path / "calls"
+    _stub(bin_dir, "apptainer", f'[ "$1" = --version ] && {{ echo "apptainer version 1.3.4"; exit 0; }}\n'
+                                f'echo "$*" >> {record}\n')
+    result = subprocess.run([str(bin_dir / "bash"), str(BUILD), "--fakeroot"], env={"PATH": str(bin_dir)},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    args = record.read_text().split()
+    assert "--fakeroot" in args and args[-2:] == [str(tmp_path / "llammlein.sif"), "llammlein.def"], args
+
+
 # ------------------------------------------------- train_fabric.sh ----------------------------------------------------
 def _sbatch_options(path: Path) -> list[str]:
     return [line.split(None, 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("#SBATCH")]
@@ -328,6 +341,21 @@ def test_create_sbatch_wraps_create_sh(tmp_path):
                                                              "--dtype", "bfloat16"]
     missing = subprocess.run(["bash", str(CREATE)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "CHECKPOINT" in missing.stderr
+
+
+def test_create_sbatch_uses_the_images_python_in_the_container(tmp_path):
+    """create.sh prefers the checkout's .venv (a host interpreter); inside the image it must run the image's python."""
+    _, bin_dir, env = _fake_cluster(tmp_path)
+    _stub(bin_dir, "apptainer", 'shift 6\nexec "$@"\n')  # exec --bind B --pwd D IMAGE cmd...: run cmd
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir()
+    (repo / "scripts" / "create.sh").write_text(f'echo "${{PYTHON:-unset}}" > {tmp_path}/python.txt\n')
+    (tmp_path / "ckpt.pth").write_text("")
+    env.update(PYTHON=str(repo / ".venv" / "bin" / "python"))  # e.g. left over from a host-side export
+    result = subprocess.run(["bash", str(CREATE), str(tmp_path / "ckpt.pth"), str(tmp_path / "hf")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "python.txt").read_text().strip() == "python"
 
 
 @pytest.mark.parametrize("command, version, ok", [

@@ -219,6 +219,28 @@ def test_weighted_mixture(order_data, tmp_path):
         PackedDataset([order_data, small], weights=[1, 0], block_size=15)
 
 
+def test_weighted_mixing_carries_the_rounding_over_windows():
+    """A share below half a sample per mixing window used to round to nothing in every window (the source was never
+    read), and every window rounded the same way (the proportions drifted). Sizes 1 vs 10**6 samples."""
+    from lit_gpt.sample_order import SampleOrder
+    for sizes, weights, M, windows in [([1, 10**6], [1e-6, 1], 1 << 16, 31), ([10, 20, 30], [0.1, 0.2, 0.7], 7, 300),
+                                       ([5, 1000, 3], [1, 1, 1], 1024, 20)]:
+        order = SampleOrder(sizes, weights, seed=0, mix_window=M)
+        ids = order(np.arange(windows * M))
+        source = np.searchsorted(order.offsets, ids, side="right") - 1
+        share = np.asarray(weights) / sum(weights)
+        for s, n in enumerate(sizes):
+            for w in range(1, windows + 1):  # the draws so far, within the number of sources of the exact share
+                assert abs((source[:w * M] == s).sum() - share[s] * w * M) <= len(sizes)
+            local = ids[source == s] - order.offsets[s]
+            epochs = np.sort(local[:len(local) // n * n].reshape(-1, n), axis=1)  # each source: complete epochs
+            assert len(epochs) >= 2 and (epochs == np.arange(n)).all()
+        positions = np.array([M - 2, M - 1, M, 3 * M - 1, 3 * M + 1, windows * M - 1])  # any position alone
+        assert np.array_equal(SampleOrder(sizes, weights, seed=0, mix_window=M)(positions), ids[positions])
+    with pytest.raises(ValueError, match="too small"):
+        SampleOrder([1, 10], [1e-30, 1], seed=0)
+
+
 def test_step_loader_rejects_indivisible_batches(order_data):
     ds = PackedDataset([order_data], block_size=15)
     with pytest.raises(ValueError, match="global_batch_size 10 .* micro_batch_size 2 .* devices 3"):

@@ -51,6 +51,27 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
+
+def test_a_failed_start_in_a_with_block_leaves_no_daemon(tmp_path, monkeypatch):
+    """`with LocalSlurm():` whose start fails half-way (here: slurmctld never answers) must stop munged again."""
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path / "c", cpus=1)
+    real_wait = cluster._wait
+
+    def wait(ready, timeout, what):
+        if what != "munged socket":
+            raise RuntimeError(f"simulated: {what} did not come up")
+        real_wait(ready, timeout, what)
+
+    monkeypatch.setattr(cluster, "_wait", wait)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with cluster:
+            pass
+    assert cluster.procs["munged"].poll() is not None, "munged outlived the failed start"
+
+
 def _wait_until(predicate, timeout: float, what: str, cluster: LocalSlurm, job_id: int, log: Path,
                 poll: float = 0.2):
     deadline = time.monotonic() + timeout

@@ -9,8 +9,12 @@
 #      and, without root, --fakeroot or a cluster build node.
 set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUTPUT="${1:-llammlein.sif}"
-[ $# -gt 0 ] && shift
+# OUTPUT is optional: a first argument that is an option (`build-image.sh --fakeroot`) goes to apptainer build.
+OUTPUT=llammlein.sif
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
+    OUTPUT="$1"
+    shift
+fi
 
 RUNTIME=""
 for candidate in apptainer singularity; do
