@@ -115,8 +115,8 @@ TRAINER=(pretrain/tinyllama_fabric.py
     --train_data_dir "$TRAIN_DATA_DIR" --val_data_dir "$VAL_DATA_DIR" --tokenizer_path "$TOKENIZER_PATH"
     --resume auto)
 # Devices per node and nodes are not passed: under srun the trainer reads them from Slurm's environment.
-# shellcheck disable=SC2206  # TRAIN_ARGS is a flag list by design
-EXTRA=(${TRAIN_ARGS:-})
+# TRAIN_ARGS is a flag list: split on whitespace, without glob expansion.
+read -r -a EXTRA <<< "${TRAIN_ARGS:-}"
 
 if [ "${LLAMMLEIN_NO_CONTAINER:-0}" = 1 ]; then
     LAUNCH=("$PYTHON")
@@ -182,7 +182,8 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLUR
 # srun starts one trainer per task (SLURM_PROCID = global rank); --kill-on-bad-exit ends the step when one rank
 # dies instead of leaving the others hanging in a collective.
 status=0
-srun --kill-on-bad-exit=1 "${LAUNCH[@]}" "${TRAINER[@]}" "${EXTRA[@]}" "$@" || status=$?
+# (${EXTRA[@]+...}: bash before 4.4 calls an empty array unbound under set -u.)
+srun --kill-on-bad-exit=1 "${LAUNCH[@]}" "${TRAINER[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$@" || status=$?
 echo "[$(date -Is)] job $SLURM_JOB_ID: trainer exited with status $status"
 if [ -n "${relay_dir:-}" ]; then
     requested=0
