@@ -35,7 +35,8 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch.distributed.checkpoint import CheckpointException
 
-from lit_gpt.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                  save_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.datapoints import DatapointLogger
 from lit_gpt.distributed import SHARDING_STRATEGIES, STRATEGIES, make_strategy
@@ -98,7 +99,9 @@ cache_max_gb = 0.0
 seed = 42
 # ---------------------------------------------------------------------------------------------------------------
 HPARAMS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-PRECISIONS = ("bf16-mixed", "bf16-true", "32-true", "16-mixed")
+# No "16-mixed": its gradient scaler refuses clipping with the fused AdamW on CUDA, and a skipped non-finite step
+# (no optimizer.step, so no scaler.update) would never lower the loss scale. On CPU Fabric silently ran it as bf16.
+PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
 
 
 class InputError(Exception):
@@ -206,8 +209,35 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
             f"--micro_batch_size {b} does not divide the per-device batch "
             f"(--global_batch_size {G} / {world_size} devices = {G // world_size})"
         )
-    for source in hp["train_data_dir"].split(","):
+    # Values that would otherwise crash mid-run (`step % 0`) or train silently wrong (eval_iters 0 logs a val loss
+    # of 0, min_lr > learning_rate makes the "decay" rise, max_nonfinite_steps 0 stops after the first step).
+    for flag, low in (("max_steps", 0 if hp["max_tokens"] else 1), ("max_tokens", 0), ("stop_at_step", 0),
+                      ("warmup_steps", 0), ("log_interval", 1), ("eval_interval", 0), ("eval_iters", 1),
+                      ("save_interval", 1), ("keep_last_checkpoints", 0), ("max_nonfinite_steps", 1),
+                      ("num_workers", 0), ("grad_clip", 0), ("z_loss", 0), ("weight_decay", 0), ("min_lr", 0),
+                      ("cache_max_gb", 0)):
+        if not hp[flag] >= low:
+            raise InputError(f"--{flag} must be >= {low}, got {hp[flag]}")
+    if not 0 < hp["learning_rate"] or hp["min_lr"] > hp["learning_rate"]:
+        raise InputError(f"--learning_rate {hp['learning_rate']} must be positive and >= --min_lr {hp['min_lr']}")
+    if hp["lr_schedule"] == "wsd" and not 0 < hp["decay_fraction"] <= 1:
+        raise InputError(f"--decay_fraction must lie in (0, 1] for --lr_schedule wsd, got {hp['decay_fraction']}")
+    for flag in ("beta1", "beta2"):
+        if not 0 <= hp[flag] < 1:
+            raise InputError(f"--{flag} must lie in [0, 1), got {hp[flag]}")
+    if not hp["adam_eps"] > 0:
+        raise InputError(f"--adam_eps must be positive, got {hp['adam_eps']}")
+    sources = hp["train_data_dir"].split(",")
+    for source in sources:
         _check_data_dir("train_data_dir", source)
+    if hp["train_data_weights"]:
+        try:
+            weights = [float(w) for w in hp["train_data_weights"].split(",")]
+        except ValueError:
+            weights = []
+        if len(weights) != len(sources) or not all(math.isfinite(w) and w > 0 for w in weights):
+            raise InputError(f"--train_data_weights {hp['train_data_weights']!r}: expected {len(sources)} positive "
+                             f"comma-separated numbers, one per --train_data_dir source")
     if hp["val_data_dir"]:
         _check_data_dir("val_data_dir", hp["val_data_dir"])
     if hp["tokenizer_path"]:
@@ -237,6 +267,13 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
     if hp["init_from"] and not Path(hp["init_from"]).is_file():
         raise InputError(f"--init_from {hp['init_from']}: no such checkpoint file")
     return config
+
+
+def resume_checkpoint(hp: dict) -> Optional[Path]:
+    """The checkpoint this run resumes from, if any."""
+    if hp["resume"] == "auto":
+        return latest_checkpoint(Path(hp["out_dir"]))
+    return Path(hp["resume"]) if hp["resume"] else None
 
 
 # ------------------------------------------------- schedule & optimizer ----------------------------------------
@@ -385,14 +422,22 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     rank, W = fabric.global_rank, fabric.world_size
     G, b = hp["global_batch_size"], hp["micro_batch_size"]
     fabric.seed_everything(hp["seed"])  # identical initial weights on every rank
+    # Installed before the (possibly long) setup: a signal's default action would kill the job without a save.
+    preemption = Preemption()
 
     sources = hp["train_data_dir"].split(",")
     weights = [float(w) for w in hp["train_data_weights"].split(",")] if hp["train_data_weights"] else None
     cache = dict(cache_dir=hp["cache_dir"] or None, cache_max_bytes=int(hp["cache_max_gb"] * 2**30) or None)
-    train_data = PackedDataset(sources, weights, block_size=config.block_size, seed=hp["seed"],
-                               with_doc_ids=hp["document_masking"], **cache)
-    val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
-                              with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
+    try:  # e.g. a source too small for one sample, or no document index for --document_masking
+        train_data = PackedDataset(sources, weights, block_size=config.block_size, seed=hp["seed"],
+                                   with_doc_ids=hp["document_masking"], **cache)
+    except ValueError as e:
+        raise InputError(f"--train_data_dir: {e}") from None
+    try:
+        val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
+                                  with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
+    except ValueError as e:
+        raise InputError(f"--val_data_dir: {e}") from None
     if hp["max_tokens"]:
         hp["max_steps"] = math.ceil(hp["max_tokens"] / (G * config.block_size))
 
@@ -403,8 +448,12 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     with fabric.init_module(empty_init=meta):
         model = GPT(config)
     if hp["init_from"]:
-        state = torch.load(hp["init_from"], map_location="cpu", mmap=True, weights_only=True)
-        model.load_state_dict(state.get("model", state))
+        try:
+            state = torch.load(hp["init_from"], map_location="cpu", mmap=True, weights_only=True)
+            model.load_state_dict(state.get("model", state))
+        except Exception as e:  # not a torch checkpoint, or another architecture: the same on every rank
+            raise InputError(f"--init_from {hp['init_from']}: cannot be loaded into {hp['model_name']} "
+                             f"({type(e).__name__}: {str(e).strip()[:500]})") from None
     model.activation_checkpointing = hp["activation_checkpointing"]
     if hp["compile"]:
         for block in model.transformer.h:
@@ -414,7 +463,7 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     optimizer = fabric.setup_optimizers(make_optimizer(model, hp, fabric.device))
 
     step, iter_num, tokens_seen, skipped = 0, 0, 0, 0
-    resume_path = latest_checkpoint(out_dir) if hp["resume"] == "auto" else (Path(hp["resume"]) if hp["resume"] else None)
+    resume_path = resume_checkpoint(hp)
     if resume_path is not None:
         try:
             ckpt = load_checkpoint(resume_path, model, optimizer)
@@ -426,6 +475,10 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
             raise InputError(f"--global_batch_size {G} differs from the checkpoint's "
                              f"{ckpt['data']['global_batch_size']}: the sample position would not map to a step")
         step, iter_num, tokens_seen = ckpt["step_count"], ckpt["iter_num"], ckpt["tokens_seen"]
+        if 0 < hp["stop_at_step"] <= step < hp["max_steps"]:
+            # `step == stop_at_step` would never hold again: the run would silently train on to max_steps.
+            raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}; "
+                             f"pass a later --stop_at_step, or 0 to train to the end")
         skipped = ckpt.get("skipped_steps", 0)
         if ckpt["world_size"] == W:
             restore_rng(ckpt["rng"][rank])
@@ -435,12 +488,22 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
 
     if rank == 0:
         write_run_files(out_dir, hp, config, {"world_size": W, "launched_by": launcher, "num_parameters": n_params})
+        # Resumed from an older checkpoint: the later ones belong to the continuation this run replaces (its metrics
+        # and datapoint logs are dropped too). Left in place, the next `--resume auto` (e.g. after a pre-emption)
+        # would pick the newest of them over this run's own checkpoints.
+        for later in (list_checkpoints(out_dir) if resume_path is not None else []):
+            if checkpoint_step(later) > step:
+                aside = later.with_name(later.name + ".abandoned")
+                if aside.is_dir():  # set aside by an earlier resume
+                    shutil.rmtree(aside)
+                aside.unlink(missing_ok=True)
+                later.rename(aside)
+                fabric.print(f"Set aside {later.name} (after the resumed step {step}) as {aside.name}")
     metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0)
     try:
         datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
     except ValueError as e:
         raise InputError(f"--train_data_dir: {e}") from None
-    preemption = Preemption()
     monitor = SpeedMonitor(flops_per_token(config, n_params), W, device_peak_flops(fabric.device))
     fabric.print(f"{hp['model_name']}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
                  f"{G} samples x {config.block_size} tokens per step | {hp['max_steps']} steps")
@@ -563,7 +626,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_float32_matmul_precision("high")
-    logger = TensorBoardLogger(root_dir=hp["out_dir"], name="tensorboard", version="")
+    # Like metrics.jsonl: TensorBoard hides the events an earlier run logged after the step resumed from (which this
+    # run logs again), and all of them on a fresh start; otherwise resumed curves show every such step twice.
+    resumed_at = resume_checkpoint(hp)
+    try:
+        purge_step = checkpoint_step(resumed_at) + 1 if resumed_at is not None else 0
+    except ValueError:  # --resume with a file of another name: its step is known only once loaded
+        purge_step = None
+    logger = TensorBoardLogger(root_dir=hp["out_dir"], name="tensorboard", version="", purge_step=purge_step)
     fabric = Fabric(accelerator=accel, devices=devices, num_nodes=nodes, precision=hp["precision"],
                     strategy=make_strategy(hp["strategy"], devices * nodes, nodes, hp["sharding_strategy"]),
                     loggers=[logger])

@@ -223,13 +223,28 @@ def test_yaml_config_then_command_line(tmp_path):
         (dict(n_embd=64, vocab_size=256), "--tokenizer_path"),
         (dict(out_dir="FILE/sub"), "--out_dir"),
         (dict(global_batch_size=8, micro_batch_size=3), "--micro_batch_size"),
+        # Edge values that crashed mid-run (step % 0), logged a val loss of 0 or trained silently wrong.
+        (dict(save_interval=0), "--save_interval"),
+        (dict(log_interval=0), "--log_interval"),
+        (dict(eval_iters=0, val_data_dir="VAL"), "--eval_iters"),
+        (dict(max_nonfinite_steps=0), "--max_nonfinite_steps"),
+        (dict(max_steps=-1), "--max_steps"),
+        (dict(min_lr=1e-2), "--learning_rate"),
+        (dict(lr_schedule="wsd", decay_fraction=1.5), "--decay_fraction"),
+        (dict(num_workers=-1), "--num_workers"),
+        (dict(train_data_weights="0.7,0.3"), "--train_data_weights"),
+        (dict(precision="16-mixed"), "--precision"),
+        (dict(init_from="TOKFILE"), "--init_from"),
     ],
 )
 def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, flag):
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "file").write_text("not a directory")
-    overrides = {k: str(v).replace("EMPTY", str(empty)).replace("FILE", str(tmp_path / "file")) for k, v in overrides.items()}
+    places = {"EMPTY": empty, "FILE": tmp_path / "file", "VAL": prepared_data["val"],
+              "TOKFILE": prepared_data["tokenizer"] / "tokenizer.model"}
+    overrides = {k: places.get(str(v), str(v).replace("FILE", str(tmp_path / "file")))
+                 for k, v in overrides.items()}
     out_dir = Path(overrides.pop("out_dir", tmp_path / "out"))
     result = train(prepared_data, out_dir, check=False, **overrides)
     assert result.returncode == 2, result.stderr
@@ -306,3 +321,56 @@ def test_bf16_precisions_track_fp32(prepared_data, single_process, tmp_path, pre
     assert sorted(losses) == sorted(reference)
     assert max(abs(losses[s] - reference[s]) for s in losses) < 0.05  # bf16 rounding, not a different computation
     assert losses != reference  # and bf16 really was used
+
+
+def test_resume_past_stop_at_step_is_one_clear_error(prepared_data, tmp_path):
+    # Before: `step == stop_at_step` never held again and the job silently trained on to max_steps.
+    train(prepared_data, tmp_path, stop_at_step=2)
+    result = train(prepared_data, tmp_path, check=False, stop_at_step=2, resume="auto")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --stop_at_step 2"), result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("iter-*")) == ["iter-00000002-ckpt.pth"]
+    assert max(train_losses(tmp_path)) == 2
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(prepared_data, tmp_path):
+    # Resuming at step 2 replaces the continuation that wrote steps 4 and 6; a later `--resume auto` (a pre-empted,
+    # requeued job) must continue this run (step 3), not jump to the abandoned step-6 checkpoint.
+    train(prepared_data, tmp_path, max_steps=6, save_interval=2)
+    train(prepared_data, tmp_path, max_steps=6, save_interval=2, stop_at_step=3, learning_rate=1e-3,
+          resume=tmp_path / "iter-00000002-ckpt.pth")
+    out = train(prepared_data, tmp_path, max_steps=6, save_interval=2, learning_rate=1e-3, resume="auto")
+    assert f"Resumed from {tmp_path / 'iter-00000003-ckpt.pth'}" in out.stdout
+    assert (tmp_path / "iter-00000006-ckpt.pth.abandoned").is_file()
+
+
+def test_tensorboard_after_resume_holds_each_step_once(prepared_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(prepared_data, tmp_path, save_interval=2)
+    train(prepared_data, tmp_path, save_interval=2, learning_rate=1e-3, resume=tmp_path / "iter-00000002-ckpt.pth")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("loss")}
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, STEPS + 1))  # steps 3-5 once, not twice
+    assert logged == pytest.approx(train_losses(tmp_path))  # and the resumed run's values (other LR), as in metrics
+
+
+def test_preemption_signal_during_setup_checkpoints_instead_of_killing(prepared_data, tmp_path):
+    # SIGUSR1 (Slurm's warning) while the model is being set up: the default action would kill the job unsaved.
+    wrapper = tmp_path / "signal_in_setup.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        "import lightning.fabric\n"
+        "real = lightning.fabric.Fabric.setup_module\n"
+        "def setup_module(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return real(self, *a, **k)\n"
+        "lightning.fabric.Fabric.setup_module = setup_module\n"
+        "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    out = run_script(str(wrapper), *trainer_args(prepared_data, tmp_path / "run"), check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Stopped at step 1" in out.stdout
+    assert [p.name for p in (tmp_path / "run").glob("iter-*")] == ["iter-00000001-ckpt.pth"]
