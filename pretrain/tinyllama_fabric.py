@@ -78,7 +78,7 @@ document_masking = False  # attend only within each packed document; RoPE positi
 # Logging, evaluation, checkpoints
 log_interval = 10
 eval_interval = 1000  # 0: only at the end
-eval_iters = 100
+eval_iters = 25  # validation batches of global_batch_size samples
 save_interval = 5000
 keep_last_checkpoints = 3  # 0 keeps all
 # Parallelism and performance
@@ -394,12 +394,13 @@ def write_run_files(out_dir: Path, hp: dict, config: Config, extra: dict) -> Non
 # ------------------------------------------------- evaluation --------------------------------------------------
 @torch.no_grad()
 def validate(fabric: Fabric, model, val_data: PackedDataset, hp: dict) -> float:
-    """Token-weighted mean validation loss over all ranks (the same samples whatever the world size)."""
+    """Token-weighted mean validation loss over all ranks, on the first eval_iters batches of global_batch_size
+    samples of the validation order: the same samples whatever the world size (fewer when the split is smaller)."""
     model.eval()
-    W, b = fabric.world_size, hp["micro_batch_size"]
-    iters = min(hp["eval_iters"], max(1, val_data.samples_per_epoch // (b * W)))
-    loader = StepLoader(val_data, global_batch_size=b * W, micro_batch_size=b, rank=fabric.global_rank,
-                        world_size=W, start_step=0, num_workers=0)
+    W, G = fabric.world_size, hp["global_batch_size"]
+    iters = min(hp["eval_iters"], max(1, val_data.samples_per_epoch // G))
+    loader = StepLoader(val_data, global_batch_size=G, micro_batch_size=hp["micro_batch_size"],
+                        rank=fabric.global_rank, world_size=W, start_step=0, num_workers=0)
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
     for (_, micro_batches), _ in zip(loader, range(iters)):
         for mb in micro_batches:

@@ -374,3 +374,14 @@ def test_preemption_signal_during_setup_checkpoints_instead_of_killing(prepared_
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Stopped at step 1" in out.stdout
     assert [p.name for p in (tmp_path / "run").glob("iter-*")] == ["iter-00000001-ckpt.pth"]
+
+
+@pytest.mark.slow
+def test_validation_loss_is_the_same_on_one_and_two_ranks(prepared_data, tmp_path):
+    # eval_iters batches of global_batch_size samples: the same samples (and loss) whatever the world size.
+    common = dict(val_data_dir=prepared_data["val"], max_steps=2, eval_interval=1, eval_iters=1)
+    train(prepared_data, tmp_path / "one", **common)  # micro batch 2 on 1 rank, 2 x 2 on 2 ranks
+    train(prepared_data, tmp_path / "two", devices=2, strategy="ddp", **common)
+    val = {run: {r["step"]: r["val_loss"] for r in metrics(tmp_path / run) if "val_loss" in r} for run in ("one", "two")}
+    assert sorted(val["one"]) == [0, 1, 2]
+    assert val["one"] == pytest.approx(val["two"], abs=1e-6)
