@@ -20,9 +20,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 # Run from anywhere without installing: the repo root holds `lit_gpt`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -128,12 +129,12 @@ def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict]:
     kinds = {key: _typed(default) for key, default in HPARAMS.items()}
     for key, default in HPARAMS.items():
         parser.add_argument(f"--{key}", type=kinds[key], default=argparse.SUPPRESS, help=f"default: {default!r}")
-    model_fields = {f.name for f in fields(Config) if f.name not in ("name", "attn_impl")}
+    config_fields = [f for f in fields(Config) if f.name not in ("name", "attn_impl")]
     group = parser.add_argument_group("model config overrides (lit_gpt.Config fields)")
-    for f in fields(Config):
-        if f.name in model_fields:
-            kinds[f.name] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), int)
-            group.add_argument(f"--{f.name}", type=kinds[f.name], default=argparse.SUPPRESS)
+    for f in config_fields:
+        kinds[f.name] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), int)
+        group.add_argument(f"--{f.name}", type=kinds[f.name], default=argparse.SUPPRESS)
+    model_fields = {f.name for f in config_fields}
     given = vars(parser.parse_args(argv))
 
     hparams, overrides = dict(HPARAMS), {}
@@ -269,11 +270,35 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
     return config
 
 
+@contextmanager
+def blamed_on(flag: str) -> Iterator[None]:
+    """A ValueError raised inside (e.g. by the dataset) becomes an InputError naming the flag whose value caused it."""
+    try:
+        yield
+    except ValueError as e:
+        raise InputError(f"--{flag}: {e}") from None
+
+
 def resume_checkpoint(hp: dict) -> Optional[Path]:
     """The checkpoint this run resumes from, if any."""
     if hp["resume"] == "auto":
         return latest_checkpoint(Path(hp["out_dir"]))
     return Path(hp["resume"]) if hp["resume"] else None
+
+
+def set_aside_checkpoints_after(out_dir: Path, step: int, log) -> None:
+    """Rename the checkpoints later than the resumed `step` to `*.abandoned` (kept, never deleted).
+
+    They belong to the continuation this run replaces (its metrics and datapoint logs are dropped too); left in
+    place, the next `--resume auto` (e.g. after a pre-emption) would pick the newest of them over this run's own."""
+    for later in list_checkpoints(out_dir):
+        if checkpoint_step(later) > step:
+            aside = later.with_name(later.name + ".abandoned")
+            if aside.is_dir():  # set aside by an earlier resume
+                shutil.rmtree(aside)
+            aside.unlink(missing_ok=True)
+            later.rename(aside)
+            log(f"Set aside {later.name} (after the resumed step {step}) as {aside.name}")
 
 
 # ------------------------------------------------- schedule & optimizer ----------------------------------------
@@ -429,16 +454,12 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     sources = hp["train_data_dir"].split(",")
     weights = [float(w) for w in hp["train_data_weights"].split(",")] if hp["train_data_weights"] else None
     cache = dict(cache_dir=hp["cache_dir"] or None, cache_max_bytes=int(hp["cache_max_gb"] * 2**30) or None)
-    try:  # e.g. a source too small for one sample, or no document index for --document_masking
+    with blamed_on("train_data_dir"):  # e.g. a source too small for one sample, or no document index for masking
         train_data = PackedDataset(sources, weights, block_size=config.block_size, seed=hp["seed"],
                                    with_doc_ids=hp["document_masking"], **cache)
-    except ValueError as e:
-        raise InputError(f"--train_data_dir: {e}") from None
-    try:
+    with blamed_on("val_data_dir"):
         val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
                                   with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
-    except ValueError as e:
-        raise InputError(f"--val_data_dir: {e}") from None
     if hp["max_tokens"]:
         hp["max_steps"] = math.ceil(hp["max_tokens"] / (G * config.block_size))
 
@@ -489,22 +510,11 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
 
     if rank == 0:
         write_run_files(out_dir, hp, config, {"world_size": W, "launched_by": launcher, "num_parameters": n_params})
-        # Resumed from an older checkpoint: the later ones belong to the continuation this run replaces (its metrics
-        # and datapoint logs are dropped too). Left in place, the next `--resume auto` (e.g. after a pre-emption)
-        # would pick the newest of them over this run's own checkpoints.
-        for later in (list_checkpoints(out_dir) if resume_path is not None else []):
-            if checkpoint_step(later) > step:
-                aside = later.with_name(later.name + ".abandoned")
-                if aside.is_dir():  # set aside by an earlier resume
-                    shutil.rmtree(aside)
-                aside.unlink(missing_ok=True)
-                later.rename(aside)
-                fabric.print(f"Set aside {later.name} (after the resumed step {step}) as {aside.name}")
+        if resume_path is not None:
+            set_aside_checkpoints_after(out_dir, step, fabric.print)
     metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0)
-    try:
+    with blamed_on("train_data_dir"):  # the run was logged with other data
         datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
-    except ValueError as e:
-        raise InputError(f"--train_data_dir: {e}") from None
     monitor = SpeedMonitor(flops_per_token(config, n_params), W, device_peak_flops(fabric.device))
     fabric.print(f"{hp['model_name']}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
                  f"{G} samples x {config.block_size} tokens per step | {hp['max_steps']} steps")

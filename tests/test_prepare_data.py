@@ -3,6 +3,7 @@ import json
 import os
 import struct
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,23 @@ from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 def prepare(*args: str) -> int:
     return prepare_data.main([str(a) for a in args])
+
+
+@contextmanager
+def interrupted_at_chunk(n: int):
+    """Within the block, prepare_data is interrupted (KeyboardInterrupt, as by Ctrl-C) as it writes its n-th chunk."""
+    real_write = prepare_data.ChunkWriter._write_chunk
+    written = []
+
+    def write_or_interrupt(self):
+        written.append(1)
+        if len(written) == n:
+            raise KeyboardInterrupt
+        real_write(self)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(prepare_data.ChunkWriter, "_write_chunk", write_or_interrupt)
+        yield
 
 
 def read_split(directory: Path) -> tuple[dict, np.ndarray, list[dict]]:
@@ -186,23 +204,12 @@ def test_interrupted_run_resumes_to_identical_output(tokenizer_dir, tmp_path, mo
 
     monkeypatch.setattr(prepare_data, "STATE_INTERVAL_S", 0.0)  # save progress after every input unit
     monkeypatch.setattr("lit_gpt.corpus.UNIT_BYTES", 4096)
-    real_write = prepare_data.ChunkWriter._write_chunk
-    calls = []
-
-    def crash_on_the_eighth_chunk(self):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        real_write(self)
-
-    monkeypatch.setattr(prepare_data.ChunkWriter, "_write_chunk", crash_on_the_eighth_chunk)
     out = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_chunk(8):
         prepare(*args, "--output_dir", out)
     assert not (out / "train" / "manifest.json").exists()
     for chunk in out.rglob("*.bin"):  # everything under a final name is complete
         assert chunk.stat().st_size == 24 + 2 * 1500
-    monkeypatch.setattr(prepare_data.ChunkWriter, "_write_chunk", real_write)
     assert prepare(*args, "--output_dir", out) == 0
     assert not list(out.rglob(".*.tmp")) and not (out / prepare_data.STATE_FILE).exists()
     for split in ("train", "val"):
@@ -298,7 +305,7 @@ def test_output_dir_that_is_a_file_is_one_clear_error(tokenizer_dir, tmp_path, c
     assert "--output_dir" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
 
 
-def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tokenizer_dir, tmp_path, monkeypatch):
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tokenizer_dir, tmp_path):
     from lit_gpt.packed_dataset import PackedDataset
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=300, seed=7)
@@ -307,23 +314,12 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tokenizer
     assert prepare(*base, "--chunk_size", "4000") == 0
     old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    real_write = prepare_data.ChunkWriter._write_chunk
-    calls = []
-
-    def crash_on_the_third_chunk(self):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real_write(self)
-
-    monkeypatch.setattr(prepare_data.ChunkWriter, "_write_chunk", crash_on_the_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_chunk(3):
         prepare(*base, "--chunk_size", "1000", "--overwrite")
     # The interrupted replacement left the old dataset exactly as it was, and readable.
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and prepare_data.STAGING not in
             p.parts} == old
     assert PackedDataset([out / "train"], block_size=64).samples_per_epoch > 0
-    monkeypatch.setattr(prepare_data.ChunkWriter, "_write_chunk", real_write)
     assert prepare(*base, "--chunk_size", "1000", "--overwrite") == 0
     assert json.loads((out / "train" / "manifest.json").read_text())["chunk_size"] == 1000
     assert not (out / prepare_data.STAGING).exists()
