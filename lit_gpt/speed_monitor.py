@@ -9,15 +9,22 @@ import torch
 
 from lit_gpt.config import Config
 
-# Dense bf16 peak FLOP/s per device (not the 2:4-sparse figures vendors also quote).
-PEAK_BF16_FLOPS = {
-    "H100 SXM": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-}
+# Dense bf16 peak FLOP/s per device from the vendors' data sheets (not the 2:4-sparse figures they also quote). Matched
+# against the CUDA device name in this order: the most specific names first ("H200 NVL" before "H200").
+PEAK_BF16_FLOPS = (
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM: reports itself as e.g. "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+)
+
+MFU_CONVENTION = "PaLM/litgpt: 6N + 12*L*H*Q*T FLOPs per token, N = parameters without the input embedding"
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:
@@ -25,20 +32,22 @@ def device_peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    if "H100" in name:
-        # The SXM part reports itself as e.g. "NVIDIA H100 80GB HBM3"; PCIe and NVL parts say so in the name.
-        return PEAK_BF16_FLOPS["H100 PCIe" if "PCIe" in name else "H100 NVL" if "NVL" in name else "H100 SXM"]
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def matmul_parameters(config: Config, n_params: int) -> int:
+    """N of the MFU formula: every parameter but the input embedding, a table lookup that does no matmul (the
+    untied lm_head is a matmul and counts)."""
+    return n_params - config.padded_vocab_size * config.n_embd
 
 
 def flops_per_token(config: Config, n_params: int, seq_len: Optional[int] = None) -> float:
-    """Training FLOPs per token: 6 N (N = parameters without the embedding lookup) + 6 L H D T for attention."""
-    non_embedding = n_params - config.padded_vocab_size * config.n_embd
+    """Training FLOPs per token in the PaLM convention (Chowdhery et al. 2022, appendix B; litgpt and nanoGPT use it
+    too): 6 N for the matmuls of forward and backward, plus 12 L H Q T for attention scores and values (H heads of size
+    Q, sequence length T, counted without causal masking). N is `matmul_parameters`; litgpt counts the input embedding
+    as well, which adds 6 V d per token (+5.4 % for LLaMmlein_1B)."""
     T = seq_len or config.block_size
-    return 6 * non_embedding + 6 * config.n_layer * config.n_head * config.head_size * T
+    return 6 * matmul_parameters(config, n_params) + 12 * config.n_layer * config.n_head * config.head_size * T
 
 
 class SpeedMonitor:

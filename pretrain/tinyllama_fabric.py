@@ -29,7 +29,6 @@ from typing import Any, Iterator, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
@@ -40,10 +39,12 @@ from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkp
                                   save_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.datapoints import DatapointLogger
+from lit_gpt.loss import token_losses
 from lit_gpt.distributed import SHARDING_STRATEGIES, STRATEGIES, make_strategy
 from lit_gpt.model import GPT, num_parameters
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
-from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
+from lit_gpt.speed_monitor import (MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token,
+                                   matmul_parameters)
 from lit_gpt.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def get_lr(step: int, hp: dict) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, hp: dict, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, hp: dict) -> torch.optim.Optimizer:
     # Decided by name, not shape: FSDP1 flattens parameters, so ndim says nothing there.
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -325,20 +326,10 @@ def make_optimizer(model: torch.nn.Module, hp: dict, device: torch.device) -> to
         is_embedding = "wte" in name and not hp["decay_embeddings"]
         (no_decay if is_norm or is_embedding else decay).append(param)
     groups = [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel exists for CUDA and CPU (on CPU 3.5x faster than the default per-tensor loop).
+    # Fused (CUDA and CPU; on CPU 3.5x faster than the per-tensor loop): the training loop relies on its `found_inf`
+    # input to skip non-finite steps on the device.
     return torch.optim.AdamW(groups, lr=hp["learning_rate"], betas=(hp["beta1"], hp["beta2"]), eps=hp["adam_eps"],
-                             fused=device.type in ("cuda", "cpu"))
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy over real tokens, sum of the objective incl. z-loss); labels -100 carry no loss."""
-    logits = logits.reshape(-1, logits.size(-1)).float()
-    labels = labels.reshape(-1)
-    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-    if not z_loss:
-        return ce, ce
-    lse = torch.logsumexp(logits[labels != -100], dim=-1)
-    return ce, ce + z_loss * lse.pow(2).sum()
+                             fused=True)
 
 
 # ------------------------------------------------- run state ---------------------------------------------------
@@ -352,11 +343,6 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-
-    def agreed(self, fabric: Fabric) -> bool:
-        """True on every rank once any rank got the signal (so all ranks stop at the same step)."""
-        flag = torch.tensor(float(self.requested), device=fabric.device)
-        return bool(fabric.all_reduce(flag, reduce_op="sum").item() > 0)
 
 
 class MetricsLog:
@@ -482,7 +468,7 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
             block.compile()
     # Module first, optimizer second: FSDP2 would otherwise leave the optimizer holding unsharded parameters.
     model = fabric.setup_module(model)
-    optimizer = fabric.setup_optimizers(make_optimizer(model, hp, fabric.device))
+    optimizer = fabric.setup_optimizers(make_optimizer(model, hp))
 
     step, iter_num, tokens_seen, skipped = 0, 0, 0, 0
     resume_path = resume_checkpoint(hp)
@@ -515,9 +501,13 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0)
     with blamed_on("train_data_dir"):  # the run was logged with other data
         datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
-    monitor = SpeedMonitor(flops_per_token(config, n_params), W, device_peak_flops(fabric.device))
+    peak = device_peak_flops(fabric.device)
+    monitor = SpeedMonitor(flops_per_token(config, n_params), W, peak)
     fabric.print(f"{hp['model_name']}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
                  f"{G} samples x {config.block_size} tokens per step | {hp['max_steps']} steps")
+    if peak:
+        fabric.print(f"MFU: {MFU_CONVENTION} ({matmul_parameters(config, n_params) / 1e6:.1f}M), over "
+                     f"{peak / 1e12:.0f} TFLOP/s dense bf16 per {torch.cuda.get_device_name(fabric.device)}")
 
     def save(at_step: int) -> Path:
         datapoints.flush(at_step)
@@ -549,8 +539,8 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Normalise by the real tokens of the whole global batch: every token weighs the same whatever the split
-        # into ranks and micro-batches (and padding).
-        real = torch.tensor(float(sum((mb["labels"] != -100).sum() for mb in micro_batches)), device=fabric.device)
+        # into ranks and micro-batches (and padding). torch.full launches a fill kernel: no host-to-device copy, no sync.
+        real = torch.full((), float(sum((mb["labels"] != -100).sum() for mb in micro_batches)), device=fabric.device)
         global_real = fabric.all_reduce(real, reduce_op="sum").clamp(min=1)
         loss_sum = torch.zeros((), device=fabric.device)
         for i, mb in enumerate(micro_batches):
@@ -558,36 +548,50 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
             with fabric.no_backward_sync(model, enabled=is_accumulating):
                 logits = model(mb["input_ids"].to(fabric.device), doc_ids=_doc_ids(mb, hp, fabric))
                 ce, objective = token_losses(logits, mb["labels"].to(fabric.device), hp["z_loss"])
+                del logits  # the loss keeps only its gradient: the logits can go before backward
                 fabric.backward(objective * (W / global_real))
-            loss_sum += ce.detach()
+            loss_sum += ce
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=hp["grad_clip"] or float("inf"),
                                            error_if_nonfinite=False)  # non-finite steps are skipped below
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss = (fabric.all_reduce(loss_sum, reduce_op="sum") / global_real).item()
-        if math.isfinite(loss) and math.isfinite(float(grad_norm)):
-            optimizer.step()
+        # One collective and one host sync per step: the loss, and whether any rank was asked to stop (so that all
+        # ranks stop after the same step). A non-finite step is skipped on the device by the fused AdamW itself
+        # (`found_inf`, the hook GradScaler uses), so the update is queued before the host reads anything.
+        loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, preemption.requested)]),
+                                          reduce_op="sum")
+        finite = torch.isfinite(loss_and_stop[0]) & torch.isfinite(grad_norm)
+        inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        inner_optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_total, grad_norm, stop_requested, step_tokens = torch.stack(
+            [loss_and_stop[0], grad_norm.float(), loss_and_stop[1], global_real]).tolist()
+        loss = loss_total / step_tokens
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             nonfinite_in_a_row = 0
         else:
             skipped += 1
             nonfinite_in_a_row += 1
-            fabric.print(f"step {step}: non-finite loss {loss} / grad norm {float(grad_norm)}, update skipped")
-        optimizer.zero_grad(set_to_none=True)
+            fabric.print(f"step {step}: update skipped: non-finite " + " and ".join(
+                f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+                if not math.isfinite(value)))
         datapoints.record(step, torch.cat([mb["sample_index"] for mb in micro_batches]))
         step += 1
         iter_num += len(micro_batches)
-        tokens_seen += int(global_real.item())
+        tokens_seen += int(step_tokens)
         if step % hp["log_interval"] == 0 or step == hp["max_steps"]:
             monitor.update(tokens_seen)
             elapsed = time.perf_counter() - start_time
             eta = elapsed / (step - start_step) * (hp["max_steps"] - step)
             memory = (torch.cuda.max_memory_allocated() if fabric.device.type == "cuda" else _rss_bytes()) / 2**30
-            record = {"iter": iter_num, "step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr, "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None,
+            record = {"iter": iter_num, "step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                       "tokens": tokens_seen, "tokens_per_sec": monitor.tokens_per_sec(), "mfu": monitor.mfu(),
                       "skipped_steps": skipped, "memory_gb": memory, "time": elapsed}
             metrics.write(record)
             fabric.log_dict({k: v for k, v in record.items() if v is not None and k not in ("step", "time")}, step=step)
             tps, mfu = record["tokens_per_sec"], record["mfu"]
-            fabric.print(f"step {step}/{hp['max_steps']} | loss {loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f}"
+            fabric.print(f"step {step}/{hp['max_steps']} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f}"
                          + (f" | {tps:,.0f} tok/s" if tps else "") + (f" | MFU {mfu:.1%}" if mfu else "")
                          + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
 
@@ -599,7 +603,7 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
         if val_data is not None and hp["eval_interval"] and step % hp["eval_interval"] == 0 and step < hp["max_steps"]:
             _log_validation(fabric, model, val_data, hp, metrics, step, iter_num)
 
-        stop_now = preemption.agreed(fabric) or step == hp["stop_at_step"]
+        stop_now = stop_requested > 0 or step == hp["stop_at_step"]
         periodic = (step % hp["save_interval"] == 0 or step == hp["max_steps"]) and not nonfinite_in_a_row
         if periodic or stop_now:
             save(step)

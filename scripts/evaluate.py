@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from lit_gpt.checkpoint_io import CheckpointError, load_gpt  # noqa: E402
 from lit_gpt.hf_convert import TORCH_DTYPES  # noqa: E402
+from lit_gpt.loss import token_losses  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,8 +53,7 @@ def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking
             raise CheckpointError(f"--data_dir {dataset.sources[0].directory}: token id {top} is outside "
                                   f"the model's vocabulary ({vocab}); prepared with another tokenizer?")
         doc_ids = batch["doc_ids"].to(device) if document_masking else None
-        logits = model(idx, doc_ids=doc_ids).float()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+        loss_sum += token_losses(model(idx, doc_ids=doc_ids), labels)[0].item()
         tokens += int((labels != -100).sum())
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "samples": n}

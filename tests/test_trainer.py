@@ -184,6 +184,39 @@ def test_lr_is_set_per_optimizer_step_not_micro_step(prepared_data, tmp_path):
         assert r["iter"] == 2 * r["step"]  # micro-steps per rank
 
 
+def test_nonfinite_step_is_skipped_on_the_device_and_a_finite_one_is_plain_adamw():
+    """The loop queues optimizer.step() before it reads the loss, with `found_inf` telling the fused AdamW to skip."""
+    sys.path.insert(0, str(ROOT))
+    from pretrain.tinyllama_fabric import HPARAMS, make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    reference.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model, HPARAMS)
+    twin = dict(zip(model.parameters(), reference.parameters()))
+    plain = torch.optim.AdamW([{"params": [twin[p] for p in group["params"]], "weight_decay": group["weight_decay"]}
+                               for group in optimizer.param_groups],
+                              lr=HPARAMS["learning_rate"], betas=(HPARAMS["beta1"], HPARAMS["beta2"]), foreach=False)
+    for found_inf in (0.0, 1.0, 0.0):
+        for net in (model, reference):
+            net.zero_grad()
+            net(torch.randn(4, 8, generator=torch.Generator().manual_seed(7))).square().sum().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        state_before = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()} if found_inf else None
+        if found_inf:
+            model[0].weight.grad[0, 0] = float("nan")
+        optimizer.found_inf = torch.tensor(found_inf)
+        optimizer.step()
+        if found_inf:  # parameters, moments and the step count stay exactly as they were
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert all(torch.equal(state_before[k], v) for k, v in optimizer.state[model[0].weight].items())
+        else:
+            plain.step()
+            for a, b in zip(model.parameters(), reference.parameters()):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_run_stops(prepared_data, tmp_path):
     # An absurd learning rate blows the weights up after the first update; every later step is non-finite.
@@ -293,7 +326,7 @@ def test_document_masked_loss_equals_an_in_process_reference(prepared_data, tmp_
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
     from lit_gpt.packed_dataset import PackedDataset, StepLoader
-    from pretrain.tinyllama_fabric import token_losses
+    from lit_gpt.loss import token_losses
 
     train(prepared_data, tmp_path, max_steps=1, document_masking="true", z_loss=1e-3)
     logged = train_losses(tmp_path)[1]
