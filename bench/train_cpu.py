@@ -24,9 +24,10 @@ litgpt is not a dependency of this project; `bash bench/setup_env.sh` installs i
 default (or pass another interpreter with --litgpt_python or $LITGPT_PYTHON).
 
 GPU mode (--device cuda) runs our `GPT` in-process for LLaMmlein_120M and LLaMmlein_1B with each attention
-backend (sdpa, fa2, fa3; a backend that cannot run is skipped with the reason) under bf16-mixed autocast (or
---precision bf16-true), fused AdamW, fp32 cross-entropy, grad clipping, and prints tokens/s and
-MFU = tokens/s * flops_per_token / device peak as a markdown table. Data loading is not part of GPU mode.
+backend (a backend that cannot run is skipped with the reason) under bf16-mixed autocast (or --precision
+bf16-true), fused AdamW, the trainer's chunked cross-entropy, grad clipping, and prints tokens/s and
+MFU = tokens/s * flops_per_token (the PaLM convention, lit_gpt.speed_monitor) / device peak as a markdown table.
+Data loading is not part of GPU mode.
 """
 from __future__ import annotations
 
@@ -686,10 +687,11 @@ def backend_unavailable(impl: str, device, dtype) -> Optional[str]:
 
 
 def measure_model(cfg: Config, batch: int, seq_len: int, args, device) -> dict:
-    """Time full training steps of our GPT: forward (autocast), fp32 CE, backward, clip, AdamW (fused on CUDA)."""
+    """Time full training steps of our GPT as the trainer takes them: forward (autocast), the chunked cross-entropy,
+    backward, clip, fused AdamW."""
     import torch
-    import torch.nn.functional as F
 
+    from lit_gpt.loss import token_losses
     from lit_gpt.model import GPT, num_parameters
     from lit_gpt.speed_monitor import device_peak_flops, flops_per_token
 
@@ -705,14 +707,15 @@ def measure_model(cfg: Config, batch: int, seq_len: int, args, device) -> dict:
     model.train()
     n_params = num_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                  fused=cuda)
+                                  fused=True)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device) for _ in range(4)]
 
     def step(i: int) -> torch.Tensor:
         data = batches[i % len(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
             logits = model(data[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), data[:, 1:].reshape(-1))
+        loss = token_losses(logits, data[:, 1:])[1] / data[:, 1:].numel()
+        del logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
@@ -746,7 +749,7 @@ def measure_model(cfg: Config, batch: int, seq_len: int, args, device) -> dict:
 def mfu_report(args) -> int:
     import torch
 
-    from lit_gpt.speed_monitor import device_peak_flops
+    from lit_gpt.speed_monitor import MFU_CONVENTION, device_peak_flops
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -787,8 +790,10 @@ def mfu_report(args) -> int:
             if res is None:
                 rows.append({"model": model_name, "attn": impl, "skipped": "out of memory at micro batch 1"})
                 continue
-            res.update(model=model_name, attn=impl, seq_len=seq_len)
+            res.update(model=model_name, attn=impl, seq_len=seq_len, compile=args.compile)
             rows.append(res)
+            if args.json_out:  # after every row: a run stopped by a time limit keeps what it measured
+                Path(args.json_out).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
             print(f"{model_name} / {impl}: {res['tokens_per_sec']:,.0f} tok/s, "
                   f"MFU {'%.1f%%' % (100 * res['mfu']) if res['mfu'] is not None else 'n/a'}", flush=True)
     print(f"\n| model | attention | params | micro batch x seq | tokens/s | step ms | TFLOP/s | MFU | peak mem GiB |")
@@ -801,11 +806,11 @@ def mfu_report(args) -> int:
         mem = f"{r['memory_gb']:.1f}" if r["memory_gb"] is not None else "n/a"
         print(f"| {r['model']} | {r['attn']} | {r['params'] / 1e6:.0f}M | {r['batch']} x {r['seq_len']} | "
               f"{r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | {r['tflops']:.1f} | {mfu} | {mem} |")
-    print(f"\nMFU = tokens/s x flops_per_token (6N + 6 L H D T, lit_gpt.speed_monitor) / peak dense bf16 FLOP/s; "
+    print(f"\nMFU = tokens/s x flops_per_token ({MFU_CONVENTION}) / peak dense bf16 FLOP/s; "
           f"{args.gpu_warmup} warm-up + {args.gpu_steps} timed steps on random tokens (no data loading).")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
-    return 0
+    return 0 if any("skipped" not in r for r in rows) else 1
 
 
 # ================================================================================================================

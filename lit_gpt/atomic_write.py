@@ -14,3 +14,15 @@ def write_atomically(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename `path` to `NAME.suffix` (or `NAME.suffix-2`, ... if taken): kept, never overwritten or deleted."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.{suffix}")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = path.with_name(f"{path.name}.{suffix}-{n}")
+    path.rename(aside)
+    return aside

@@ -5,7 +5,7 @@ Field names follow lit-gpt so that its configs and checkpoints map over by name.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Optional
 
 AttnImpl = Literal["auto", "fa3", "fa2", "sdpa", "eager"]
@@ -17,23 +17,28 @@ def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
 
+def _arch(help_text: str, default: Any = None):
+    """A Config field with its `--help` text (markers as in lit_gpt.hparams: `[>= 1]` bounds are enforced)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class Config:
     name: str = ""
-    block_size: int = 2048
-    vocab_size: int = 32000
+    block_size: int = _arch("tokens per training sample (context length) [>= 1]", 2048)
+    vocab_size: int = _arch("tokenizer vocabulary size [>= 1]", 32000)
     # The embedding and lm_head are padded to a multiple of this for fast matmuls.
-    padding_multiple: int = 64
-    padded_vocab_size: Optional[int] = None
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    padding_multiple: int = _arch("pad the embedding and lm_head rows to a multiple of this [>= 1]", 64)
+    padded_vocab_size: Optional[int] = _arch("rows of the embedding and lm_head (default: vocab_size padded) [>= 1]")
+    n_layer: int = _arch("transformer blocks [>= 1]", 12)
+    n_head: int = _arch("attention (query) heads [>= 1]", 12)
+    n_embd: int = _arch("hidden size [>= 1]", 768)
     # n_query_groups == n_head is MHA, 1 is MQA, anything between is GQA.
-    n_query_groups: Optional[int] = None
-    head_size: Optional[int] = None
-    intermediate_size: int = 2048
-    norm_eps: float = 1e-5
-    rope_base: int = 10000
+    n_query_groups: Optional[int] = _arch("key/value heads (GQA; default: n_head, i.e. MHA) [>= 1]")
+    head_size: Optional[int] = _arch("size of one attention head (default: n_embd / n_head) [>= 1]")
+    intermediate_size: int = _arch("hidden size of the SwiGLU MLP [>= 1]", 2048)
+    norm_eps: float = _arch("RMSNorm epsilon [> 0]", 1e-5)
+    rope_base: int = _arch("RoPE base (theta) [>= 1]", 10000)
     # Runtime choice of attention kernel; not part of the architecture.
     attn_impl: AttnImpl = "auto"
 

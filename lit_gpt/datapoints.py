@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.atomic_write import set_aside, write_atomically
 from lit_gpt.packed_dataset import PackedDataset
 
 LOG_DIR = "datapoints"
@@ -71,6 +71,9 @@ class DatapointLogger:
                                  f"resuming would mix two sample orders")
 
     def _drop_from(self, step: int) -> None:
+        """Set the logged steps >= `step` aside (they belong to the continuation this run replaces): whole segment
+        files move to `replaced-at-XXXXXXXX/` (never deleted); a segment that straddles `step` keeps its earlier part."""
+        replaced = self.dir / f"replaced-at-{step:08d}"
         for path in sorted(self.dir.glob("steps-*.npz")):
             match = _SEGMENT.match(path.name)
             if match is None or int(match.group(2)) < step:
@@ -82,7 +85,11 @@ class DatapointLogger:
                 last = int(data["steps"][keep].max())
                 _write_npz(self.dir / _segment_name(int(match.group(1)), last, rank, world),
                            steps=data["steps"][keep], samples=data["samples"][keep])
-            path.unlink()
+            replaced.mkdir(exist_ok=True)
+            target = replaced / path.name
+            if target.exists():  # from an earlier resume at the same step
+                set_aside(target, "old")
+            path.rename(target)
 
     def record(self, step: int, sample_index) -> None:
         """This rank's global sample ids of optimizer step `step` (a tensor or array); kept in memory."""

@@ -4,18 +4,17 @@
     python pretrain/tinyllama_fabric.py --resume out/NAME/iter-00100000-ckpt.pth     # or --resume auto
 
 Every hyperparameter below can be overridden as `--name value` or from a YAML file (`--config`); any field of
-`lit_gpt.Config` overrides the named model (`--n_layer 2 --n_embd 64`). `--help` lists them all.
-Checkpoints are named after the optimizer step: iter-{step:08d}-ckpt.pth.
+`lit_gpt.Config` overrides the named model (`--n_layer 2 --n_embd 64`). `--help` lists them all, `--print_config`
+prints the resolved values as YAML for `--config`. Checkpoints are named after the optimizer step:
+iter-{step:08d}-ckpt.pth.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,140 +27,159 @@ from typing import Any, Iterator, Optional
 # Run from anywhere without installing: the repo root holds `lit_gpt`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-import yaml
-from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from torch.distributed.checkpoint import CheckpointException
-
-from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                  save_checkpoint)
-from lit_gpt.config import Config
-from lit_gpt.datapoints import DatapointLogger
-from lit_gpt.loss import token_losses
-from lit_gpt.distributed import SHARDING_STRATEGIES, STRATEGIES, make_strategy
-from lit_gpt.model import GPT, num_parameters
-from lit_gpt.packed_dataset import PackedDataset, StepLoader
-from lit_gpt.speed_monitor import (MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token,
-                                   matmul_parameters)
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt import hparams as hparams_lib  # noqa: E402  (pure Python: no torch before the flags are checked)
+from lit_gpt.config import Config  # noqa: E402
+from lit_gpt.hparams import InputError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hyperparameters (LLäMmlein 1B defaults). Edit here, or override: --name value / --config run.yaml
-model_name = "LLaMmlein_1B"
-out_dir = ""  # empty: out/{model_name}
-train_data_dir = "data/train"  # comma-separated for several sources
-train_data_weights = ""  # comma-separated mixing weights, one per source; empty: proportional to size
-val_data_dir = "data/val"  # empty: no validation
-tokenizer_path = "tokenizer"  # a dir with tokenizer.model / tokenizer.json; empty: skip the vocab check
-init_from = ""  # a converted checkpoint (.pth with "model") to start from: weights only, fresh optimizer
-resume = ""  # a checkpoint path, "auto" (newest complete one in out_dir, if any) or empty
+# Hyperparameters (LLäMmlein 1B defaults). Edit here, or override: --name value / --config run.yaml. Each comment is
+# the flag's --help text; {choices} and [bounds] in it are enforced.
+model_name = "LLaMmlein_1B"  # registered model (lit_gpt/config.py), e.g. LLaMmlein_120M, LLaMmlein_7B, micro
+out_dir = ""  # checkpoints, logs and run records; empty: out/MODEL_NAME
+train_data_dir = "data/train"  # prepared training split(s); comma-separated for several sources
+train_data_weights = ""  # mixing weights, one per training source, comma-separated; empty: proportional to size
+val_data_dir = "data/val"  # prepared validation split; empty: no validation
+tokenizer_path = "tokenizer"  # directory with tokenizer.json / tokenizer.model, copied into out_dir; empty: no check
+init_from = ""  # converted checkpoint (.pth with "model") to start from: weights only, fresh optimizer
+resume = ""  # checkpoint to continue from, "auto" (newest good one in out_dir, if any) or empty
 # Batch and schedule
-global_batch_size = 512  # samples per optimizer step, over all ranks
-micro_batch_size = 8  # samples per forward pass on one rank
-max_steps = 100_000
-max_tokens = 0  # >0: overrides max_steps with ceil(max_tokens / (global_batch_size * block_size))
-stop_at_step = 0  # >0: checkpoint and exit after this step (split one run into several jobs)
-learning_rate = 4e-4
-min_lr = 4e-5
-warmup_steps = 2000
-lr_schedule = "cosine"  # "cosine" or "wsd" (warmup-stable-decay)
-decay_fraction = 0.2  # wsd: share of max_steps spent in the final linear decay
-weight_decay = 0.1
-decay_embeddings = False  # norms and biases are never decayed; embeddings only if True
-beta1 = 0.9
-beta2 = 0.95
-adam_eps = 1e-8
-grad_clip = 1.0  # 0: no clipping (the norm is still logged)
-z_loss = 0.0  # weight of the softmax normaliser penalty (PaLM z-loss); 0 disables it
-max_nonfinite_steps = 5  # stop after this many consecutive steps with a non-finite loss or gradient
+global_batch_size = 512  # samples per optimizer step, over all ranks [>= 1]
+micro_batch_size = 8  # samples per forward pass on one rank [>= 1]
+max_steps = 100_000  # optimizer steps of the whole run (sets the LR schedule) [>= 0]
+max_tokens = 0  # >0: sets max_steps to ceil(max_tokens / (global_batch_size * block_size)) [>= 0]
+stop_at_step = 0  # >0: checkpoint and exit after this step (one run over several jobs) [>= 0]
+learning_rate = 4e-4  # peak learning rate, reached after warmup [> 0]
+min_lr = 4e-5  # learning rate at the end of the decay [>= 0]
+warmup_steps = 2000  # optimizer steps of linear warmup [>= 0]
+lr_schedule = "cosine"  # {cosine, wsd}: cosine decay, or warmup-stable-decay
+decay_fraction = 0.2  # wsd: share of max_steps spent in the final linear decay (0, 1]
+weight_decay = 0.1  # AdamW decoupled weight decay (norms and biases are never decayed) [>= 0]
+decay_embeddings = False  # also decay the token embedding
+beta1 = 0.9  # AdamW beta1 [0, 1)
+beta2 = 0.95  # AdamW beta2 [0, 1)
+adam_eps = 1e-8  # AdamW epsilon [> 0]
+grad_clip = 1.0  # clip the global gradient norm to this; 0: no clipping (the norm is still logged) [>= 0]
+z_loss = 0.0  # weight of the softmax normaliser penalty (PaLM z-loss); 0 disables it [>= 0]
+max_nonfinite_steps = 5  # stop after this many consecutive steps with a non-finite loss or gradient [>= 1]
 document_masking = False  # attend only within each packed document; RoPE positions restart per document
 # Logging, evaluation, checkpoints
-log_interval = 10
-eval_interval = 1000  # 0: only at the end
-eval_iters = 25  # validation batches of global_batch_size samples
-save_interval = 5000
-keep_last_checkpoints = 3  # 0 keeps all
+log_interval = 10  # optimizer steps between log lines and metrics records [>= 1]
+eval_interval = 1000  # optimizer steps between validations; 0: only at the end [>= 0]
+eval_iters = 25  # validation batches of global_batch_size samples [>= 1]
+save_interval = 5000  # optimizer steps between checkpoints [>= 1]
+keep_last_checkpoints = 3  # checkpoints kept in out_dir; 0 keeps all [>= 0]
 # Parallelism and performance
-accelerator = "auto"  # auto, cuda, cpu
-devices = "auto"  # per node; taken from Slurm when launched with srun
-num_nodes = 1
-strategy = "fsdp"  # fsdp, fsdp2, ddp, auto (single device)
-sharding_strategy = "SHARD_GRAD_OP"  # FSDP: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD
-state_dict_type = "full"  # "full" (one .pth file) or "sharded" (a torch distributed checkpoint directory)
-precision = "bf16-mixed"  # bf16-mixed, bf16-true, 32-true
-activation_checkpointing = False
-attn_impl = "auto"  # auto, fa3, fa2, sdpa, eager
+accelerator = "auto"  # {auto, cuda, cpu}
+devices = "auto"  # processes (GPUs) per node: {auto} (all GPUs; 1 on CPU) or a count [>= 1]; Slurm's under srun
+num_nodes = 1  # nodes; Slurm's under srun [>= 1]
+strategy = "fsdp"  # {fsdp, fsdp2, ddp, auto}: auto is a single device
+sharding_strategy = "SHARD_GRAD_OP"  # FSDP/FSDP2 sharding: {FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD}
+state_dict_type = "full"  # {full, sharded}: one .pth file, or a torch distributed checkpoint directory
+precision = "bf16-mixed"  # {bf16-mixed, bf16-true, 32-true}
+activation_checkpointing = False  # recompute each Block's activations in backward (memory for compute)
+attn_impl = "auto"  # {auto, fa3, fa2, sdpa, eager}: attention kernel; auto picks the fastest that runs
 compile = False  # torch.compile each Block
-meta_init = "auto"  # build the model on the meta device and initialise it sharded; auto: FSDP and > 2B params
-num_workers = 2  # data loader processes per rank
+meta_init = "auto"  # {auto, true, false}: build on the meta device, initialise sharded; auto: FSDP and > 2B params
+num_workers = 2  # data loader processes per rank [>= 0]
 cache_dir = ""  # node-local cache for chunks (e.g. /dev/shm/llammlein); empty: read in place
-cache_max_gb = 0.0
-seed = 42
+cache_max_gb = 0.0  # size limit of the node-local cache in GiB; 0: no limit [>= 0]
+seed = 42  # seed of the initial weights and the sample order
 # ---------------------------------------------------------------------------------------------------------------
-HPARAMS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+HYPERPARAMETERS = hparams_lib.declared(__file__, globals(), "Hyperparameters (", "-----")
+HPARAMS = {name: hp.default for name, hp in HYPERPARAMETERS.items()}
 # No "16-mixed": its gradient scaler refuses clipping with the fused AdamW on CUDA, and a skipped non-finite step
 # (no optimizer.step, so no scaler.update) would never lower the loss scale. On CPU Fabric silently ran it as bf16.
-PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
-
-
-class InputError(Exception):
-    """A bad flag, file or directory, reported before any training starts."""
 
 
 # ------------------------------------------------- command line ------------------------------------------------
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+MODEL_FIELDS = {f.name: hparams_lib.Hyperparameter.from_comment(f.name, {"float": float}.get(str(f.type), int)(1),
+                                                                f.metadata["help"], "default: as --model_name")
+                for f in fields(Config) if "help" in f.metadata}
 
 
-def _typed(default: Any):
-    return _parse_bool if isinstance(default, bool) else type(default)
-
-
-def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict]:
-    """Resolve hyperparameters: file defaults < YAML file < command line. Returns (hparams, model overrides)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of hyperparameters (and model config fields)")
-    kinds = {key: _typed(default) for key, default in HPARAMS.items()}
-    for key, default in HPARAMS.items():
-        parser.add_argument(f"--{key}", type=kinds[key], default=argparse.SUPPRESS, help=f"default: {default!r}")
-    config_fields = [f for f in fields(Config) if f.name not in ("name", "attn_impl")]
-    group = parser.add_argument_group("model config overrides (lit_gpt.Config fields)")
-    for f in config_fields:
-        kinds[f.name] = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), int)
-        group.add_argument(f"--{f.name}", type=kinds[f.name], default=argparse.SUPPRESS)
-    model_fields = {f.name for f in config_fields}
+def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict, bool]:
+    """Resolve hyperparameters: file defaults < YAML file < command line. Returns (hparams, model overrides,
+    --print_config); every value is typed and checked against its declaration."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--config YAML] [--print_config] [--NAME VALUE ...]")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of hyperparameters and model config fields; "
+                        "the command line wins")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved hyperparameters and model "
+                        "config as YAML (for --config) and exit")
+    hparams_lib.add_arguments(parser, HYPERPARAMETERS)
+    hparams_lib.add_arguments(parser, MODEL_FIELDS, "model config overrides (lit_gpt.Config fields)")
     given = vars(parser.parse_args(argv))
-
-    hparams, overrides = dict(HPARAMS), {}
-    if config_file := given.pop("config", None):
-        try:
-            from_file = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise InputError(f"--config {config_file}: cannot read YAML ({e})") from e
-        if not isinstance(from_file, dict):
-            raise InputError(f"--config {config_file}: expected a mapping of names to values")
-        unknown = set(from_file) - set(kinds)
-        if unknown:
-            raise InputError(f"--config {config_file}: unknown keys {sorted(unknown)}")
-        # The same conversions as on the command line (YAML reads 1e-3 as a string, for one).
-        for key, value in from_file.items():
-            try:
-                from_file[key] = kinds[key](str(value))
-            except (ValueError, argparse.ArgumentTypeError):
-                expected = "true/false" if kinds[key] is _parse_bool else kinds[key].__name__
-                raise InputError(f"--config {config_file}: {key}: expected {expected}, got {value!r}") from None
-        given = {**from_file, **given}
-    for key, value in given.items():
-        (overrides if key in model_fields else hparams)[key] = value
+    print_config = given.pop("print_config")
+    values = hparams_lib.resolve(given, {**HYPERPARAMETERS, **MODEL_FIELDS}, given.pop("config", None))
+    hparams = {**HPARAMS, **{k: v for k, v in values.items() if k in HYPERPARAMETERS}}
     if not hparams["out_dir"]:
         hparams["out_dir"] = f"out/{hparams['model_name']}"
-    return hparams, overrides
+    return hparams, {k: v for k, v in values.items() if k in MODEL_FIELDS}, print_config
+
+
+def check_hparams(hp: dict, overrides: dict) -> Config:
+    """Checks that need more than one flag (each flag alone was checked when parsed); resolves max_tokens."""
+    try:
+        config = Config.from_name(hp["model_name"], attn_impl=hp["attn_impl"], **overrides)
+    except ValueError as e:
+        blamed = " ".join(f"--{k} {v}" for k, v in overrides.items())
+        raise InputError(f"model config ({blamed}): {e}" if overrides else f"--model_name: {e}") from None
+    if hp["max_tokens"]:
+        hp["max_steps"] = math.ceil(hp["max_tokens"] / (hp["global_batch_size"] * config.block_size))
+    if hp["max_steps"] < 1:
+        raise InputError(f"--max_steps must be >= 1 (or set --max_tokens), got {hp['max_steps']}")
+    if hp["min_lr"] > hp["learning_rate"]:  # the "decay" would rise
+        raise InputError(f"--min_lr {hp['min_lr']} is above --learning_rate {hp['learning_rate']}")
+    sources = hp["train_data_dir"].split(",")
+    if hp["train_data_weights"]:
+        try:
+            weights = [float(w) for w in hp["train_data_weights"].split(",")]
+        except ValueError:
+            weights = []
+        if len(weights) != len(sources) or not all(math.isfinite(w) and w > 0 for w in weights):
+            raise InputError(f"--train_data_weights {hp['train_data_weights']!r}: expected {len(sources)} positive "
+                             f"comma-separated numbers, one per --train_data_dir source")
+    return config
+
+
+def cli(argv: Optional[list[str]]) -> tuple[dict, Config]:
+    """The checked hyperparameters and model config; exits (code 2) on a bad flag, (0) after --print_config."""
+    try:
+        hp, overrides, print_config = parse_hparams(argv)
+        config = check_hparams(hp, overrides)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if print_config:
+        model = {k: v for k, v in config.to_dict().items() if k in MODEL_FIELDS}
+        print(hparams_lib.to_yaml({**hp, **model}), end="")
+        sys.exit(0)
+    return hp, config
+
+
+CLI_ARGS: Optional[tuple[dict, Config]] = None
+if __name__ == "__main__":
+    # --help, --print_config and flag errors answer before torch and Lightning are imported (5-15 s on a busy node).
+    CLI_ARGS = cli(sys.argv[1:])
+
+import torch  # noqa: E402
+from lightning.fabric import Fabric  # noqa: E402
+from lightning.fabric.loggers import TensorBoardLogger  # noqa: E402
+from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
+from torch.distributed.checkpoint import CheckpointException  # noqa: E402
+
+from lit_gpt.atomic_write import set_aside, write_atomically  # noqa: E402
+from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints,  # noqa: E402
+                                  load_checkpoint, save_checkpoint)
+from lit_gpt.datapoints import DatapointLogger  # noqa: E402
+from lit_gpt.distributed import make_strategy  # noqa: E402
+from lit_gpt.loss import token_losses  # noqa: E402
+from lit_gpt.metrics_log import MetricsLog, read_metrics  # noqa: E402
+from lit_gpt.model import GPT, num_parameters  # noqa: E402
+from lit_gpt.packed_dataset import PackedDataset, StepLoader  # noqa: E402
+from lit_gpt.speed_monitor import (MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token,  # noqa: E402
+                                   matmul_parameters)
+from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 
 # ------------------------------------------------- validation --------------------------------------------------
@@ -170,18 +188,19 @@ def resolve_world(hp: dict) -> tuple[str, int, int, str]:
     accel = hp["accelerator"]
     if accel == "auto":
         accel = "cuda" if torch.cuda.is_available() else "cpu"
+    if accel == "cuda" and not torch.cuda.is_available():
+        raise InputError("--accelerator cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     if SLURMEnvironment.detect() and "SLURM_NTASKS_PER_NODE" in os.environ:
         # Fabric takes ranks from Slurm; devices and nodes must agree with the allocation.
         per_node = int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0])
         return accel, per_node, int(os.environ["SLURM_NNODES"]), "slurm"
-    devices = hp["devices"]
-    if devices == "auto":
-        devices = torch.cuda.device_count() if accel == "cuda" else 1
-    try:
-        devices = int(devices)
-    except ValueError:
-        raise InputError(f"--devices must be an integer or 'auto', got {devices!r}") from None
-    return accel, devices, int(hp["num_nodes"]), "local"
+    if hp["devices"] != "auto":
+        devices = int(hp["devices"])  # checked when parsed: "auto" or an integer >= 1
+    elif accel == "cuda":
+        devices = torch.cuda.device_count()
+    else:
+        devices = 1
+    return accel, devices, hp["num_nodes"], "local"
 
 
 def _check_data_dir(flag: str, path: str) -> None:
@@ -192,54 +211,18 @@ def _check_data_dir(flag: str, path: str) -> None:
         raise InputError(f"--{flag} {path}: contains no .bin chunk files (run scripts/prepare_data.py first)")
 
 
-def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
-    """Fail fast, with one message naming the flag, on every input error we can detect before training."""
-    try:
-        config = Config.from_name(hp["model_name"], attn_impl=hp["attn_impl"], **overrides)
-    except ValueError as e:
-        raise InputError(f"--model_name: {e}") from None
-    for flag, allowed in (("strategy", STRATEGIES), ("sharding_strategy", SHARDING_STRATEGIES),
-                          ("state_dict_type", ("full", "sharded")), ("precision", PRECISIONS),
-                          ("lr_schedule", ("cosine", "wsd"))):
-        if hp[flag] not in allowed:
-            raise InputError(f"--{flag} must be one of {allowed}, got {hp[flag]!r}")
+def check_inputs(hp: dict, config: Config, world_size: int) -> None:
+    """Fail fast, with one message naming the flag, on every file or world-size error detectable before training."""
     G, b = hp["global_batch_size"], hp["micro_batch_size"]
-    if G <= 0 or b <= 0 or G % world_size:
-        raise InputError(f"--global_batch_size {G} must be a positive multiple of the number of devices ({world_size})")
+    if G % world_size:
+        raise InputError(f"--global_batch_size {G} must be a multiple of the number of devices ({world_size})")
     if (G // world_size) % b:
         raise InputError(
             f"--micro_batch_size {b} does not divide the per-device batch "
             f"(--global_batch_size {G} / {world_size} devices = {G // world_size})"
         )
-    # Values that would otherwise crash mid-run (`step % 0`) or train silently wrong (eval_iters 0 logs a val loss
-    # of 0, min_lr > learning_rate makes the "decay" rise, max_nonfinite_steps 0 stops after the first step).
-    for flag, low in (("max_steps", 0 if hp["max_tokens"] else 1), ("max_tokens", 0), ("stop_at_step", 0),
-                      ("warmup_steps", 0), ("log_interval", 1), ("eval_interval", 0), ("eval_iters", 1),
-                      ("save_interval", 1), ("keep_last_checkpoints", 0), ("max_nonfinite_steps", 1),
-                      ("num_workers", 0), ("grad_clip", 0), ("z_loss", 0), ("weight_decay", 0), ("min_lr", 0),
-                      ("cache_max_gb", 0)):
-        if not hp[flag] >= low:
-            raise InputError(f"--{flag} must be >= {low}, got {hp[flag]}")
-    if not 0 < hp["learning_rate"] or hp["min_lr"] > hp["learning_rate"]:
-        raise InputError(f"--learning_rate {hp['learning_rate']} must be positive and >= --min_lr {hp['min_lr']}")
-    if hp["lr_schedule"] == "wsd" and not 0 < hp["decay_fraction"] <= 1:
-        raise InputError(f"--decay_fraction must lie in (0, 1] for --lr_schedule wsd, got {hp['decay_fraction']}")
-    for flag in ("beta1", "beta2"):
-        if not 0 <= hp[flag] < 1:
-            raise InputError(f"--{flag} must lie in [0, 1), got {hp[flag]}")
-    if not hp["adam_eps"] > 0:
-        raise InputError(f"--adam_eps must be positive, got {hp['adam_eps']}")
-    sources = hp["train_data_dir"].split(",")
-    for source in sources:
+    for source in hp["train_data_dir"].split(","):
         _check_data_dir("train_data_dir", source)
-    if hp["train_data_weights"]:
-        try:
-            weights = [float(w) for w in hp["train_data_weights"].split(",")]
-        except ValueError:
-            weights = []
-        if len(weights) != len(sources) or not all(math.isfinite(w) and w > 0 for w in weights):
-            raise InputError(f"--train_data_weights {hp['train_data_weights']!r}: expected {len(sources)} positive "
-                             f"comma-separated numbers, one per --train_data_dir source")
     if hp["val_data_dir"]:
         _check_data_dir("val_data_dir", hp["val_data_dir"])
     if hp["tokenizer_path"]:
@@ -253,13 +236,11 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
                 f"vocab_size {config.vocab_size} ({hp['model_name']}); pick a larger model or --vocab_size"
             )
     out = Path(hp["out_dir"])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"--out_dir {out}: not writable ({e.strerror or e})") from None
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out_dir {out}: exists and is not a directory")
+    probe_dir = next(p for p in (out, *out.parents) if p.exists())  # creating out_dir waits for a good start
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise InputError(f"--out_dir {out}: not writable ({probe_dir} does not allow it)")
     if hp["resume"] and hp["resume"] != "auto" and not Path(hp["resume"]).exists():
         raise InputError(f"--resume {hp['resume']}: no such checkpoint")
     if not hp["resume"] and (newest := latest_checkpoint(out)) is not None:
@@ -268,7 +249,6 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
                          f"--resume auto to continue it, or choose another --out_dir")
     if hp["init_from"] and not Path(hp["init_from"]).is_file():
         raise InputError(f"--init_from {hp['init_from']}: no such checkpoint file")
-    return config
 
 
 @contextmanager
@@ -287,6 +267,30 @@ def resume_checkpoint(hp: dict) -> Optional[Path]:
     return Path(hp["resume"]) if hp["resume"] else None
 
 
+def check_resumable(ckpt: dict, path: Path, hp: dict, train_data: PackedDataset) -> tuple[int, int, int, int]:
+    """(step, micro-iterations, tokens seen, skipped steps) of a loaded checkpoint, after checking that this run can
+    continue it; nothing in out_dir has changed yet, so a refusal leaves the run as it was."""
+    missing = [key for key in ("step_count", "iter_num", "tokens_seen", "world_size", "rng", "data") if key not in ckpt]
+    if missing:
+        raise InputError(f"--resume {path}: not a checkpoint of this trainer (no {', '.join(missing)}); to start from "
+                         f"its weights with a fresh optimizer use --init_from")
+    data = ckpt["data"]
+    if data["global_batch_size"] != hp["global_batch_size"]:
+        raise InputError(f"--global_batch_size {hp['global_batch_size']} differs from the checkpoint's "
+                         f"{data['global_batch_size']}: the sample position would not map to a step")
+    logged, now = data["manifest"]["fingerprint"], train_data.manifest["fingerprint"]
+    if logged != now:
+        raise InputError(f"--train_data_dir {hp['train_data_dir']}: {path} was trained on other data or with other "
+                         f"order settings (data fingerprint {logged[:12]}, now {now[:12]}); resuming would mix two "
+                         f"sample orders")
+    step = ckpt["step_count"]
+    if 0 < hp["stop_at_step"] <= step < hp["max_steps"]:
+        # `step == stop_at_step` would never hold again: the run would silently train on to max_steps.
+        raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}; "
+                         f"pass a later --stop_at_step, or 0 to train to the end")
+    return step, ckpt["iter_num"], ckpt["tokens_seen"], ckpt.get("skipped_steps", 0)
+
+
 def set_aside_checkpoints_after(out_dir: Path, step: int, log) -> None:
     """Rename the checkpoints later than the resumed `step` to `*.abandoned` (kept, never deleted).
 
@@ -294,11 +298,7 @@ def set_aside_checkpoints_after(out_dir: Path, step: int, log) -> None:
     place, the next `--resume auto` (e.g. after a pre-emption) would pick the newest of them over this run's own."""
     for later in list_checkpoints(out_dir):
         if checkpoint_step(later) > step:
-            aside = later.with_name(later.name + ".abandoned")
-            if aside.is_dir():  # set aside by an earlier resume
-                shutil.rmtree(aside)
-            aside.unlink(missing_ok=True)
-            later.rename(aside)
+            aside = set_aside(later, "abandoned")
             log(f"Set aside {later.name} (after the resumed step {step}) as {aside.name}")
 
 
@@ -345,36 +345,6 @@ class Preemption:
         self.requested = True
 
 
-class MetricsLog:
-    """metrics.jsonl and metrics.csv in out_dir (rank 0). A resumed run keeps the records up to its checkpoint's step
-    (those after it are replaced by the steps it trains again); a fresh run starts them anew."""
-
-    COLUMNS = ("iter", "step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu",
-               "skipped_steps", "memory_gb", "time")
-
-    def __init__(self, out_dir: Path, resume_step: Optional[int], enabled: bool) -> None:
-        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
-        self.enabled = enabled
-        if not enabled:
-            return
-        kept = []
-        if self.jsonl.exists() and resume_step is not None:
-            kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)
-
-
 def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -391,15 +361,15 @@ def restore_rng(state: dict) -> None:
 
 def write_run_files(out_dir: Path, hp: dict, config: Config, extra: dict) -> None:
     """Beside the checkpoints: resolved hyperparameters, model config and the tokenizer (what an export needs)."""
-    (out_dir / "hparams.json").write_text(json.dumps({**hp, **extra}, indent=2))
-    (out_dir / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_atomically(out_dir / "hparams.json", json.dumps({**hp, **extra}, indent=2).encode())
+    write_atomically(out_dir / "model_config.json", json.dumps(config.to_dict(), indent=2).encode())
     src = Path(hp["tokenizer_path"]) if hp["tokenizer_path"] else None
     if src is not None and src.exists():
         dst = out_dir / "tokenizer"
         dst.mkdir(exist_ok=True)
         files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file()]
         for f in files:
-            shutil.copy2(f, dst / ("tokenizer.model" if src.is_file() else f.name))
+            write_atomically(dst / ("tokenizer.model" if src.is_file() else f.name), f.read_bytes())
 
 
 # ------------------------------------------------- evaluation --------------------------------------------------
@@ -446,8 +416,6 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     with blamed_on("val_data_dir"):
         val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
                                   with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
-    if hp["max_tokens"]:
-        hp["max_steps"] = math.ceil(hp["max_tokens"] / (G * config.block_size))
 
     with torch.device("meta"):
         n_params = num_parameters(GPT(config))
@@ -479,28 +447,29 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
             raise InputError(f"--resume {resume_path}: cannot be loaded into {hp['model_name']} with this optimizer "
                              f"({type(e).__name__}: {str(e).strip()[:500]}); a converted model without optimizer "
                              f"state starts with --init_from") from None
-        if ckpt["data"]["global_batch_size"] != G:
-            raise InputError(f"--global_batch_size {G} differs from the checkpoint's "
-                             f"{ckpt['data']['global_batch_size']}: the sample position would not map to a step")
-        step, iter_num, tokens_seen = ckpt["step_count"], ckpt["iter_num"], ckpt["tokens_seen"]
-        if 0 < hp["stop_at_step"] <= step < hp["max_steps"]:
-            # `step == stop_at_step` would never hold again: the run would silently train on to max_steps.
-            raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}; "
-                             f"pass a later --stop_at_step, or 0 to train to the end")
-        skipped = ckpt.get("skipped_steps", 0)
+        step, iter_num, tokens_seen, skipped = check_resumable(ckpt, resume_path, hp, train_data)
+        if step >= hp["max_steps"]:  # a finished run started again (e.g. a requeued job): nothing to add
+            fabric.print(f"{resume_path} is at step {step}, the run's last (--max_steps {hp['max_steps']}); "
+                         f"nothing to train")
+            return 0
         if ckpt["world_size"] == W:
             restore_rng(ckpt["rng"][rank])
         else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones deterministically
             torch.manual_seed(hp["seed"] + 1000003 * step + rank)
         fabric.print(f"Resumed from {resume_path} at step {step} (written by {ckpt['world_size']} ranks, now {W})")
 
+    with blamed_on("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
+        existing_metrics = read_metrics(out_dir / "metrics.jsonl", fabric.print) if rank == 0 else None
+    # Every check that can refuse this run is behind us (the datapoint log's, in its constructor, is the last):
+    # only now does anything in out_dir change.
+    with blamed_on("train_data_dir"):  # the run was logged with other data
+        datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
     if rank == 0:
         write_run_files(out_dir, hp, config, {"world_size": W, "launched_by": launcher, "num_parameters": n_params})
         if resume_path is not None:
             set_aside_checkpoints_after(out_dir, step, fabric.print)
-    metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0)
-    with blamed_on("train_data_dir"):  # the run was logged with other data
-        datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
+    metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0,
+                         log=fabric.print, existing=existing_metrics)
     peak = device_peak_flops(fabric.device)
     monitor = SpeedMonitor(flops_per_token(config, n_params), W, peak)
     fabric.print(f"{hp['model_name']}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
@@ -596,8 +565,10 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
                          + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
 
         if nonfinite_in_a_row >= hp["max_nonfinite_steps"]:
-            fabric.print(f"error: {nonfinite_in_a_row} consecutive non-finite steps; stopping. The last good "
-                         f"checkpoint is {latest_checkpoint(out_dir)}", file=sys.stderr)
+            good = latest_checkpoint(out_dir)
+            fabric.print(f"error: {nonfinite_in_a_row} consecutive non-finite steps; stopping. "
+                         + (f"The last good checkpoint is {good}" if good else "No checkpoint was written before."),
+                         file=sys.stderr)
             return 1
 
         if val_data is not None and hp["eval_interval"] and step % hp["eval_interval"] == 0 and step < hp["max_steps"]:
@@ -633,10 +604,12 @@ def _rss_bytes() -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    hp, config = CLI_ARGS if argv is None and CLI_ARGS is not None else cli(argv)
+    out_dir = Path(hp["out_dir"])
+    existed = out_dir.exists()
     try:
-        hp, overrides = parse_hparams(argv)
         accel, devices, nodes, launcher = resolve_world(hp)
-        config = check_inputs(hp, overrides, devices * nodes)
+        check_inputs(hp, config, devices * nodes)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -657,7 +630,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return train(fabric, hp, config, launcher)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        if not existed and fabric.global_rank == 0:
+            _remove_empty_dirs(out_dir)  # a failed start leaves no trace
         return 2
+    finally:
+        logger.finalize("success")  # flushes and closes the event file: the last events reach the disk
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for path in sorted((p for p in [root, *root.rglob("*")] if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 if __name__ == "__main__":

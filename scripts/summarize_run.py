@@ -1,9 +1,12 @@
 """Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput.
 With --expect_falling, exit 1 unless both training and validation loss fell."""
 import argparse
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_gpt.metrics_log import read_metrics  # noqa: E402
 
 
 def main() -> int:
@@ -15,7 +18,11 @@ def main() -> int:
     if not path.is_file():
         print(f"error: {path}: no metrics (did the run start?)", file=sys.stderr)
         return 2
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    try:
+        records, _ = read_metrics(path, log=lambda message: print(message, file=sys.stderr))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     train = [r for r in records if r.get("loss") is not None]
     val = [r for r in records if "val_loss" in r]
     if not train:

@@ -221,9 +221,10 @@ def test_nonfinite_step_is_skipped_on_the_device_and_a_finite_one_is_plain_adamw
 def test_nonfinite_steps_are_skipped_then_run_stops(prepared_data, tmp_path):
     # An absurd learning rate blows the weights up after the first update; every later step is non-finite.
     out = train(prepared_data, tmp_path, check=False, learning_rate=1e30, min_lr=1e30, warmup_steps=0,
-                grad_clip=0, max_steps=50, max_nonfinite_steps=3, save_interval=1, keep_last_checkpoints=0)
+                grad_clip=0, max_steps=50, max_nonfinite_steps=3, save_interval=1000, keep_last_checkpoints=0)
     assert out.returncode == 1, out.stderr
-    assert "3 consecutive non-finite steps" in out.stderr
+    assert "3 consecutive non-finite steps; stopping. No checkpoint was written before." in out.stderr
+    assert "update skipped: non-finite loss (nan) and gradient norm (nan)" in out.stdout
     skipped = [r["skipped_steps"] for r in metrics(tmp_path) if "skipped_steps" in r]
     assert skipped[-1] == 3
     assert len(skipped) < 50
@@ -236,7 +237,7 @@ def test_yaml_config_then_command_line(tmp_path):
     config = tmp_path / "run.yaml"
     # YAML reads 1e-3 as a string and `yes` as a bool: values go through the command line's conversions.
     config.write_text("learning_rate: 1e-3\nmax_steps: 10\nactivation_checkpointing: yes\nn_layer: 2\n")
-    hp, overrides = parse_hparams(["--config", str(config), "--max_steps", "20", "--n_embd", "64"])
+    hp, overrides, _ = parse_hparams(["--config", str(config), "--max_steps", "20", "--n_embd", "64"])
     assert hp["learning_rate"] == 1e-3 and isinstance(hp["learning_rate"], float)
     assert hp["max_steps"] == 20 and hp["activation_checkpointing"] is True  # the command line wins
     assert overrides == {"n_layer": 2, "n_embd": 64}
@@ -267,7 +268,12 @@ def test_yaml_config_then_command_line(tmp_path):
         (dict(num_workers=-1), "--num_workers"),
         (dict(train_data_weights="0.7,0.3"), "--train_data_weights"),
         (dict(precision="16-mixed"), "--precision"),
-        (dict(init_from="TOKFILE"), "--init_from"),
+        (dict(init_from="TOKFILE"), "--init_from"),  # fails inside the launched run: nothing may stay behind
+        (dict(devices=0), "--devices"),
+        (dict(devices=-1), "--devices"),
+        (dict(learning_rate="inf"), "--learning_rate"),
+        (dict(block_size=0), "--block_size"),
+        (dict(meta_init="yes"), "--meta_init"),
     ],
 )
 def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, flag):
@@ -283,7 +289,7 @@ def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, fla
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and flag in errors[0], result.stderr
-    assert not (out_dir / "metrics.jsonl").exists() and not list(out_dir.glob("iter-*"))
+    assert not out_dir.exists(), list(out_dir.rglob("*"))  # a failed start leaves no (empty) out_dir behind
 
 
 def test_fresh_run_refuses_an_out_dir_with_checkpoints(prepared_data, tmp_path):

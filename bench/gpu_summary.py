@@ -1,0 +1,109 @@
+"""Summarise a bench/gpu_check.sh output folder into gpu_check.json and gpu_check.md.
+
+    python bench/gpu_summary.py OUT [--seconds N]
+
+Reads the parts' status files, the pytest JUnit reports, the figures the GPU tests recorded (attention.json,
+trainer.json) and the MFU tables (mfu_eager.json, mfu_compile.json). Exits 1 when a part failed or a test failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+PARTS = ("attention", "trainer", "mfu_eager", "mfu_compile")
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def test_outcomes(report: Path) -> dict[str, str]:
+    """test name -> passed / failed / skipped (reason) from a JUnit XML report."""
+    if not report.is_file():
+        return {}
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed: " + (child.get("message") or "")[:200]
+            elif child.tag == "skipped":
+                outcome = "skipped: " + (child.get("message") or "")[:200]
+        outcomes[case.get("name")] = outcome
+    return outcomes
+
+
+def collect(out: Path, seconds: int) -> dict:
+    env = (out / "environment.log").read_text().strip() if (out / "environment.log").is_file() else ""
+    summary = {"environment": env, "seconds": seconds, "parts": {}, "tests": {}}
+    for part in PARTS:
+        summary["parts"][part] = _json(out / f"{part}.status.json") or {"rc": None, "seconds": None}
+    for part in ("attention", "trainer"):
+        summary["tests"][part] = test_outcomes(out / f"{part}.xml")
+        summary[part] = _json(out / f"{part}.json") or {}
+    for part in ("mfu_eager", "mfu_compile"):
+        summary[part] = (_json(out / f"{part}.json") or {}).get("rows", [])
+    return summary
+
+
+def markdown(s: dict) -> str:
+    lines = ["# GPU check", "", "```", s["environment"], "```", "",
+             f"Total {s['seconds']} s. Parts: " + ", ".join(
+                 f"{name} {'ok' if p['rc'] == 0 else 'FAILED' if p['rc'] is not None else 'not run'}"
+                 + (f" ({p['seconds']} s)" if p.get("seconds") is not None else "") for name, p in s["parts"].items()),
+             ""]
+    for part, outcomes in s["tests"].items():
+        failed = {k: v for k, v in outcomes.items() if v.startswith("failed")}
+        lines.append(f"{part} tests: {sum(v == 'passed' for v in outcomes.values())} passed, {len(failed)} failed, "
+                     f"{sum(v.startswith('skipped') for v in outcomes.values())} skipped")
+        lines += [f"- {k}: {v}" for k, v in failed.items()]
+    if s["attention"]:
+        lines += ["", "## Attention backends vs fp32 eager (max abs error)", "", "| case | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in s["attention"].items()]
+    if s["trainer"]:
+        lines += ["", "## Trainer on CUDA (20 steps each; loss difference to the single-device bf16-mixed run)", "",
+                  "| run | max loss diff | final loss | tokens/s | seconds |", "|---|---:|---:|---:|---:|"]
+        for name, r in s["trainer"].items():
+            lines.append(f"| {name} | {_fmt(r.get('max_loss_diff'), '.2e')} | {_fmt(r.get('final_loss'), '.4f')} | "
+                         f"{_fmt(r.get('tokens_per_sec'), ',.0f')} | {_fmt(r.get('seconds'), '.0f')} |")
+    for part, title in (("mfu_eager", "eager"), ("mfu_compile", "torch.compile per Block")):
+        rows = s[part]
+        if not rows:
+            continue
+        lines += ["", f"## Throughput and MFU ({title})", "",
+                  "| model | attention | micro batch x seq | tokens/s | TFLOP/s | MFU | peak GiB |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            if "skipped" in r:
+                lines.append(f"| {r['model']} | {r['attn']} | | skipped: {r['skipped']} | | | |")
+            else:
+                lines.append(f"| {r['model']} | {r['attn']} | {r['batch']} x {r['seq_len']} | "
+                             f"{r['tokens_per_sec']:,.0f} | {r['tflops']:.1f} | {_fmt(r['mfu'], '.1%')} | "
+                             f"{_fmt(r['memory_gb'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--seconds", type=int, default=0)
+    args = p.parse_args()
+    summary = collect(args.out, args.seconds)
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary)
+    (args.out / "gpu_check.md").write_text(text)
+    print(text)
+    failed = any(p["rc"] not in (0, None) for p in summary["parts"].values()) or any(
+        v.startswith("failed") for outcomes in summary["tests"].values() for v in outcomes.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

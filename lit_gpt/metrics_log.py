@@ -1,0 +1,74 @@
+"""The run's metrics records: metrics.jsonl (one JSON object per logged step, appended) and metrics.csv beside it.
+
+Appends are not atomic, so a node crash can leave a torn last line; readers drop it with a warning. A resumed run
+replaces the records after its checkpoint's step; the files holding them are set aside whole, never truncated.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from lit_gpt.atomic_write import set_aside, write_atomically
+
+
+class MetricsLog:
+    """metrics.jsonl and metrics.csv in out_dir (rank 0). A resumed run keeps the records up to its checkpoint's step;
+    the files with the records it replaces (those after that step, which it trains again) are set aside whole, as
+    `metrics.jsonl.replaced` (and `-2`, ...), never truncated. A fresh run sets earlier files aside the same way."""
+
+    COLUMNS = ("iter", "step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu",
+               "skipped_steps", "memory_gb", "time")
+
+    def __init__(self, out_dir: Path, resume_step: Optional[int], enabled: bool, log=print,
+                 existing: Optional[tuple[list[dict], bool]] = None) -> None:
+        """`existing`: what `read_metrics` returned for out_dir, if the caller read it already (to check it before
+        changing anything)."""
+        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.enabled = enabled
+        if not enabled:
+            return
+        records, torn = existing or read_metrics(self.jsonl, log)
+        kept = [r for r in records if resume_step is not None and r["step"] <= resume_step]
+        if len(kept) < len(records) or torn:
+            for path in (self.jsonl, self.csv):
+                if path.exists():
+                    log(f"Set aside {path.name} (records after step {resume_step or 0}) as "
+                        f"{set_aside(path, 'replaced').name}")
+        if kept != records or not self.csv.exists():
+            write_atomically(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            table = io.StringIO(newline="")
+            writer = csv.DictWriter(table, self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+            write_atomically(self.csv, table.getvalue().encode())
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)
+
+
+def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:
+    """The records of metrics.jsonl, and whether a torn last line (a crash mid-append) was dropped."""
+    if not path.exists():
+        return [], False
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if number == len(lines):
+                log(f"warning: {path}: dropped a torn last line (the run was killed while writing it)")
+                return records, True
+            raise ValueError(f"{path}: line {number} is not a metrics record (move the file aside)") from None
+        records.append(record)
+    return records, False

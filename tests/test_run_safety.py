@@ -1,0 +1,124 @@
+"""Nothing lost, nothing silently wrong (trainer side): a refused resume leaves out_dir as it was, replaced run
+records are set aside rather than truncated, a torn metrics line does not block resuming, a finished run started again
+adds nothing, flag errors come before torch is imported. Every run is a real trainer subprocess."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+from test_trainer import STEPS, metrics, train, train_losses, trainer_args
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (relative path -> sha256 of its bytes)."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(prepared_data, tmp_path_factory) -> Path:
+    """A finished run of 6 steps with checkpoints at 2, 4 and 6 and validation at the end."""
+    out = tmp_path_factory.mktemp("finished")
+    train(prepared_data, out, max_steps=6, save_interval=2, val_data_dir=prepared_data["val"], eval_iters=1)
+    return out
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def test_refused_resume_leaves_the_run_untouched(prepared_data, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run)
+    # Other training data than the checkpoint was trained on (here: the validation split).
+    result = train(prepared_data, run, check=False, max_steps=6, save_interval=2,
+                   train_data_dir=prepared_data["val"], resume=run / "iter-00000002-ckpt.pth")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --train_data_dir"), result.stderr[-2000:]
+    assert snapshot(run) == before  # no checkpoint set aside, no record truncated, no run file rewritten
+
+
+def test_replaced_metrics_are_set_aside_whole(prepared_data, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    original = (run / "metrics.jsonl").read_bytes()
+    out = train(prepared_data, run, max_steps=6, save_interval=2, learning_rate=1e-3,
+                resume=run / "iter-00000002-ckpt.pth")
+    assert "Set aside metrics.jsonl" in out.stdout
+    assert (run / "metrics.jsonl.replaced").read_bytes() == original  # every replaced record kept, byte for byte
+    old = [json.loads(line) for line in original.decode().splitlines()]
+    new = metrics(run)
+    assert [r for r in new if r["step"] <= 2] == [r for r in old if r["step"] <= 2]
+    assert [r["step"] for r in new if "loss" in r] == list(range(1, 7))
+    # The datapoint log of the replaced steps is kept too.
+    assert sorted(p.name for p in (run / "datapoints" / "replaced-at-00000002").iterdir())
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(prepared_data, tmp_path):
+    reference = tmp_path / "reference"
+    train(prepared_data, reference)
+    run = tmp_path / "run"
+    train(prepared_data, run, stop_at_step=3)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 8, "step": 4, "lo')  # a node died while appending
+    out = train(prepared_data, run, resume="auto")
+    assert "dropped a torn last line" in out.stdout
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert (run / "metrics.jsonl.replaced").read_text().endswith('"lo')  # the torn record is kept aside
+
+
+def test_a_finished_run_started_again_adds_nothing(prepared_data, finished_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run)
+    out = train(prepared_data, run, max_steps=6, save_interval=2, val_data_dir=prepared_data["val"], eval_iters=1,
+                resume="auto")
+    assert "nothing to train" in out.stdout
+    assert snapshot(run) == before  # e.g. no second final validation record
+    assert sum("val_loss" in r and r["step"] == 6 for r in metrics(run)) == 1
+    # The last events of the finished run reached the disk (the logger was flushed and closed).
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert max(e.step for e in events.Scalars("loss")) == 6
+    assert max(e.step for e in events.Scalars("val_loss")) == 6
+
+
+def test_flags_are_checked_before_torch_is_imported(prepared_data, tmp_path):
+    # Importing torch or Lightning fails in this wrapper: --help, --print_config and flag errors must not need them.
+    wrapper = tmp_path / "no_torch.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'lightning'):\n"
+        "            raise ImportError(f'{name} imported before the flags were checked')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    base = trainer_args(prepared_data, tmp_path / "out")
+    for extra, code, expected in ((["--learning_rate", "inf"], 2, "error: --learning_rate must be a finite number"),
+                                  (["--block_size", "0"], 2, "error: --block_size must be >= 1, got 0"),
+                                  (["--help"], 0, "--warmup_steps INT"),
+                                  (["--print_config"], 0, "max_steps: 5")):
+        result = run_script(str(wrapper), *base, *extra, check=False)
+        assert result.returncode == code, result.stderr[-2000:]
+        assert expected in result.stdout + result.stderr
+        assert "imported before the flags were checked" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_config_is_read_back_by_config(prepared_data, tmp_path):
+    args = trainer_args(prepared_data, tmp_path / "out", n_layer=3, max_tokens=100_000)
+    printed = run_script(*args, "--print_config").stdout
+    (tmp_path / "run.yaml").write_text(printed)
+    again = run_script(args[0], "--config", str(tmp_path / "run.yaml"), "--print_config").stdout
+    assert again == printed
+    values = __import__("yaml").safe_load(printed)
+    assert values["n_layer"] == 3 and values["n_embd"] == 64 and values["max_steps"] == 98  # resolved from micro
+    assert len(values) > STEPS
