@@ -36,6 +36,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch.distributed.checkpoint import CheckpointException
 
+from lit_gpt.attention import DocumentMask, resolve_backend
 from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint)
 from lit_gpt.config import Config
@@ -91,7 +92,7 @@ sharding_strategy = "SHARD_GRAD_OP"  # FSDP: FULL_SHARD, SHARD_GRAD_OP, HYBRID_S
 state_dict_type = "full"  # "full" (one .pth file) or "sharded" (a torch distributed checkpoint directory)
 precision = "bf16-mixed"  # bf16-mixed, bf16-true, 32-true
 activation_checkpointing = False
-attn_impl = "auto"  # auto, fa3, fa2, sdpa, eager
+attn_impl = "auto"  # auto, fa3, fa4, fa2, flex, sdpa, eager
 compile = False  # torch.compile each Block
 meta_init = "auto"  # build the model on the meta device and initialise it sharded; auto: FSDP and > 2B params
 num_workers = 2  # data loader processes per rank
@@ -429,8 +430,8 @@ def validate(fabric: Fabric, model, val_data: PackedDataset, hp: dict) -> float:
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
     for (_, micro_batches), _ in zip(loader, range(iters)):
         for mb in micro_batches:
-            logits = model(mb["input_ids"].to(fabric.device), doc_ids=_doc_ids(mb, hp, fabric))
-            labels = mb["labels"].to(fabric.device)
+            logits = model(_to(mb["input_ids"], fabric), doc_mask=_doc_mask(mb, hp, fabric))
+            labels = _to(mb["labels"], fabric)
             totals[0] += token_losses(logits, labels, 0.0)[0].double()
             totals[1] += (labels != -100).sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
@@ -438,8 +439,13 @@ def validate(fabric: Fabric, model, val_data: PackedDataset, hp: dict) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _doc_ids(mb: dict, hp: dict, fabric: Fabric) -> Optional[torch.Tensor]:
-    return mb["doc_ids"].to(fabric.device) if hp["document_masking"] else None
+def _to(x, fabric: Fabric):
+    # The loader pins batches when CUDA is in use: the copy overlaps with compute instead of synchronising.
+    return x.to(fabric.device, non_blocking=True)
+
+
+def _doc_mask(mb: dict, hp: dict, fabric: Fabric) -> Optional[DocumentMask]:
+    return _to(mb["doc_mask"], fabric) if hp["document_masking"] else None
 
 
 # ------------------------------------------------- training ----------------------------------------------------
@@ -463,6 +469,9 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     if hp["max_tokens"]:
         hp["max_steps"] = math.ceil(hp["max_tokens"] / (G * config.block_size))
 
+    with blamed_on("attn_impl"):  # an explicitly requested backend that cannot run here stops the run before setup
+        resolve_backend(config.attn_impl, fabric.device, torch.bfloat16 if "bf16" in hp["precision"] else torch.float32,
+                        config.head_size, document_masking=hp["document_masking"], needs_grad=True)
     with torch.device("meta"):
         n_params = num_parameters(GPT(config))
     meta = hp["meta_init"] == "true" or (hp["meta_init"] == "auto" and hp["strategy"] in ("fsdp", "fsdp2")
@@ -556,8 +565,8 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
         for i, mb in enumerate(micro_batches):
             is_accumulating = i < len(micro_batches) - 1
             with fabric.no_backward_sync(model, enabled=is_accumulating):
-                logits = model(mb["input_ids"].to(fabric.device), doc_ids=_doc_ids(mb, hp, fabric))
-                ce, objective = token_losses(logits, mb["labels"].to(fabric.device), hp["z_loss"])
+                logits = model(_to(mb["input_ids"], fabric), doc_mask=_doc_mask(mb, hp, fabric))
+                ce, objective = token_losses(logits, _to(mb["labels"], fabric), hp["z_loss"])
                 fabric.backward(objective * (W / global_real))
             loss_sum += ce.detach()
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=hp["grad_clip"] or float("inf"),

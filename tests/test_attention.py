@@ -260,6 +260,18 @@ def test_document_mask_rejects_bad_shapes():
         DocumentMask.from_doc_ids(np.zeros(5, dtype=np.int64))
 
 
+def test_loader_batches_carry_the_host_built_mask(prepared_data):
+    from lit_gpt.packed_dataset import PackedDataset
+
+    ds = PackedDataset([prepared_data["train"]], block_size=127, with_doc_ids=True)
+    batch = ds.get_batch(np.arange(6))
+    m = batch["doc_mask"]
+    positions, cu_seqlens, max_seqlen, bool_mask = on_device_metadata(batch["doc_ids"])
+    assert torch.equal(m.positions, positions) and torch.equal(m.cu_seqlens, cu_seqlens)
+    assert m.max_seqlen == max_seqlen and torch.equal(m.bool_mask(), bool_mask)
+    assert len(cu_seqlens) > 7  # several documents in these rows: the comparison means something
+
+
 # ------------------------------------------------------------------------------------------------------- resolution
 
 
