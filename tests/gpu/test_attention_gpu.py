@@ -28,11 +28,15 @@ DEVICE = torch.device("cuda")
 # bf16 keeps 8 bits of mantissa: outputs (|o| < ~4) within 2e-2, gradients within 5% of their largest magnitude.
 OUT_TOL, GRAD_REL_TOL = 2e-2, 5e-2
 RESULTS = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-           "torch": torch.__version__, "auto": {}, "skipped": {}, "errors": {}, "compiled": {}}
+           "torch": torch.__version__, "auto": {}, "skipped": {}, "max_by_backend": {}, "errors": {}, "compiled": {}}
 
 
 def record(section: str, key: str, value) -> None:
     RESULTS[section][key] = value
+    if section == "errors":  # key: backend/layout/masking
+        worst = RESULTS["max_by_backend"].setdefault(key.split("/")[0], {})
+        for name, error in value.items():
+            worst[name] = max(worst.get(name, 0.0), error)
     out = os.environ.get("GPU_CHECK_OUT")
     if out:  # rewritten after every test: a run cut short still leaves what it measured
         Path(out).mkdir(parents=True, exist_ok=True)
