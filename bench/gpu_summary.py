@@ -43,7 +43,8 @@ def collect(out: Path, seconds: int) -> dict:
         summary["parts"][part] = _json(out / f"{part}.status.json") or {"rc": None, "seconds": None}
     for part in ("attention", "trainer"):
         summary["tests"][part] = test_outcomes(out / f"{part}.xml")
-        summary[part] = _json(out / f"{part}.json") or {}
+    summary["attention"] = _json(out / "attention_gpu.json") or {}  # written by tests/gpu/test_attention_gpu.py
+    summary["trainer"] = _json(out / "trainer.json") or {}  # written by tests/gpu/test_trainer_gpu.py
     for part in ("mfu_eager", "mfu_compile"):
         summary[part] = (_json(out / f"{part}.json") or {}).get("rows", [])
     return summary
@@ -60,9 +61,13 @@ def markdown(s: dict) -> str:
         lines.append(f"{part} tests: {sum(v == 'passed' for v in outcomes.values())} passed, {len(failed)} failed, "
                      f"{sum(v.startswith('skipped') for v in outcomes.values())} skipped")
         lines += [f"- {k}: {v}" for k, v in failed.items()]
-    if s["attention"]:
-        lines += ["", "## Attention backends vs fp32 eager (max abs error)", "", "| case | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in s["attention"].items()]
+    attention = s["attention"]
+    if attention:
+        lines += ["", "## Attention backends vs an fp32 eager reference (bf16; worst case over layouts and masks)", "",
+                  f"auto picks: {attention.get('auto', {})}", "", "| backend | measure | value |", "|---|---|---:|"]
+        for backend, worst in attention.get("max_by_backend", {}).items():
+            lines += [f"| {backend} | {name} | {_fmt(value, '.2e')} |" for name, value in worst.items()]
+        lines += [f"| {backend} | skipped | {reason} |" for backend, reason in attention.get("skipped", {}).items()]
     if s["trainer"]:
         lines += ["", "## Trainer on CUDA (20 steps each; loss difference to the single-device bf16-mixed run)", "",
                   "| run | max loss diff | final loss | tokens/s | seconds |", "|---|---:|---:|---:|---:|"]

@@ -54,7 +54,7 @@ TRAINER = ROOT / "pretrain" / "tinyllama_fabric.py"
 CONTENDERS = ("ours", "litgpt", "hf", "ours_compile", "litgpt_eager")
 DEFAULT_CONTENDERS = "ours,litgpt,hf"
 FORTUNES_DE = Path("/usr/share/games/fortunes/de")
-GPU_BACKENDS = ("sdpa", "fa2", "fa3")
+GPU_BACKENDS = ("fa3", "fa4", "fa2", "flex", "sdpa")
 GPU_DEFAULT_BATCH = {"LLaMmlein_120M": 16, "LLaMmlein_1B": 8}
 
 # Optimiser settings shared by every contender (the trainer's defaults).
@@ -672,16 +672,13 @@ def profile_report(args) -> int:
 # ================================================================================================================
 # GPU mode: MFU of our model per attention backend (in-process)
 # ================================================================================================================
-def backend_unavailable(impl: str, device, dtype) -> Optional[str]:
-    """Why attention backend `impl` cannot run on `device`/`dtype`, or None."""
-    import torch
+def backend_unavailable(impl: str, device, dtype, head_size: int) -> Optional[str]:
+    """Why attention backend `impl` cannot train on `device`/`dtype` at this head size, or None."""
+    from lit_gpt.attention import AttentionUnavailable, resolve_backend
 
-    from lit_gpt.attention import resolve_impl
-
-    probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
     try:
-        resolve_impl(impl, probe)
-    except (RuntimeError, ValueError) as e:
+        resolve_backend(impl, device, dtype, head_size, needs_grad=True)
+    except AttentionUnavailable as e:
         return str(e)
     return None
 
@@ -767,7 +764,7 @@ def mfu_report(args) -> int:
     rows = []
     for model_name in models:
         for impl in backends:
-            reason = backend_unavailable(impl, device, dtype)
+            reason = backend_unavailable(impl, device, dtype, Config.from_name(model_name).head_size)
             if reason:
                 print(f"skip {model_name} / {impl}: {reason}", flush=True)
                 rows.append({"model": model_name, "attn": impl, "skipped": reason})

@@ -8,8 +8,8 @@ import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Optional
 
-AttnImpl = Literal["auto", "fa3", "fa2", "sdpa", "eager"]
-ATTN_IMPLS = ("auto", "fa3", "fa2", "sdpa", "eager")
+AttnImpl = Literal["auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager"]
+ATTN_IMPLS = ("auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager")  # lit_gpt.attention.BACKENDS and auto
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from lit_gpt.attention import DocumentMask, attention
+from lit_gpt.attention import DocumentMask, Mask, attention, prepare_mask, resolve_backend
 from lit_gpt.config import Config
 
 
@@ -99,10 +99,12 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        doc_mask: Optional[DocumentMask] = None,
+        mask: Mask = None,
         input_pos: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
+        attn_impl: Optional[str] = None,
     ) -> torch.Tensor:
+        """`attn_impl` is the concrete backend and `mask` what `prepare_mask` built for it (GPT.forward passes both,
+        resolved once outside any compiled region); without `attn_impl` the config's choice is resolved here."""
         c = self.config
         B, T, _ = x.shape
         qkv = self.attn(x).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
@@ -114,7 +116,9 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set; call GPT.set_kv_cache first")
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = attention(q, k, v, impl=c.attn_impl, doc_mask=doc_mask, attn_mask=attn_mask)
+        if attn_impl is None:
+            attn_impl = resolve_backend(c.attn_impl, q.device, q.dtype, c.head_size, isinstance(mask, DocumentMask))
+        y = attention(q, k, v, attn_impl, mask)
         return self.proj(y.reshape(B, T, c.n_head * c.head_size))
 
 
@@ -140,8 +144,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = LLaMAMLP(config, init_std, proj_std)
 
-    def forward(self, x: torch.Tensor, cos, sin, doc_mask=None, input_pos=None, attn_mask=None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, doc_mask, input_pos, attn_mask)
+    def forward(self, x: torch.Tensor, cos, sin, mask: Mask = None, input_pos=None, attn_impl=None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos, attn_impl)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -196,42 +200,52 @@ class GPT(nn.Module):
         doc_ids: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
         restart_positions: bool = True,
+        doc_mask: Optional[DocumentMask] = None,
     ) -> torch.Tensor:
         """idx: [B, T] token ids -> logits [B, T, padded_vocab_size].
 
-        doc_ids: optional [B, T] document index per token (changes where a packed document starts); tokens then
+        doc_mask: optional DocumentMask of the packed documents (the data loader builds it on the host); tokens then
         attend only within their own document, and with `restart_positions` RoPE positions restart per document.
+        doc_ids: the same given as [B, T] ids that change where a document starts (the mask is then computed here,
+        on the host: one device synchronisation).
         input_pos: [T] absolute positions for incremental decoding with the KV cache.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"Sequence length {T} exceeds block_size {self.config.block_size}")
+        if doc_ids is not None:
+            if doc_mask is not None:
+                raise ValueError("pass doc_ids or doc_mask, not both")
+            doc_mask = DocumentMask.from_doc_ids(doc_ids)
+        x = self.transformer.wte(idx)
+        # The backend and its mask are decided here, once per forward pass and outside the (compiled) Blocks.
+        device_type = idx.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        impl = resolve_backend(self.config.attn_impl, idx.device, dtype, self.config.head_size, doc_mask is not None)
         cos, sin = self.rope_cache(idx.device)
-        doc_mask = attn_mask = None
         if input_pos is not None:
-            if doc_ids is not None:
+            if doc_mask is not None:
                 raise ValueError("doc_ids and input_pos (KV-cache decoding) cannot be combined")
             if self.transformer.h[0].attn.kv_cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set; call GPT.set_kv_cache first")
             cos, sin = cos[input_pos], sin[input_pos]
             max_len = self.transformer.h[0].attn.kv_cache.k.shape[1]
-            attn_mask = (torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None])[None, None]
-        elif doc_ids is not None:
-            doc_mask = DocumentMask.from_doc_ids(doc_ids)
-            if restart_positions:
+            mask = (torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None])[None, None]
+            if impl not in ("sdpa", "eager"):
+                impl = "sdpa"  # an explicit mask (decoding) goes through SDPA, the kernel-agnostic path
+        else:
+            if doc_mask is not None and restart_positions:
                 cos, sin = cos[doc_mask.positions], sin[doc_mask.positions]
             else:
                 cos, sin = cos[:T], sin[:T]
-        else:
-            cos, sin = cos[:T], sin[:T]
+            mask = prepare_mask(impl, doc_mask, T, T, idx.device, dtype)
 
-        x = self.transformer.wte(idx)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training:
                 # Non-reentrant checkpointing wraps no module, so state-dict keys stay the same for every strategy.
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_mask, input_pos, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, input_pos, impl, use_reentrant=False)
             else:
-                x = block(x, cos, sin, doc_mask, input_pos, attn_mask)
+                x = block(x, cos, sin, mask, input_pos, impl)
         return self.lm_head(self.transformer.ln_f(x))
 
 

@@ -22,11 +22,12 @@ from bisect import bisect_right
 from collections import OrderedDict
 from itertools import count
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from lit_gpt.attention import DocumentMask
 from lit_gpt.litpkds import HEADER_SIZE, read_header
 from lit_gpt.node_cache import NodeCache
 from lit_gpt.sample_order import SampleOrder
@@ -251,8 +252,9 @@ class PackedDataset:
         source = np.searchsorted(self.sample_offsets, sample_ids, side="right") - 1
         return source, (sample_ids - self.sample_offsets[source]) * self.sample_tokens
 
-    def get_batch(self, sample_ids) -> dict[str, torch.Tensor]:
-        """input_ids/labels [b, T] (labels -100 on padding), sample_index [b] and, if asked for, doc_ids [b, T]."""
+    def get_batch(self, sample_ids) -> dict[str, Any]:
+        """input_ids/labels [b, T] (labels -100 on padding), sample_index [b] and, if asked for, doc_ids [b, T] and
+        their doc_mask (a lit_gpt.attention.DocumentMask)."""
         return self.batch_from_rows(torch.from_numpy(self.read_rows(sample_ids)))
 
     def read_rows(self, sample_ids) -> np.ndarray:
@@ -274,18 +276,26 @@ class PackedDataset:
                 rows[row, S + 2:] = np.searchsorted(source.doc_starts(start, stop) - start, np.arange(T), side="right")
         return rows
 
-    def batch_from_rows(self, rows) -> dict[str, torch.Tensor]:
-        """Split `read_rows` output (array or tensor) into the batch tensors; in numpy, whose small ops cost less."""
+    def batch_from_rows(self, rows) -> dict[str, Any]:
+        """Split `read_rows` output (array or tensor) into the batch tensors; in numpy, whose small ops cost less.
+
+        The document mask is computed here on the host, so the training step needs no device synchronisation; when
+        this process uses CUDA the batch is pinned, so that it can be copied with `non_blocking=True`."""
         rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
         T, S = self.block_size, self.sample_tokens
         real = rows[:, S]
         labels = rows[:, 1:S].copy()
         if (real < S).any():
             labels[np.arange(T)[None, :] >= (real - 1)[:, None]] = -100  # padding carries no loss
-        batch = {"input_ids": rows[:, :T], "labels": labels, "sample_index": rows[:, S + 1]}
+        arrays = {"input_ids": rows[:, :T], "labels": labels, "sample_index": rows[:, S + 1]}
         if self.with_doc_ids:
-            batch["doc_ids"] = rows[:, S + 2:]  # the padding continues the last document
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+            arrays["doc_ids"] = rows[:, S + 2:]  # the padding continues the last document
+        batch: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        if self.with_doc_ids:
+            batch["doc_mask"] = DocumentMask.from_doc_ids(arrays["doc_ids"])
+        if torch.cuda.is_initialized():  # pinning needs CUDA: never start it in a CPU-only run
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
 
     def chunk_paths(self, sample_ids) -> list[Path]:
         """Chunk files the samples read, in order of first use (for node-local prefetching)."""
@@ -334,7 +344,7 @@ class StepLoader:
         """(first step, number of steps) of read group g."""
         return self.start_step + g * self.group_steps, self.group_steps
 
-    def split(self, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def split(self, rows: torch.Tensor) -> list[dict[str, Any]]:
         """One step's rows -> its micro-batches."""
         b = self.micro_batch_size
         return [self.dataset.batch_from_rows(rows[i:i + b]) for i in range(0, len(rows), b)]

@@ -77,7 +77,7 @@ sharding_strategy = "SHARD_GRAD_OP"  # FSDP/FSDP2 sharding: {FULL_SHARD, SHARD_G
 state_dict_type = "full"  # {full, sharded}: one .pth file, or a torch distributed checkpoint directory
 precision = "bf16-mixed"  # {bf16-mixed, bf16-true, 32-true}
 activation_checkpointing = False  # recompute each Block's activations in backward (memory for compute)
-attn_impl = "auto"  # {auto, fa3, fa2, sdpa, eager}: attention kernel; auto picks the fastest that runs
+attn_impl = "auto"  # {auto, fa3, fa4, fa2, flex, sdpa, eager}: attention kernel; auto: the fastest that runs
 compile = False  # torch.compile each Block
 meta_init = "auto"  # {auto, true, false}: build on the meta device, initialise sharded; auto: FSDP and > 2B params
 num_workers = 2  # data loader processes per rank [>= 0]
@@ -169,6 +169,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from torch.distributed.checkpoint import CheckpointException  # noqa: E402
 
 from lit_gpt.atomic_write import set_aside, write_atomically  # noqa: E402
+from lit_gpt.attention import DocumentMask, resolve_backend  # noqa: E402
 from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints,  # noqa: E402
                                   load_checkpoint, save_checkpoint)
 from lit_gpt.datapoints import DatapointLogger  # noqa: E402
@@ -385,8 +386,8 @@ def validate(fabric: Fabric, model, val_data: PackedDataset, hp: dict) -> float:
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
     for (_, micro_batches), _ in zip(loader, range(iters)):
         for mb in micro_batches:
-            logits = model(mb["input_ids"].to(fabric.device), doc_ids=_doc_ids(mb, hp, fabric))
-            labels = mb["labels"].to(fabric.device)
+            logits = model(_to(mb["input_ids"], fabric), doc_mask=_doc_mask(mb, hp, fabric))
+            labels = _to(mb["labels"], fabric)
             totals[0] += token_losses(logits, labels, 0.0)[0].double()
             totals[1] += (labels != -100).sum()
     totals = fabric.all_reduce(totals, reduce_op="sum")
@@ -394,8 +395,13 @@ def validate(fabric: Fabric, model, val_data: PackedDataset, hp: dict) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _doc_ids(mb: dict, hp: dict, fabric: Fabric) -> Optional[torch.Tensor]:
-    return mb["doc_ids"].to(fabric.device) if hp["document_masking"] else None
+def _to(x, fabric: Fabric):
+    # The loader pins batches when CUDA is in use: the copy overlaps with compute instead of synchronising.
+    return x.to(fabric.device, non_blocking=True)
+
+
+def _doc_mask(mb: dict, hp: dict, fabric: Fabric) -> Optional[DocumentMask]:
+    return _to(mb["doc_mask"], fabric) if hp["document_masking"] else None
 
 
 # ------------------------------------------------- training ----------------------------------------------------
@@ -417,6 +423,9 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
         val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
                                   with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
 
+    with blamed_on("attn_impl"):  # an explicitly requested backend that cannot run here stops the run before setup
+        resolve_backend(config.attn_impl, fabric.device, torch.bfloat16 if "bf16" in hp["precision"] else torch.float32,
+                        config.head_size, document_masking=hp["document_masking"], needs_grad=True)
     with torch.device("meta"):
         n_params = num_parameters(GPT(config))
     meta = hp["meta_init"] == "true" or (hp["meta_init"] == "auto" and hp["strategy"] in ("fsdp", "fsdp2")
@@ -515,8 +524,8 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
         for i, mb in enumerate(micro_batches):
             is_accumulating = i < len(micro_batches) - 1
             with fabric.no_backward_sync(model, enabled=is_accumulating):
-                logits = model(mb["input_ids"].to(fabric.device), doc_ids=_doc_ids(mb, hp, fabric))
-                ce, objective = token_losses(logits, mb["labels"].to(fabric.device), hp["z_loss"])
+                logits = model(_to(mb["input_ids"], fabric), doc_mask=_doc_mask(mb, hp, fabric))
+                ce, objective = token_losses(logits, _to(mb["labels"], fabric), hp["z_loss"])
                 del logits  # the loss keeps only its gradient: the logits can go before backward
                 fabric.backward(objective * (W / global_real))
             loss_sum += ce

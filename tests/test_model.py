@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-from lit_gpt.attention import ENV_VAR
+import lit_gpt.attention as attn_mod
+from lit_gpt.attention import ENV_VAR, AttentionUnavailable, DocumentMask
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
 
 IMPLS = ["sdpa", "eager"]
+NO_GRAD_IMPLS = [*IMPLS, "flex"]  # flex has no backward pass on CPU
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +57,7 @@ def test_causality(impl):
 # ----------------------------------------------------------------------------------------- packed documents
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", NO_GRAD_IMPLS)
 @torch.no_grad()
 def test_packed_documents_equal_documents_alone(impl):
     model = make_model(attn_impl=impl)
@@ -78,8 +80,35 @@ def test_packed_documents_equal_documents_alone(impl):
 def test_packed_documents_backends_agree_at_model_level():
     idx = tokens(2, 24, seed=2)
     doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 8, [3] * 24])
-    out = {impl: make_model(attn_impl=impl)(idx, doc_ids=doc_ids) for impl in IMPLS}
+    out = {impl: make_model(attn_impl=impl)(idx, doc_ids=doc_ids) for impl in NO_GRAD_IMPLS}
     assert max_diff(out["sdpa"], out["eager"]) <= 1e-5
+    assert max_diff(out["flex"], out["eager"]) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", NO_GRAD_IMPLS)
+@torch.no_grad()
+def test_host_built_mask_gives_identical_outputs(impl):
+    # What the loader hands over (metadata built in numpy) and what a caller passing only ids gets: the same logits.
+    model = make_model(attn_impl=impl)
+    idx = tokens(3, 32, seed=6)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 22, [0] * 32, [0] * 3 + [1] * 3 + [0] * 26])
+    from_ids = model(idx, doc_ids=doc_ids)
+    from_mask = model(idx, doc_mask=DocumentMask.from_doc_ids(doc_ids.numpy()))
+    assert torch.equal(from_ids, from_mask)
+    with pytest.raises(ValueError, match="not both"):
+        model(idx, doc_ids=doc_ids, doc_mask=DocumentMask.from_doc_ids(doc_ids))
+
+
+@pytest.mark.parametrize("impl,builder", [("sdpa", "bool_mask"), ("eager", "bool_mask"), ("flex", "create_block_mask")])
+@torch.no_grad()
+def test_mask_is_built_once_per_forward_not_per_layer(impl, builder, monkeypatch):
+    model = make_model(attn_impl=impl, n_layer=3)
+    owner = DocumentMask if builder == "bool_mask" else attn_mod
+    calls = []
+    real = getattr(owner, builder)
+    monkeypatch.setattr(owner, builder, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model(tokens(2, 16), doc_ids=torch.tensor([[0] * 5 + [1] * 11, [0] * 16]))
+    assert len(calls) == 1
 
 
 # ------------------------------------------------------------------------------------- GQA / MHA / MQA
@@ -165,11 +194,56 @@ def test_model_input_errors():
         model(tokens(1, 4), doc_ids=torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(4))
 
 
-@pytest.mark.parametrize("impl", ["fa2", "fa3"])
+@pytest.mark.parametrize("impl", ["fa2", "fa3", "fa4"])
 def test_explicit_flash_backend_on_cpu_raises(impl):
     model = make_model(attn_impl=impl)
-    with pytest.raises(RuntimeError, match=impl):
+    with pytest.raises(AttentionUnavailable, match=f"attn_impl='{impl}'.*cannot run"):
         model(tokens(1, 8))
+
+
+def test_explicit_flex_on_cpu_is_inference_only():
+    model = make_model(attn_impl="flex")
+    with pytest.raises(AttentionUnavailable, match="no backward pass on CPU"):
+        model(tokens(1, 8))
+    with torch.no_grad():
+        assert max_diff(model(tokens(1, 8)), make_model(attn_impl="eager")(tokens(1, 8))) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+
+
+def block_inputs(model, idx, **kwargs):
+    """The arguments GPT.forward passes to its first Block (backend and mask resolved outside the Blocks)."""
+    captured = {}
+    hook = model.transformer.h[0].register_forward_pre_hook(lambda module, args: captured.setdefault("args", args))
+    model(idx, **kwargs)
+    hook.remove()
+    return captured["args"]
+
+
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "flex"])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_compiled_blocks_have_no_graph_breaks(impl, with_docs):
+    model = make_model(attn_impl=impl)
+    idx = tokens(2, 24, seed=8)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 17, [0] * 24]) if with_docs else None
+    grad = impl != "flex"  # flex: forward only on CPU
+    with torch.set_grad_enabled(grad):
+        args = block_inputs(model, idx, doc_ids=doc_ids)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model.transformer.h[0])(*args).graph_break_count == 0
+        expected = model(idx, doc_ids=doc_ids)
+        for block in model.transformer.h:  # what the trainer's --compile does
+            block.compile(fullgraph=True, backend="aot_eager")
+        compiled = model(idx, doc_ids=doc_ids)
+        if with_docs:  # another packing of documents reuses the compiled Blocks (a recompile per batch would be fatal)
+            other = torch.tensor([[0] * 3 + [1] * 4 + [2] * 17, [0] * 20 + [1] * 4])
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                model(idx, doc_ids=other)
+    assert max_diff(compiled, expected) <= 1e-5
+    if grad:
+        compiled.pow(2).mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------- initialisation

@@ -424,3 +424,21 @@ def test_validation_loss_is_the_same_on_one_and_two_ranks(prepared_data, tmp_pat
     val = {run: {r["step"]: r["val_loss"] for r in metrics(tmp_path / run) if "val_loss" in r} for run in ("one", "two")}
     assert sorted(val["one"]) == [0, 1, 2]
     assert val["one"] == pytest.approx(val["two"], abs=1e-6)
+
+
+def test_every_flag_is_documented_and_its_choices_match_the_code():
+    """--help has a description for every flag, and the {choices} in the comments are the ones the code accepts."""
+    sys.path.insert(0, str(ROOT))
+    from lit_gpt.config import ATTN_IMPLS
+    from lit_gpt.distributed import SHARDING_STRATEGIES, STRATEGIES
+    from pretrain.tinyllama_fabric import HYPERPARAMETERS, MODEL_FIELDS
+
+    assert set(HYPERPARAMETERS["attn_impl"].choices) == set(ATTN_IMPLS)
+    assert set(HYPERPARAMETERS["strategy"].choices) == set(STRATEGIES)
+    assert set(HYPERPARAMETERS["sharding_strategy"].choices) == set(SHARDING_STRATEGIES)
+    help_text = run_script(TRAINER, "--help").stdout
+    flags = re.findall(r"^  (--\w+)(?: (\S+))?\s*(.*)$", help_text, flags=re.M)
+    documented = {flag for flag, _, text in flags}
+    assert documented >= {f"--{name}" for name in [*HYPERPARAMETERS, *MODEL_FIELDS, "config", "print_config"]}
+    for name, hp in {**HYPERPARAMETERS, **MODEL_FIELDS}.items():
+        assert len(hp.help.split()) >= 2, f"--{name} has no description"
