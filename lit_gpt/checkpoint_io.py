@@ -23,9 +23,10 @@ from typing import Any, Iterator, Optional
 import torch
 
 from lit_gpt.config import Config
+from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 
 META_FILE = "meta.pt"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)
 # Module wrappers that insert a name component: Fabric, torch.compile, activation checkpointing, FSDP1.
 WRAPPER_PARTS = {"_forward_module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 # Config fields that describe the trained weights (the rest are runtime choices or derived).
@@ -314,6 +315,27 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def publish(directory: Path) -> None:
+    """Give `directory` and everything in it the permissions the umask grants new files (and fsync the files).
+
+    Some writers ignore the umask: mkdtemp makes the directory private and safetensors writes its files 0600,
+    while a model directory is meant to be shared like any other output."""
+    umask = current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
                       inputs: Optional[dict[str, Optional[Path]]] = None) -> Iterator[Path]:
@@ -336,13 +358,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published model directory should not be
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
+        publish(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / "replaced")

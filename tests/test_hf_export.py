@@ -84,6 +84,25 @@ def test_wrapper_prefixes_are_stripped(tmp_path, tokenizer_dir):
     assert plain.keys() == other.keys() and all(torch.equal(plain[k], other[k]) for k in plain)
 
 
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_export_honours_the_umask(tmp_path, tokenizer_dir, umask, file_mode, dir_mode):
+    # safetensors writes its files 0600 whatever the umask: a colleague could not read the weights.
+    import os
+    import stat
+
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    out = tmp_path / "hf"
+    previous = os.umask(umask)
+    try:
+        assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(out), "--max_shard_size", "40KB"]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len([n for n in modes if n.endswith(".safetensors")]) > 3 and "tokenizer.model" in modes
+    assert modes == dict.fromkeys(modes, file_mode) and stat.S_IMODE(out.stat().st_mode) == dir_mode
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1234") == 1234
     assert parse_size("1.5MB") == 1_500_000
