@@ -156,6 +156,8 @@ class DCPStateDict(LazyStateDict):
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint as {"model": LazyStateDict, "config": dict | None, "iter_num", "step_count",
     "tokens_seen", "hparams", "data", ...}; the optimizer state is never read."""
+    from lit_gpt.original_checkpoint import as_our_checkpoint
+
     path = Path(path)
     if path.is_file():
         try:
@@ -168,6 +170,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             state = {"model": state}  # a bare state dict (e.g. lit-gpt's lit_model.pth)
         if not isinstance(state.get("model"), dict):
             raise CheckpointError(f"{path}: no 'model' state dict in this checkpoint")
+        state = as_our_checkpoint(state, path)  # the original TinyLlama/LLäMmlein trainer's checkpoints
         model = MmapStateDict({clean_key(k): v for k, v in state.pop("model").items() if isinstance(v, torch.Tensor)})
     elif path.is_dir():
         if not (path / ".metadata").is_file():

@@ -194,9 +194,9 @@ def test_output_dir_that_is_a_file_is_one_clear_error(corpus, tmp_path, capsys):
 # ------------------------------------------------------------------ the same ids as transformers.AutoTokenizer
 # Characters LLäMmlein's tokenizer.json adds as tokens of their own (its SentencePiece model lacks them).
 ADDED = ["\t", "\n", "$", "<", "\\", "^", "`", "{", "}", "~"]
-FRAGMENTS = ["\n", "\n\n", "\t", "\t\t", "\r\n", "  ", "   ", "{", "}", "${HOME}", "$5", "\\frac{a}{b}", "x^2", "`code`",
-             "~/pfad", "a < b", "<div>", "ß", "ẞ", "Grüße", "Äpfel", "Öl", "Übermut", "Maß", "😀", "🦙", "3,14",
-             "1234567", "„Zitat“", "–", "€", "ﬁ", "１２３", "Ǆ", "▁", "\u00a0", "é", "ñ"]
+FRAGMENTS = ["\n", "\n\n", "\t", "\t\t", "\r\n", "  ", "   ", "{", "}", "${HOME}", "$5", "\\frac{a}{b}", "x^2",
+             "`code`", "~/pfad", "a < b", "<div>", "ß", "ẞ", "Grüße", "Äpfel", "Öl", "Übermut", "Maß", "😀", "🦙",
+             "3,14", "1234567", "„Zitat“", "–", "€", "ﬁ", "１２３", "Ǆ", "▁", "\u00a0", "é", "ñ"]
 SPECIAL_STRINGS = ["<s>", "</s>", "<unk>"]
 
 
