@@ -27,7 +27,9 @@ from lit_gpt.hf_convert import TORCH_DTYPES  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, sharded dir or HF export dir")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint file (ours or the original TinyLlama/LLäMmlein trainer's), sharded dir or HF "
+                   "export dir")
     p.add_argument("--data_dir", type=Path, required=True, help="a prepared split, e.g. data/val")
     p.add_argument("--block_size", type=int, help="tokens per sample (default: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=4)

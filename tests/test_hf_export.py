@@ -205,6 +205,60 @@ def test_create_sh_verifies_by_default(tmp_path, tokenizer_dir):
     assert "verified: logits max abs diff" in result.stdout
 
 
+@pytest.mark.parametrize("layout", ["single", "fsdp"])
+def test_create_sh_exports_an_original_checkpoint(tmp_path, tokenizer_dir, layout):
+    # The original trainer's checkpoint: xformers MLP names, its own metadata, no config and no tokenizer beside it.
+    from original_helpers import save_original, trained_original
+
+    model, optimizer = trained_original("swiglu")
+    ckpt = save_original(tmp_path / "orig" / "iter-00000012-ckpt.pth", model, optimizer, layout)
+    out = tmp_path / "hf"
+    result = subprocess.run(["bash", "scripts/create.sh", str(ckpt), str(out), "--dtype", "fp32", "--tokenizer",
+                             str(tokenizer_dir)], cwd=ROOT, capture_output=True, text=True,
+                            env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "verified: logits max abs diff" in result.stdout
+    idx = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf_model(out)(idx).logits - model.eval()(idx)).abs().max().item() <= 1e-4
+    card = (out / "README.md").read_text()
+    assert "| optimizer steps | 3 |" in card and "| micro-batch iterations | 12 |" in card and '"model_name": "micro"' in card
+
+
+def test_export_with_the_llammlein_tokenizer_layout_verifies(tmp_path):
+    # tokenizer.json with added tokens and add_prefix_space false beside tokenizer.model: ours must encode as the
+    # export's AutoTokenizer does (it used to prefer the .model file, and --verify refused the export).
+    import json
+
+    from conftest import write_corpus
+    from hf_helpers import llammlein_like_tokenizer
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=300)
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    tokenizer = llammlein_like_tokenizer(texts, tmp_path / "tokenizer", vocab_size=400)
+    config = small_config(2, vocab_size=410)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer, random_state(config))
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32",
+                         "--verify"]) == 0
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert {400, 401, 407, 408} <= set(exported("a\tb\n{c}")["input_ids"])  # the added tokens survive the export
+
+
+def test_original_checkpoint_with_an_unknown_model_needs_model_name(tmp_path, tokenizer_dir, capsys):
+    from original_helpers import save_original, trained_original
+
+    model, optimizer = trained_original("xformers_free")
+    ckpt = save_original(tmp_path / "orig" / "iter-00000012-ckpt.pth", model, optimizer, "single")
+    state = torch.load(ckpt, weights_only=True)
+    state["hparams"]["model_name"] = "LLaMmlein_3B"  # a config of theirs that is not registered here
+    torch.save(state, ckpt)
+    argv = ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)]
+    _expect_error(capsys, argv, str(ckpt), "pass --model_name")
+    assert convert_main([*argv, "--model_name", "micro", "--verify", "--dtype", "fp32"]) == 0
+
+
 # ------------------------------------------------------------------ sharded training checkpoints
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # a one-process save, on purpose
 def test_damaged_sharded_checkpoint_fails_cleanly(tmp_path, tokenizer_dir, capsys):

@@ -8,6 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT, write_corpus
+from hf_helpers import llammlein_like_tokenizer
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import train_tokenizer  # noqa: E402
@@ -192,8 +193,6 @@ def test_output_dir_that_is_a_file_is_one_clear_error(corpus, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ the same ids as transformers.AutoTokenizer
-# Characters LLäMmlein's tokenizer.json adds as tokens of their own (its SentencePiece model lacks them).
-ADDED = ["\t", "\n", "$", "<", "\\", "^", "`", "{", "}", "~"]
 FRAGMENTS = ["\n", "\n\n", "\t", "\t\t", "\r\n", "  ", "   ", "{", "}", "${HOME}", "$5", "\\frac{a}{b}", "x^2",
              "`code`", "~/pfad", "a < b", "<div>", "ß", "ẞ", "Grüße", "Äpfel", "Öl", "Übermut", "Maß", "😀", "🦙",
              "3,14", "1234567", "„Zitat“", "–", "€", "ﬁ", "１２３", "Ǆ", "▁", "\u00a0", "é", "ñ"]
@@ -234,39 +233,7 @@ def documents(corpus) -> list[str]:
 
 @pytest.fixture(scope="module")
 def llammlein_like(corpus, tmp_path_factory) -> Path:
-    """A tokenizer directory with the properties of the published LLäMmlein one, built locally.
-
-    tokenizer.model: SentencePiece BPE with its default normalization (tabs and newlines become spaces), trained
-    without the ADDED characters; tokenizer.json: transformers' conversion of that model, plus the ADDED tokens
-    (not special, normalized); tokenizer_config.json: LlamaTokenizer, add_prefix_space false, BOS yes, EOS no."""
-    from transformers import LlamaTokenizer
-
-    out = tmp_path_factory.mktemp("llammlein") / "tokenizer"
-    out.mkdir()
-    lines = [line for text in corpus_texts(corpus, n=3000) for line in text.split("\n")
-             if line.strip() and not any(c in line for c in ADDED)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
-                                   model_type="bpe", vocab_size=1200, byte_fallback=True, split_digits=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    (out / "tokenizer.vocab").unlink()
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}))
-    LlamaTokenizer.from_pretrained(str(out)).save_pretrained(str(out))  # writes the converted tokenizer.json
-
-    converted = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
-    added = [{"id": 1200 + i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": True, "special": False} for i, c in enumerate(ADDED)]
-    converted["added_tokens"] += added
-    (out / "tokenizer.json").write_text(json.dumps(converted, ensure_ascii=False), encoding="utf-8")
-    specials = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                         "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}
-    config = {"add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
-              "added_tokens_decoder": {**specials, **{str(a["id"]): {k: v for k, v in a.items() if k != "id"}
-                                                      for a in added}},
-              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-              "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer"}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
-    return out
+    return llammlein_like_tokenizer(corpus_texts(corpus, n=3000), tmp_path_factory.mktemp("llammlein") / "tokenizer")
 
 
 def auto_tokenizers(directory: Path):
