@@ -61,6 +61,8 @@ class Tokenizer:
 
         self.backend = "transformers"
         self.files = [directory / name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
+        for name in ("config.json", *HF_TOKENIZER_FILES[1:]):  # what AutoTokenizer reads besides tokenizer.json:
+            _read_json(directory / name)  # a damaged one is named here, not deep inside transformers
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its notes on legacy behaviour are not ours to print
         try:
@@ -181,10 +183,13 @@ def _sha256(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in `path` ({} when there is no such file)."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data

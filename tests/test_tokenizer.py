@@ -131,6 +131,20 @@ def test_bad_tokenizer_path_is_one_clear_error(tmp_path, make):
         Tokenizer(path)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", "[]", "holds a JSON list, not an object"),
+    ("config.json", "{oops", "unreadable JSON"),
+    ("tokenizer.json", "{}", "AutoTokenizer cannot load this tokenizer")])
+def test_damaged_hf_file_is_one_clear_error(trained, tmp_path, name, content, message):
+    import shutil
+
+    copy = shutil.copytree(trained, tmp_path / "tok")
+    (copy / name).write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        Tokenizer(copy)
+    assert str(copy) in str(error.value)
+
+
 def test_training_errors_name_the_flag(corpus, tmp_path, capsys):
     assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(tmp_path / "t"),
                                  "--vocab_size", "100"]) == 2
