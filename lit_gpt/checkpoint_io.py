@@ -201,20 +201,20 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
     With `--model_name`, the named config must agree with what the checkpoint records and with its tensor shapes.
     """
     path = Path(path)
-    stored = ckpt.get("config")
+    stored, where = ckpt.get("config"), f"{path}: field 'config'"
     beside = path.parent / "model_config.json"
     if stored is None and beside.is_file():
         try:
-            stored = json.loads(beside.read_text())
+            stored, where = json.loads(beside.read_text()), str(beside)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{beside}: unreadable ({e})") from None
+    trained = None if stored is None else _config_from(stored, where)
     if model_name:
         try:
             config = Config.from_name(model_name)
         except ValueError as e:
             raise CheckpointError(f"--model_name: {e}") from None
-        if stored is not None:
-            trained = Config.from_dict(stored)
+        if trained is not None:
             diff = [f"{f}={getattr(trained, f)} (named: {getattr(config, f)})" for f in ARCH_FIELDS
                     if getattr(trained, f) != getattr(config, f)]
             if diff:
@@ -222,9 +222,8 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
                                       f"trained with {', '.join(diff)}")
             config = config.replace(vocab_size=trained.vocab_size, block_size=trained.block_size)
         source = f"--model_name {model_name}"
-    elif stored is not None:
-        config = Config.from_dict(stored)
-        source = str(path)
+    elif trained is not None:
+        config, source = trained, str(path)
     else:
         raise CheckpointError(f"{path}: records no model config and there is no {beside.name} beside it; "
                               "pass --model_name")
@@ -232,6 +231,15 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
     # The attention kernel is a runtime choice of the training run (e.g. fa3 on H100), not part of the weights:
     # export, generation and evaluation run where that kernel may not (CPU), so pick one that can run here.
     return config.replace(attn_impl="auto")
+
+
+def _config_from(stored: Any, where: str) -> Config:
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: holds a {type(stored).__name__}, not a model config")
+    try:
+        return Config.from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: not a valid model config ({e})") from None
 
 
 def check_shapes(model: LazyStateDict, config: Config, source: str, path: Path) -> None:

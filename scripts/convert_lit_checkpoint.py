@@ -139,7 +139,7 @@ def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dt
     def fmt(value) -> str:
         return f"{value:,}" if isinstance(value, int) else ("unknown" if value is None else str(value))
 
-    data = ckpt.get("data") or {}
+    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
     manifest = json.dumps(data.get("manifest"), indent=2, default=str, ensure_ascii=False)
     if len(manifest) > 8000:
         manifest = manifest[:8000] + "\n... (truncated; the full manifest is in the training checkpoint)"

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
         masking = args.document_masking
         if masking is None:
-            masking = bool((meta.get("hparams") or {}).get("document_masking", False))
+            hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
+            masking = bool(hparams.get("document_masking", False))
         try:
             dataset = PackedDataset([args.data_dir], block_size=block_size, with_doc_ids=masking)
         except ValueError as e:

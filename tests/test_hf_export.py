@@ -134,6 +134,21 @@ def test_model_name_mismatch_fails_cleanly(tmp_path, tokenizer_dir, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("config", "junk", "field 'config': holds a str, not a model config"),
+    ("config", {"n_layer": 2, "n_head": 8, "n_embd": 60}, "field 'config': not a valid model config"),
+])
+def test_malformed_metadata_fails_cleanly(tmp_path, tokenizer_dir, capsys, field, value, message):
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, field: value, "data": ["not", "a", "dict"], "hparams": "junk"}, ckpt)
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf")], str(ckpt), message)
+    # Fields only shown in the model card may be anything: the export goes on.
+    torch.save({**state, "data": ["not", "a", "dict"], "hparams": "junk", "step_count": "ten"}, ckpt)
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf")]) == 0
+
+
 def test_missing_tokenizer_fails_cleanly(tmp_path, tokenizer_dir, capsys):
     config = small_config(2)
     ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
