@@ -61,8 +61,8 @@ def is_original_checkpoint(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # not a torch file: the caller's own loader reports it
+        state = _load(path)
+    except CheckpointError:  # the caller's own loader reports it
         return False
     return isinstance(state, dict) and isinstance(state.get("model"), dict) and is_original_state(state["model"])
 
@@ -72,10 +72,7 @@ def load_original_checkpoint(path: Path, with_optimizer: bool = True) -> Origina
     parameter name (`with_optimizer`; None when it never stepped), the counters and hparams. Raises CheckpointError
     naming the file and the field for anything missing or malformed."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    state = _load(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not is_original_state(state["model"]):
         raise CheckpointError(f"{path}: not a checkpoint of the original TinyLlama/LLäMmlein trainer (no 'model' with "
                               "mlp.w1/w2/w3 or mlp.swiglu.w1/w2/w3 weights)")
@@ -105,6 +102,14 @@ def as_our_checkpoint(state: dict, path: Path) -> dict:
 
 
 # ------------------------------------------------------------------ conversion and checks
+def _load(path: Path) -> Any:
+    """The file's contents, memory-mapped: nothing is read until used."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
 def convert_model(model: dict, path: Path) -> dict[str, torch.Tensor]:
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in model.items():
