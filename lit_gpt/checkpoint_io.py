@@ -23,9 +23,10 @@ from typing import Any, Iterator, Optional
 import torch
 
 from lit_gpt.config import Config
+from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 
 META_FILE = "meta.pt"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)
 # Module wrappers that insert a name component: Fabric, torch.compile, activation checkpointing, FSDP1.
 WRAPPER_PARTS = {"_forward_module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 # Config fields that describe the trained weights (the rest are runtime choices or derived).
@@ -155,6 +156,8 @@ class DCPStateDict(LazyStateDict):
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint as {"model": LazyStateDict, "config": dict | None, "iter_num", "step_count",
     "tokens_seen", "hparams", "data", ...}; the optimizer state is never read."""
+    from lit_gpt.original_checkpoint import as_our_checkpoint
+
     path = Path(path)
     if path.is_file():
         try:
@@ -167,6 +170,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             state = {"model": state}  # a bare state dict (e.g. lit-gpt's lit_model.pth)
         if not isinstance(state.get("model"), dict):
             raise CheckpointError(f"{path}: no 'model' state dict in this checkpoint")
+        state = as_our_checkpoint(state, path)  # the original TinyLlama/LLäMmlein trainer's checkpoints
         model = MmapStateDict({clean_key(k): v for k, v in state.pop("model").items() if isinstance(v, torch.Tensor)})
     elif path.is_dir():
         if not (path / ".metadata").is_file():
@@ -197,20 +201,20 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
     With `--model_name`, the named config must agree with what the checkpoint records and with its tensor shapes.
     """
     path = Path(path)
-    stored = ckpt.get("config")
+    stored, where = ckpt.get("config"), f"{path}: field 'config'"
     beside = path.parent / "model_config.json"
     if stored is None and beside.is_file():
         try:
-            stored = json.loads(beside.read_text())
+            stored, where = json.loads(beside.read_text()), str(beside)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{beside}: unreadable ({e})") from None
+    trained = None if stored is None else _config_from(stored, where)
     if model_name:
         try:
             config = Config.from_name(model_name)
         except ValueError as e:
             raise CheckpointError(f"--model_name: {e}") from None
-        if stored is not None:
-            trained = Config.from_dict(stored)
+        if trained is not None:
             diff = [f"{f}={getattr(trained, f)} (named: {getattr(config, f)})" for f in ARCH_FIELDS
                     if getattr(trained, f) != getattr(config, f)]
             if diff:
@@ -218,9 +222,8 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
                                       f"trained with {', '.join(diff)}")
             config = config.replace(vocab_size=trained.vocab_size, block_size=trained.block_size)
         source = f"--model_name {model_name}"
-    elif stored is not None:
-        config = Config.from_dict(stored)
-        source = str(path)
+    elif trained is not None:
+        config, source = trained, str(path)
     else:
         raise CheckpointError(f"{path}: records no model config and there is no {beside.name} beside it; "
                               "pass --model_name")
@@ -228,6 +231,15 @@ def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> 
     # The attention kernel is a runtime choice of the training run (e.g. fa3 on H100), not part of the weights:
     # export, generation and evaluation run where that kernel may not (CPU), so pick one that can run here.
     return config.replace(attn_impl="auto")
+
+
+def _config_from(stored: Any, where: str) -> Config:
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: holds a {type(stored).__name__}, not a model config")
+    try:
+        return Config.from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: not a valid model config ({e})") from None
 
 
 def check_shapes(model: LazyStateDict, config: Config, source: str, path: Path) -> None:
@@ -314,6 +326,27 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def publish(directory: Path) -> None:
+    """Give `directory` and everything in it the permissions the umask grants new files (and fsync the files).
+
+    Some writers ignore the umask: mkdtemp makes the directory private and safetensors writes its files 0600,
+    while a model directory is meant to be shared like any other output."""
+    umask = current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
                       inputs: Optional[dict[str, Optional[Path]]] = None) -> Iterator[Path]:
@@ -336,13 +369,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a published model directory should not be
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
+        publish(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / "replaced")

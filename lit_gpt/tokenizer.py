@@ -1,44 +1,120 @@
-"""One tokenizer interface over SentencePiece models and Hugging Face `tokenizer.json` files.
+r"""One tokenizer interface over Hugging Face tokenizer directories and SentencePiece models.
 
-`Tokenizer(path)` accepts a directory (with `tokenizer.model`, preferred, or `tokenizer.json`), a `.model` file or
-a `tokenizer.json` file. BOS/EOS are never implicit: `encode(text, bos=None, eos=False)` adds BOS when `bos` is
-True, or, with `bos=None`, when the tokenizer's own policy says so (`add_bos_token` in `tokenizer_config.json`;
-SentencePiece models default to BOS like Llama/LLäMmlein). Special-token strings inside the text (e.g. an HTML
-`<s>` tag) are always encoded as plain text, never as control tokens, with both backends.
+Which ids a text gets depends on which files are read and how, so the choice follows the tools that trained the
+models this toolkit continues:
+
+- a directory with `tokenizer.json` (or a path to that file): exactly what `transformers.AutoTokenizer` builds for
+  the directory (backend "transformers"), as LLäMmlein's code and every Hugging Face user encode. AutoTokenizer may
+  rebuild parts of the file's pipeline from `tokenizer_config.json` (LLäMmlein's `add_prefix_space: false` replaces
+  the file's pre-tokenizer; its added tokens tab, newline, `$ < \ ^ { } ~` and the backtick come in as well), so
+  the pipeline is taken from AutoTokenizer itself rather than re-derived here;
+- a directory with only `tokenizer.model`, or a path to a `.model` file: SentencePiece (backend "sentencepiece"), as
+  TinyLlama's code encoded. Pass the `.model` file to encode a directory that holds both files this way;
+- any other `.json` file: that `tokenizers` file as written (backend "tokenizers").
+
+BOS/EOS are never implicit: `encode(text, bos=None, eos=False)` adds BOS when `bos` is True, or, with `bos=None`,
+when the tokenizer's own policy says so (what `AutoTokenizer(text)` does: BOS for LLäMmlein and Llama, from the
+post-processor; `add_bos_token` in `tokenizer_config.json` for SentencePiece, default True). EOS is added only on
+request. Special-token strings inside the text (e.g. an HTML `<s>` tag) are always encoded as plain text, never as
+control tokens, with every backend (AutoTokenizer's `split_special_tokens=True`); added tokens that are not special
+(LLäMmlein's newline) are matched as AutoTokenizer matches them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+# Files `AutoTokenizer.from_pretrained(dir)` reads for a tokenizer.json directory.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
 
 class Tokenizer:
+    backend: str  # "transformers", "sentencepiece" or "tokenizers"
+    files: list[Path]  # the files that decide the ids (see `describe`)
+
     def __init__(self, path) -> None:
         self.path = Path(path)
-        config: dict = {}
         if self.path.is_dir():
-            config = _read_config(self.path)
-            if (self.path / "tokenizer.model").is_file():
-                self._init_sentencepiece(self.path / "tokenizer.model", config)
-            elif (self.path / "tokenizer.json").is_file():
-                self._init_hf(self.path / "tokenizer.json", config)
+            if (self.path / "tokenizer.json").is_file():
+                self._init_transformers(self.path)
+            elif (self.path / "tokenizer.model").is_file():
+                self._init_sentencepiece(self.path / "tokenizer.model")
             else:
-                raise ValueError(f"{self.path}: directory holds neither tokenizer.model nor tokenizer.json")
+                raise ValueError(f"{self.path}: directory holds neither tokenizer.json nor tokenizer.model")
         elif self.path.is_file() and self.path.suffix == ".model":
-            self._init_sentencepiece(self.path, config)
+            self._init_sentencepiece(self.path)
+        elif self.path.is_file() and self.path.name == "tokenizer.json":
+            self._init_transformers(self.path.parent)
         elif self.path.is_file() and self.path.suffix == ".json":
-            self._init_hf(self.path, _read_config(self.path.parent))
+            self._init_tokenizers(self.path)
         elif self.path.exists():
             raise ValueError(f"{self.path}: not a tokenizer (expected a directory, a .model or a tokenizer.json file)")
         else:
             raise ValueError(f"{self.path}: tokenizer path does not exist")
 
     # ------------------------------------------------------------------ backends
-    def _init_sentencepiece(self, model_file: Path, config: dict) -> None:
+    def _init_transformers(self, directory: Path) -> None:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        self.backend = "transformers"
+        self.files = [directory / name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
+        for name in ("config.json", *HF_TOKENIZER_FILES[1:]):  # what AutoTokenizer reads besides tokenizer.json:
+            _read_json(directory / name)  # a damaged one is named here, not deep inside transformers
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its notes on legacy behaviour are not ours to print
+        try:
+            auto = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # transformers raises many types for files it cannot use
+            raise ValueError(f"{directory}: transformers.AutoTokenizer cannot load this tokenizer "
+                             f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if not getattr(auto, "is_fast", False):
+            raise ValueError(f"{directory}: AutoTokenizer gives a {type(auto).__name__}, which has no tokenizers "
+                             "backend to encode with")
+        self._auto = auto
+        ids = (auto.bos_token_id, auto.eos_token_id, auto.unk_token_id, auto.pad_token_id)
+        self._init_hf(auto.backend_tokenizer, *ids)
+
+    def _init_tokenizers(self, json_file: Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.backend = "tokenizers"
+        self.files = [json_file]
+        try:
+            backend = HFTokenizer.from_file(str(json_file))
+        except Exception as e:  # the Rust side raises plain Exceptions for malformed files
+            raise ValueError(f"{json_file}: not a Hugging Face tokenizer file ({e})") from None
+        self._auto = None
+        self._init_hf(backend, None, None, None, None)
+
+    def _init_hf(self, backend, bos: Optional[int], eos: Optional[int], unk: Optional[int], pad: Optional[int]) -> None:
+        self._hf = backend
+        self._hf.encode_special_tokens = True  # text is text: "<s>" in a document is not BOS
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+
+        def conventional(*names: str) -> Optional[int]:  # for a bare tokenizer.json without config files
+            return next((vocab[n] for n in names if n in vocab), None)
+
+        self.bos_id = bos if bos is not None else conventional("<s>", "<|begin_of_text|>", "<bos>")
+        self.eos_id = eos if eos is not None else conventional("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+        model_unk = getattr(backend.model, "unk_token", None)
+        self.unk_id = unk if unk is not None else conventional(*([model_unk] if model_unk else []), "<unk>")
+        self.pad_id = pad
+        # The post-processor is the policy: it is what AutoTokenizer(text) applies (built from add_bos_token).
+        ids = backend.encode("", add_special_tokens=True).ids
+        self.default_bos = self.bos_id is not None and ids[:1] == [self.bos_id]
+
+    def _init_sentencepiece(self, model_file: Path) -> None:
         import sentencepiece as spm
 
         self.backend = "sentencepiece"
+        config_file = model_file.parent / "tokenizer_config.json"
+        self.files = [model_file] + ([config_file] if config_file.is_file() else [])
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromFile(str(model_file))
@@ -50,39 +126,8 @@ class Tokenizer:
         self.eos_id = _optional_id(sp.eos_id())
         self.unk_id = _optional_id(sp.unk_id())
         self.pad_id = _optional_id(sp.pad_id())
-        self.default_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
-
-    def _init_hf(self, json_file: Path, config: dict) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self.backend = "tokenizers"
-        try:
-            self._hf = HFTokenizer.from_file(str(json_file))
-        except Exception as e:  # the Rust side raises plain Exceptions for malformed files
-            raise ValueError(f"{json_file}: not a Hugging Face tokenizer file ({e})") from None
-        self._hf.encode_special_tokens = True  # text is text: "<s>" in a document is not BOS
-        vocab = self._hf.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1
-        special_map = _read_json(json_file.parent / "special_tokens_map.json")
-
-        def token_id(name: str) -> Optional[int]:
-            token = config.get(name, special_map.get(name))
-            if isinstance(token, dict):
-                token = token.get("content")
-            return vocab.get(token) if isinstance(token, str) else None
-
-        def conventional(*names: str) -> Optional[int]:  # for a bare tokenizer.json without config files
-            return next((vocab[n] for n in names if n in vocab), None)
-
-        bos, eos = token_id("bos_token"), token_id("eos_token")
-        self.bos_id = bos if bos is not None else conventional("<s>", "<|begin_of_text|>", "<bos>")
-        self.eos_id = eos if eos is not None else conventional("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
-        self.unk_id, self.pad_id = token_id("unk_token"), token_id("pad_token")
-        if "add_bos_token" in config:
-            self.default_bos = bool(config["add_bos_token"]) and self.bos_id is not None
-        else:  # no config: follow the file's own post-processor
-            ids = self._hf.encode("", add_special_tokens=True).ids
-            self.default_bos = self.bos_id is not None and ids[:1] == [self.bos_id]
+        add_bos = _read_json(config_file).get("add_bos_token", True)
+        self.default_bos = bool(add_bos) and self.bos_id is not None
 
     # ------------------------------------------------------------------ API
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
@@ -90,7 +135,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: Optional[bool] = None, eos: bool = False,
                      num_threads: int = 1) -> list[list[int]]:
-        """Token ids of each text; SentencePiece uses `num_threads` threads."""
+        """Token ids of each text, encoded with `num_threads` threads."""
         add_bos = self.default_bos if bos is None else bos
         if add_bos and self.bos_id is None:
             raise ValueError(f"{self.path}: tokenizer has no BOS token")
@@ -100,14 +145,29 @@ class Tokenizer:
         if self.backend == "sentencepiece":
             return self._sp.encode(texts, add_bos=add_bos, add_eos=eos, num_threads=num_threads, out_type=int)
         prefix, suffix = ([self.bos_id] if add_bos else []), ([self.eos_id] if eos else [])
-        return [prefix + e.ids + suffix for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        if num_threads > 1:  # tokenizers' own thread pool (all cores)
+            encodings = self._hf.encode_batch(texts, add_special_tokens=False)
+        else:  # e.g. one of several data-preparation processes: no thread pool of its own
+            encodings = [self._hf.encode(text, add_special_tokens=False) for text in texts]
+        return [prefix + e.ids + suffix for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; BOS/EOS/pad and other control tokens decode to nothing."""
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         if self.backend == "sentencepiece":
             return self._sp.decode(ids)
+        if self._auto is not None:  # AutoTokenizer's own decode: it may clean up spaces after the backend
+            return self._auto.decode(ids, skip_special_tokens=True)
         return self._hf.decode(ids, skip_special_tokens=True)
+
+    def describe(self) -> dict:
+        """What decides the ids, for manifests: backend, the files read (name -> sha256) and the BOS/EOS policy.
+
+        Paths are left out (the same tokenizer copied elsewhere describes the same), as are library versions."""
+        return {"backend": self.backend,
+                "files": {f.name: _sha256(f) for f in self.files},
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "add_bos": self.default_bos}
 
     def __repr__(self) -> str:
         return (f"Tokenizer({str(self.path)!r}, backend={self.backend}, vocab_size={self.vocab_size}, "
@@ -118,15 +178,18 @@ def _optional_id(value: int) -> Optional[int]:
     return value if value >= 0 else None
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _read_json(path: Path) -> dict:
+    """The JSON object in `path` ({} when there is no such file)."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _read_config(directory: Path) -> dict:
-    return _read_json(directory / "tokenizer_config.json")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data

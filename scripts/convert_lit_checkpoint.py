@@ -2,7 +2,9 @@
 
     python scripts/convert_lit_checkpoint.py --checkpoint out/run/iter-00100000-ckpt.pth --out_dir hf/run --verify
 
-The checkpoint is a full `.pth` file or a sharded checkpoint directory. The output directory gets
+The checkpoint is a full `.pth` file or a sharded checkpoint directory of this toolkit, or a checkpoint of the original
+TinyLlama/LLäMmlein trainer (xformers MLP names; its model from --model_name or its hparams' model_name; its
+tokenizer from --tokenizer, e.g. the published LLäMmlein one). The output directory gets
 `model.safetensors` (or shards + `model.safetensors.index.json` above --max_shard_size), `config.json`,
 `generation_config.json`, the tokenizer files and a README model card with the training provenance. Tensors are
 converted and written shard by shard from a memory-mapped (or per-tensor) read, so peak memory is about one shard,
@@ -45,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, required=True, help="iter-XXXXXXXX-ckpt.pth file or sharded directory")
     p.add_argument("--out_dir", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's out_dir/tokenizer)")
-    p.add_argument("--model_name", help="registry config to use; must match the checkpoint (default: its own config)")
+    p.add_argument("--model_name", help="registry config to use; must match the checkpoint (default: its own config, "
+                   "model_config.json beside it, or an original checkpoint's hparams model_name)")
     p.add_argument("--dtype", choices=list(TORCH_DTYPES), default="bf16", help="dtype of the exported weights")
     p.add_argument("--max_shard_size", default="5GB", help="split model.safetensors above this size (e.g. 2GB, 500MiB)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
@@ -136,7 +139,7 @@ def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dt
     def fmt(value) -> str:
         return f"{value:,}" if isinstance(value, int) else ("unknown" if value is None else str(value))
 
-    data = ckpt.get("data") or {}
+    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
     manifest = json.dumps(data.get("manifest"), indent=2, default=str, ensure_ascii=False)
     if len(manifest) > 8000:
         manifest = manifest[:8000] + "\n... (truncated; the full manifest is in the training checkpoint)"

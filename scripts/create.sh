@@ -3,11 +3,14 @@
 #
 #   scripts/create.sh CHECKPOINT OUT_DIR [options of scripts/convert_lit_checkpoint.py]
 #
-# CHECKPOINT is an iter-XXXXXXXX-ckpt.pth file or sharded directory. --verify is on (pass --no-verify to skip it);
-# other options (--dtype fp32, --tokenizer DIR, --max_shard_size 2GB, --overwrite, ...) are passed through.
+# CHECKPOINT is an iter-XXXXXXXX-ckpt.pth file or sharded directory, ours or one of the original TinyLlama/LLäMmlein
+# trainer (its model comes from --model_name or the checkpoint's hparams; give its tokenizer with --tokenizer DIR).
+# --verify is on (pass --no-verify to skip it); other options (--dtype fp32, --tokenizer DIR, --model_name NAME,
+# --max_shard_size 2GB, --overwrite, ...) are passed through.
 set -euo pipefail
 if [[ $# -lt 2 || "$1" == -* || "$2" == -* ]]; then
-    echo "usage: $0 CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--tokenizer DIR] [--no-verify] [...]" >&2
+    echo "usage: $0 CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--tokenizer DIR] [--model_name NAME] [--no-verify]" \
+         "[...]" >&2
     exit 2
 fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -27,7 +27,9 @@ from lit_gpt.loss import token_losses  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, sharded dir or HF export dir")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint file (ours or the original TinyLlama/LLäMmlein trainer's), sharded dir or HF "
+                   "export dir")
     p.add_argument("--data_dir", type=Path, required=True, help="a prepared split, e.g. data/val")
     p.add_argument("--block_size", type=int, help="tokens per sample (default: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=4)
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
         masking = args.document_masking
         if masking is None:
-            masking = bool((meta.get("hparams") or {}).get("document_masking", False))
+            hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
+            masking = bool(hparams.get("document_masking", False))
         try:
             dataset = PackedDataset([args.data_dir], block_size=block_size, with_doc_ids=masking)
         except ValueError as e:

@@ -26,7 +26,9 @@ from lit_gpt.model import GPT  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, sharded dir or HF export dir")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint file (ours or the original TinyLlama/LLäMmlein trainer's), sharded dir or HF "
+                   "export dir")
     p.add_argument("--prompt", default="", help="text to continue (BOS is added as the tokenizer's policy says)")
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

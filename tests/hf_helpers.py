@@ -66,6 +66,49 @@ def write_run_dir(out_dir: Path, config: Config, tokenizer: Path, state: Optiona
     return path
 
 
+# Characters LLäMmlein's tokenizer.json adds as tokens of their own (its SentencePiece model lacks them).
+LLAMMLEIN_ADDED = ["\t", "\n", "$", "<", "\\", "^", "`", "{", "}", "~"]
+
+
+def llammlein_like_tokenizer(texts: list[str], out: Path, vocab_size: int = 1200) -> Path:
+    """A tokenizer directory with the properties of the published LLäMmlein one, built locally from `texts`.
+
+    tokenizer.model: SentencePiece BPE with its default normalization (tabs and newlines become spaces), trained
+    without the added characters; tokenizer.json: transformers' conversion of that model plus LLAMMLEIN_ADDED as
+    tokens vocab_size, vocab_size + 1, ... (not special, normalized); tokenizer_config.json: LlamaTokenizer,
+    add_prefix_space false, BOS yes, EOS no."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out.mkdir(parents=True)
+    lines = [line for text in texts for line in text.split("\n")
+             if line.strip() and not any(c in line for c in LLAMMLEIN_ADDED)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
+                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}))
+    LlamaTokenizer.from_pretrained(str(out)).save_pretrained(str(out))  # writes the converted tokenizer.json
+
+    converted = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    added = [{"id": vocab_size + i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": True, "special": False} for i, c in enumerate(LLAMMLEIN_ADDED)]
+    converted["added_tokens"] += added
+    (out / "tokenizer.json").write_text(json.dumps(converted, ensure_ascii=False), encoding="utf-8")
+    specials = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                         "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}
+    config = {"add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
+              "added_tokens_decoder": {**specials, **{str(a["id"]): {k: v for k, v in a.items() if k != "id"}
+                                                      for a in added}},
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+              "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    return out
+
+
 def export(checkpoint: Path, out_dir: Path, *extra: str, check: bool = True):
     return run_script("scripts/convert_lit_checkpoint.py", "--checkpoint", str(checkpoint), "--out_dir", str(out_dir),
                       *extra, check=check)

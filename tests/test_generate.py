@@ -121,3 +121,29 @@ def test_evaluate_perplexity(prepared_data, tmp_path, capsys):
     assert few["samples"] == 2 and few["tokens"] <= 128 and few["document_masking"] is True
     assert evaluate_main(["--checkpoint", str(ckpt), "--data_dir", str(tmp_path / "nope")]) == 2
     assert "--data_dir" in capsys.readouterr().err
+
+
+def test_original_checkpoint_generates_and_evaluates_like_its_export(prepared_data, tokenizer_dir, tmp_path, capsys):
+    # The original trainer's checkpoint (its MLP names and metadata) read directly by generate.py and evaluate.py.
+    from original_helpers import save_original, trained_original
+    from scripts.evaluate import main as evaluate_main
+
+    model, optimizer = trained_original("xformers_free")
+    ckpt = save_original(tmp_path / "orig" / "iter-00000012-ckpt.pth", model, optimizer, "fsdp")
+    hf = tmp_path / "hf"
+    assert export_main(["--checkpoint", str(ckpt), "--out_dir", str(hf), "--dtype", "fp32", "--tokenizer",
+                        str(tokenizer_dir)]) == 0
+    capsys.readouterr()
+    args = ["--prompt", PROMPT, "--max_new_tokens", "12", "--temperature", "0"]
+    assert generate_main(["--checkpoint", str(ckpt), "--tokenizer", str(tokenizer_dir), *args]) == 0
+    from_original = capsys.readouterr().out
+    assert generate_main(["--checkpoint", str(hf), *args]) == 0
+    assert capsys.readouterr().out == from_original and from_original.startswith(PROMPT)
+
+    results = []
+    for source in (ckpt, hf):
+        assert evaluate_main(["--checkpoint", str(source), "--data_dir", str(prepared_data["val"]),
+                              "--max_samples", "6"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["tokens"] == results[1]["tokens"] > 0
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-5)

@@ -84,6 +84,25 @@ def test_wrapper_prefixes_are_stripped(tmp_path, tokenizer_dir):
     assert plain.keys() == other.keys() and all(torch.equal(plain[k], other[k]) for k in plain)
 
 
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_export_honours_the_umask(tmp_path, tokenizer_dir, umask, file_mode, dir_mode):
+    # safetensors writes its files 0600 whatever the umask: a colleague could not read the weights.
+    import os
+    import stat
+
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    out = tmp_path / "hf"
+    previous = os.umask(umask)
+    try:
+        assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(out), "--max_shard_size", "40KB"]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len([n for n in modes if n.endswith(".safetensors")]) > 3 and "tokenizer.model" in modes
+    assert modes == dict.fromkeys(modes, file_mode) and stat.S_IMODE(out.stat().st_mode) == dir_mode
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1234") == 1234
     assert parse_size("1.5MB") == 1_500_000
@@ -113,6 +132,21 @@ def test_model_name_mismatch_fails_cleanly(tmp_path, tokenizer_dir, capsys):
     _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out), "--model_name", "micro"],
                   "--model_name micro", "does not match the weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config", "junk", "field 'config': holds a str, not a model config"),
+    ("config", {"n_layer": 2, "n_head": 8, "n_embd": 60}, "field 'config': not a valid model config"),
+])
+def test_malformed_metadata_fails_cleanly(tmp_path, tokenizer_dir, capsys, field, value, message):
+    config = small_config(2)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, field: value, "data": ["not", "a", "dict"], "hparams": "junk"}, ckpt)
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf")], str(ckpt), message)
+    # Fields only shown in the model card may be anything: the export goes on.
+    torch.save({**state, "data": ["not", "a", "dict"], "hparams": "junk", "step_count": "ten"}, ckpt)
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf")]) == 0
 
 
 def test_missing_tokenizer_fails_cleanly(tmp_path, tokenizer_dir, capsys):
@@ -184,6 +218,60 @@ def test_create_sh_verifies_by_default(tmp_path, tokenizer_dir):
                                                                           "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "verified: logits max abs diff" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["single", "fsdp"])
+def test_create_sh_exports_an_original_checkpoint(tmp_path, tokenizer_dir, layout):
+    # The original trainer's checkpoint: xformers MLP names, its own metadata, no config and no tokenizer beside it.
+    from original_helpers import save_original, trained_original
+
+    model, optimizer = trained_original("swiglu")
+    ckpt = save_original(tmp_path / "orig" / "iter-00000012-ckpt.pth", model, optimizer, layout)
+    out = tmp_path / "hf"
+    result = subprocess.run(["bash", "scripts/create.sh", str(ckpt), str(out), "--dtype", "fp32", "--tokenizer",
+                             str(tokenizer_dir)], cwd=ROOT, capture_output=True, text=True,
+                            env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "verified: logits max abs diff" in result.stdout
+    idx = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf_model(out)(idx).logits - model.eval()(idx)).abs().max().item() <= 1e-4
+    card = (out / "README.md").read_text()
+    assert "| optimizer steps | 3 |" in card and "| micro-batch iterations | 12 |" in card and '"model_name": "micro"' in card
+
+
+def test_export_with_the_llammlein_tokenizer_layout_verifies(tmp_path):
+    # tokenizer.json with added tokens and add_prefix_space false beside tokenizer.model: ours must encode as the
+    # export's AutoTokenizer does (it used to prefer the .model file, and --verify refused the export).
+    import json
+
+    from conftest import write_corpus
+    from hf_helpers import llammlein_like_tokenizer
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=300)
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    tokenizer = llammlein_like_tokenizer(texts, tmp_path / "tokenizer", vocab_size=400)
+    config = small_config(2, vocab_size=410)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer, random_state(config))
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32",
+                         "--verify"]) == 0
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert {400, 401, 407, 408} <= set(exported("a\tb\n{c}")["input_ids"])  # the added tokens survive the export
+
+
+def test_original_checkpoint_with_an_unknown_model_needs_model_name(tmp_path, tokenizer_dir, capsys):
+    from original_helpers import save_original, trained_original
+
+    model, optimizer = trained_original("xformers_free")
+    ckpt = save_original(tmp_path / "orig" / "iter-00000012-ckpt.pth", model, optimizer, "single")
+    state = torch.load(ckpt, weights_only=True)
+    state["hparams"]["model_name"] = "LLaMmlein_3B"  # a config of theirs that is not registered here
+    torch.save(state, ckpt)
+    argv = ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)]
+    _expect_error(capsys, argv, str(ckpt), "pass --model_name")
+    assert convert_main([*argv, "--model_name", "micro", "--verify", "--dtype", "fp32"]) == 0
 
 
 # ------------------------------------------------------------------ sharded training checkpoints

@@ -1,5 +1,6 @@
 """Tokenizer training, the Hugging Face files and `lit_gpt.tokenizer.Tokenizer`."""
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT, write_corpus
+from hf_helpers import llammlein_like_tokenizer
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import train_tokenizer  # noqa: E402
@@ -87,8 +89,9 @@ def test_autotokenizer_encodes_and_decodes_like_sentencepiece(trained, corpus, m
 
 
 def test_tokenizer_class_over_every_form(trained):
+    # A directory with tokenizer.json is read as AutoTokenizer reads it; the .model file picks SentencePiece.
     forms = [Tokenizer(trained), Tokenizer(trained / "tokenizer.model"), Tokenizer(trained / "tokenizer.json")]
-    assert [t.backend for t in forms] == ["sentencepiece", "sentencepiece", "tokenizers"]
+    assert [t.backend for t in forms] == ["transformers", "sentencepiece", "transformers"]
     hf_only = trained.parent / "hf_only"
     hf_only.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -97,10 +100,11 @@ def test_tokenizer_class_over_every_form(trained):
     for tok in forms:
         assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.default_bos) == (1200, 1, 2, None, True)
         for text in HARD_TEXTS:
-            assert tok.encode(text) == forms[0].encode(text), (tok, text)
+            assert tok.encode(text) == forms[1].encode(text), (tok, text)
             assert tok.decode(tok.encode(text, eos=True)) == text or "▁" in text
-        assert tok.encode_batch(HARD_TEXTS, bos=False, eos=True) == [forms[0].encode(t, bos=False, eos=True)
+        assert tok.encode_batch(HARD_TEXTS, bos=False, eos=True) == [forms[1].encode(t, bos=False, eos=True)
                                                                       for t in HARD_TEXTS]
+        assert tok.encode_batch(HARD_TEXTS, num_threads=2) == [tok.encode(t) for t in HARD_TEXTS]
 
 
 def test_bos_eos_policy_is_explicit(trained):
@@ -125,6 +129,20 @@ def test_bad_tokenizer_path_is_one_clear_error(tmp_path, make):
         path.write_text("hello")
     with pytest.raises(ValueError, match=str(path.name)):
         Tokenizer(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", "[]", "holds a JSON list, not an object"),
+    ("config.json", "{oops", "unreadable JSON"),
+    ("tokenizer.json", "{}", "AutoTokenizer cannot load this tokenizer")])
+def test_damaged_hf_file_is_one_clear_error(trained, tmp_path, name, content, message):
+    import shutil
+
+    copy = shutil.copytree(trained, tmp_path / "tok")
+    (copy / name).write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        Tokenizer(copy)
+    assert str(copy) in str(error.value)
 
 
 def test_training_errors_name_the_flag(corpus, tmp_path, capsys):
@@ -153,7 +171,8 @@ def test_without_byte_fallback(tmp_path):
     out = tmp_path / "tok"
     assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(out), "--vocab_size", "300",
                                  "--no-byte_fallback", "--num_threads", "1"]) == 0
-    sp, hf = Tokenizer(out), Tokenizer(out / "tokenizer.json")
+    sp, hf = Tokenizer(out / "tokenizer.model"), Tokenizer(out)
+    assert (sp.backend, hf.backend, sp.unk_id, hf.unk_id) == ("sentencepiece", "transformers", 0, 0)
     for text in HARD_TEXTS:  # emoji and the like become <unk>, the same id in both
         assert sp.encode(text, eos=True) == hf.encode(text, eos=True), text
     assert 0 in sp.encode("😀")
@@ -185,3 +204,137 @@ def test_output_dir_that_is_a_file_is_one_clear_error(corpus, tmp_path, capsys):
     assert train_tokenizer.main(["--input", str(corpus), "--output_dir", str(tmp_path / "file"),
                                  "--vocab_size", "400"]) == 2
     assert "--output_dir" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the same ids as transformers.AutoTokenizer
+FRAGMENTS = ["\n", "\n\n", "\t", "\t\t", "\r\n", "  ", "   ", "{", "}", "${HOME}", "$5", "\\frac{a}{b}", "x^2",
+             "`code`", "~/pfad", "a < b", "<div>", "ß", "ẞ", "Grüße", "Äpfel", "Öl", "Übermut", "Maß", "😀", "🦙",
+             "3,14", "1234567", "„Zitat“", "–", "€", "ﬁ", "１２３", "Ǆ", "▁", "\u00a0", "é", "ñ"]
+SPECIAL_STRINGS = ["<s>", "</s>", "<unk>"]
+
+
+def varied_documents(base: list[str], n: int, seed: int = 0) -> list[str]:
+    """`n` documents: corpus texts as they are, and corpus words mixed with whitespace runs, umlauts, braces, dollar
+    signs, backslashes, emoji, special-token strings and leading/trailing whitespace."""
+    rng = random.Random(seed)
+    words = [w for text in base for w in text.split()]
+    docs = list(HARD_TEXTS)
+    while len(docs) < n:
+        if rng.random() < 0.3:
+            docs.append(rng.choice(base))
+            continue
+        parts = []
+        for _ in range(rng.randint(1, 40)):
+            parts.append(rng.choice(FRAGMENTS) if rng.random() < 0.3 else rng.choice(words))
+            parts.append(rng.choice(["", " ", " ", " ", "\n", "  "]))
+        if rng.random() < 0.05:
+            parts.insert(rng.randrange(len(parts) + 1), rng.choice(SPECIAL_STRINGS))
+        doc = "".join(parts)
+        if rng.random() < 0.2:
+            doc = rng.choice([" ", "  ", "\n", "\t", " \n"]) + doc
+        docs.append(doc)
+    return docs
+
+
+def special_free(texts: list[str]) -> list[str]:
+    return [t for t in texts if not any(s in t for s in SPECIAL_STRINGS)]
+
+
+@pytest.fixture(scope="module")
+def documents(corpus) -> list[str]:
+    return varied_documents(corpus_texts(corpus, n=3000), 2400)
+
+
+@pytest.fixture(scope="module")
+def llammlein_like(corpus, tmp_path_factory) -> Path:
+    return llammlein_like_tokenizer(corpus_texts(corpus, n=3000), tmp_path_factory.mktemp("llammlein") / "tokenizer")
+
+
+def auto_tokenizers(directory: Path):
+    """AutoTokenizer as it is (special-token strings in text are control tokens) and with split_special_tokens."""
+    from transformers import AutoTokenizer
+
+    return (AutoTokenizer.from_pretrained(str(directory), local_files_only=True),
+            AutoTokenizer.from_pretrained(str(directory), local_files_only=True, split_special_tokens=True))
+
+
+def assert_same_ids_as_autotokenizer(tok: Tokenizer, directory: Path, texts: list[str]) -> None:
+    hf, hf_split = auto_tokenizers(directory)
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf_split(text)["input_ids"], text
+        assert tok.decode(ids) == hf_split.decode(ids, skip_special_tokens=True), text
+    plain = special_free(texts)
+    assert len(plain) > 2000
+    assert tok.encode_batch(plain) == hf(plain)["input_ids"]
+
+
+def test_llammlein_layout_gives_autotokenizers_ids(llammlein_like, documents):
+    tok = Tokenizer(llammlein_like)
+    assert (tok.backend, tok.vocab_size, tok.bos_id, tok.eos_id, tok.unk_id, tok.default_bos) == (
+        "transformers", 1210, 1, 2, 0, True)
+    assert_same_ids_as_autotokenizer(tok, llammlein_like, documents)
+    assert Tokenizer(llammlein_like / "tokenizer.json").encode_batch(documents) == tok.encode_batch(documents)
+    for text in documents:  # exact round trip (but for U+2581, the space symbol) and no <unk>, thanks to the added
+        ids = tok.encode(text, bos=False)  # tokens and byte fallback
+        assert (tok.decode(ids) == text or "▁" in text) and tok.unk_id not in ids, text
+
+    # What the issue is about: the SentencePiece model alone gives other ids. It prefixes the first word with "▁",
+    # turns tabs and newlines into spaces, and has no token of its own for braces.
+    sp = Tokenizer(llammlein_like / "tokenizer.model")
+    assert sp.backend == "sentencepiece"
+    differ = sum(sp.encode(t) != tok.encode(t) for t in documents)
+    assert differ > 0.9 * len(documents)
+    assert tok.encode("Hallo\tWelt\n{x}", bos=False)[-4:] == [1201, 1207, tok.encode("x", bos=False)[0], 1208]
+    assert tok.encode("Hallo", bos=False) != sp.encode("Hallo", bos=False)  # no "▁Hallo"
+    assert sp.decode(sp.encode("a\tb\nc")) == "a b c"
+
+
+def test_plain_tokenizer_json_dir_gives_autotokenizers_ids(llammlein_like, documents, tmp_path):
+    # The file alone: no config, so AutoTokenizer applies it as written (its own pre-tokenizer and post-processor).
+    (tmp_path / "tokenizer.json").write_bytes((llammlein_like / "tokenizer.json").read_bytes())
+    tok = Tokenizer(tmp_path)
+    assert (tok.backend, tok.vocab_size, tok.bos_id, tok.eos_id, tok.unk_id, tok.default_bos) == (
+        "transformers", 1210, 1, 2, 0, True)
+    assert_same_ids_as_autotokenizer(tok, tmp_path, documents)
+    # The file's Metaspace prepends "▁" to the first word, which the LLäMmlein config switches off.
+    assert tok.encode("Hallo") != Tokenizer(llammlein_like).encode("Hallo")
+
+
+def test_plain_sentencepiece_dir_gives_sentencepieces_ids(trained, documents, tmp_path):
+    # A directory with only tokenizer.model is encoded by SentencePiece, as TinyLlama's code did. AutoTokenizer's
+    # conversion of the same model (LlamaTokenizer) agrees wherever it can reproduce the text; where it cannot
+    # (leading whitespace, "▁" in the text) ours stays lossless.
+    (tmp_path / "tokenizer.model").write_bytes((trained / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "legacy": False}))
+    tok = Tokenizer(tmp_path)
+    assert (tok.backend, tok.vocab_size, tok.default_bos) == ("sentencepiece", 1200, True)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert tok.encode_batch(documents) == [sp.encode(t, add_bos=True) for t in documents]
+    _, hf_split = auto_tokenizers(tmp_path)
+    agree = lossy = 0
+    for text in documents:
+        theirs = hf_split(text)["input_ids"]
+        if hf_split.decode(theirs, skip_special_tokens=True) == text:
+            assert tok.encode(text) == theirs, text
+            agree += 1
+        else:
+            assert tok.decode(tok.encode(text)) == text or "▁" in text, text
+            lossy += 1
+    assert agree > 0.75 * len(documents), (agree, lossy)
+
+
+def test_describe_is_stable_and_follows_the_files(llammlein_like, tmp_path):
+    import shutil
+
+    described = Tokenizer(llammlein_like).describe()
+    assert described["backend"] == "transformers" and described["add_bos"] is True
+    assert sorted(described["files"]) == ["tokenizer.json", "tokenizer_config.json"]  # not the unused .model
+    copy = shutil.copytree(llammlein_like, tmp_path / "elsewhere")
+    assert Tokenizer(copy).describe() == described
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": True}))
+    changed = Tokenizer(copy).describe()
+    assert changed["files"]["tokenizer_config.json"] != described["files"]["tokenizer_config.json"]
+    assert Tokenizer(copy / "tokenizer.model").describe()["backend"] == "sentencepiece"
