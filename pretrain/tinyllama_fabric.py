@@ -36,8 +36,8 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch.distributed.checkpoint import CheckpointException
 
-from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                  save_checkpoint)
+from lit_gpt.checkpoints import (SaveError, checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints,
+                                  load_checkpoint, save_checkpoint, verify_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.datapoints import DatapointLogger
 from lit_gpt.distributed import SHARDING_STRATEGIES, STRATEGIES, make_strategy
@@ -261,7 +261,7 @@ def check_inputs(hp: dict, overrides: dict, world_size: int) -> Config:
         raise InputError(f"--out_dir {out}: not writable ({e.strerror or e})") from None
     if hp["resume"] and hp["resume"] != "auto" and not Path(hp["resume"]).exists():
         raise InputError(f"--resume {hp['resume']}: no such checkpoint")
-    if not hp["resume"] and (newest := latest_checkpoint(out)) is not None:
+    if not hp["resume"] and (newest := latest_checkpoint(out, verify=False)) is not None:
         # A fresh run here would mix its checkpoints with the old run's, and rotation would delete the new ones.
         raise InputError(f"--out_dir {out}: holds checkpoints of an earlier run (newest: {newest.name}); pass "
                          f"--resume auto to continue it, or choose another --out_dir")
@@ -279,11 +279,16 @@ def blamed_on(flag: str) -> Iterator[None]:
         raise InputError(f"--{flag}: {e}") from None
 
 
-def resume_checkpoint(hp: dict) -> Optional[Path]:
-    """The checkpoint this run resumes from, if any."""
+def resume_checkpoint(hp: dict, verify: bool = True) -> Optional[Path]:
+    """The checkpoint this run resumes from, if any. `verify` (collective): `auto` takes the newest that verifies, a
+    named one must verify."""
     if hp["resume"] == "auto":
-        return latest_checkpoint(Path(hp["out_dir"]))
-    return Path(hp["resume"]) if hp["resume"] else None
+        return latest_checkpoint(Path(hp["out_dir"]), verify=verify)
+    path = Path(hp["resume"]) if hp["resume"] else None
+    if path is not None and verify:
+        with blamed_on("resume"):
+            verify_checkpoint(path)
+    return path
 
 
 def set_aside_checkpoints_after(out_dir: Path, step: int, log) -> None:
@@ -639,7 +644,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_float32_matmul_precision("high")
     # Like metrics.jsonl: TensorBoard hides the events an earlier run logged after the step resumed from (which this
     # run logs again), and all of them on a fresh start; otherwise resumed curves show every such step twice.
-    resumed_at = resume_checkpoint(hp)
+    resumed_at = resume_checkpoint(hp, verify=False)  # ranks are not connected yet; train() verifies
     try:
         purge_step = checkpoint_step(resumed_at) + 1 if resumed_at is not None else 0
     except ValueError:  # --resume with a file of another name: its step is known only once loaded
@@ -654,6 +659,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SaveError as e:  # e.g. a full disk: the earlier checkpoints are kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
