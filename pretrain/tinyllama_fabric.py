@@ -97,6 +97,7 @@ meta_init = "auto"  # build the model on the meta device and initialise it shard
 num_workers = 2  # data loader processes per rank
 cache_dir = ""  # node-local cache for chunks (e.g. /dev/shm/llammlein); empty: read in place
 cache_max_gb = 0.0
+verify_data = False  # hash every chunk against its manifest's sha256 before training (ranks share the work)
 seed = 42
 # ---------------------------------------------------------------------------------------------------------------
 HPARAMS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
@@ -461,10 +462,15 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     cache = dict(cache_dir=hp["cache_dir"] or None, cache_max_bytes=int(hp["cache_max_gb"] * 2**30) or None)
     with blamed_on("train_data_dir"):  # e.g. a source too small for one sample, or no document index for masking
         train_data = PackedDataset(sources, weights, block_size=config.block_size, seed=hp["seed"],
-                                   with_doc_ids=hp["document_masking"], **cache)
+                                   with_doc_ids=hp["document_masking"], vocab_size=config.vocab_size, **cache)
+        if hp["verify_data"]:
+            fabric.print(f"Verified the checksums of {train_data.verify_checksums()} training chunks")
     with blamed_on("val_data_dir"):
         val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
-                                  with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
+                                  with_doc_ids=hp["document_masking"], vocab_size=config.vocab_size)
+                    if hp["val_data_dir"] else None)
+        if val_data is not None and hp["verify_data"]:
+            fabric.print(f"Verified the checksums of {val_data.verify_checksums()} validation chunks")
     if hp["max_tokens"]:
         hp["max_steps"] = math.ceil(hp["max_tokens"] / (G * config.block_size))
 
