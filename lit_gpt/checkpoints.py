@@ -48,7 +48,7 @@ from lit_gpt.integrity import DamagedError
 CKPT_PATTERN = re.compile(r"^iter-(\d{8})-ckpt\.pth$")
 LEFTOVER_PATTERN = re.compile(r"^iter-\d{8}-ckpt\.pth\.(tmp|old)$")  # of a save that crashed
 META_FILE = "meta.pt"
-_UNVERIFIED = "note: {} has no checksums (written before they were recorded); it is used unverified"
+_noted_unverified: set[Path] = set()
 
 
 class SaveError(RuntimeError):
@@ -99,7 +99,7 @@ def verify_checkpoint(path: Path, log: Callable[[str], None] = _log) -> bool:
     """Raise DamagedError (on every rank) if the checkpoint is damaged; False, with a note, if it has no checksums."""
     verified = _decided_by_rank_zero(lambda: integrity.verify_checkpoint(path))
     if not verified:
-        log(_UNVERIFIED.format(path))
+        _note_unverified(path, log)
     return verified
 
 
@@ -107,11 +107,17 @@ def _newest_that_verifies(found: list[Path], log: Callable[[str], None]) -> Opti
     for path in reversed(found):
         try:
             if not integrity.verify_checkpoint(path):
-                log(_UNVERIFIED.format(path))
+                _note_unverified(path, log)
             return path
         except DamagedError as e:
             log(f"warning: passing over a damaged checkpoint: {e}")
     return None
+
+
+def _note_unverified(path: Path, log: Callable[[str], None]) -> None:
+    if Path(path) not in _noted_unverified:  # once: a resume looks it up, then loads it
+        _noted_unverified.add(Path(path))
+        log(f"note: {path} has no checksums (written before they were recorded); it is used unverified")
 
 
 def _decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
