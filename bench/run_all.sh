@@ -16,5 +16,6 @@ run loader .venv-bench/bin/python bench/bench_loader.py
 run resume .venv/bin/python bench/bench_resume.py
 run prepare .venv/bin/python bench/bench_prepare.py
 run export .venv/bin/python bench/bench_export.py --model_name LLaMmlein_1B --repeats 5
+run verify .venv/bin/python bench/bench_verify.py --model_name LLaMmlein_1B
 run train_cpu_fp32 .venv/bin/python bench/train_cpu.py --rounds 5
 run train_cpu_bf16 .venv/bin/python bench/train_cpu.py --rounds 5 --precision bf16-mixed

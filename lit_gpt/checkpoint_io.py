@@ -9,10 +9,14 @@ converter holds about one tensor at a time, not the whole model and never the op
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -24,6 +28,7 @@ import torch
 
 from lit_gpt.config import Config
 from lit_gpt.tokenizer import HF_TOKENIZER_FILES
+from lit_gpt.integrity import DamagedError, verify_checkpoint
 
 META_FILE = "meta.pt"
 TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)
@@ -155,7 +160,8 @@ class DCPStateDict(LazyStateDict):
 # ------------------------------------------------------------------ loading
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint as {"model": LazyStateDict, "config": dict | None, "iter_num", "step_count",
-    "tokens_seen", "hparams", "data", ...}; the optimizer state is never read."""
+    "tokens_seen", "hparams", "data", "verified", ...}; the optimizer state is never used. A damaged checkpoint (see
+    `lit_gpt.integrity`) is a CheckpointError; "verified" is False for one that has no checksums to check."""
     from lit_gpt.original_checkpoint import as_our_checkpoint
 
     path = Path(path)
@@ -188,11 +194,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if not len(model):
         raise CheckpointError(f"{path}: the checkpoint holds no model tensors")
+    state["verified"] = _verify(path)
     state.pop("optimizer", None)
     state.setdefault("config", None)
     for key in ("iter_num", "step_count", "tokens_seen", "hparams"):
         state.setdefault(key, None)
     return {**state, "model": model}
+
+
+def _verify(path: Path) -> bool:
+    """After the structural checks (whose messages are more specific): the bytes against their checksums. False for
+    a checkpoint without any (a sharded one written before they were recorded)."""
+    try:
+        return verify_checkpoint(path)
+    except DamagedError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> Config:
@@ -347,6 +363,10 @@ def publish(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+# Temp dirs of atomic_output_dir, named after their owner: .NAME.tmp-HOST-PID-RANDOM (.old- while swapping)
+_OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+
+
 @contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
                       inputs: Optional[dict[str, Optional[Path]]] = None) -> Iterator[Path]:
@@ -354,6 +374,8 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
 
     `inputs` ({flag: path}) are what the block reads: replacing an `out_dir` that holds one of them (e.g. the run
     directory of the checkpoint being exported) would delete it, so that is refused, --overwrite or not.
+    The temp dir's name records this host and process: those a killed run left beside `out_dir` are cleaned up here
+    once their process is gone (see `remove_stale_temp_dirs`). A full disk is one CheckpointError; nothing is replaced.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -363,15 +385,17 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
                 Path(path).resolve() == out_dir.resolve() or out_dir.resolve() in Path(path).resolve().parents):
             raise CheckpointError(f"{flag} {out_dir}: holds the input {input_flag} {path}, which replacing it would "
                                   f"delete; choose another {flag}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out_dir.parent)  # may put back an out_dir that a killed run had moved aside
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{flag} {out_dir}: exists and is not empty (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    owner = f"{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner}", dir=out_dir.parent))
     try:
         yield tmp
         publish(tmp)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{owner}", dir=out_dir.parent))
             out_dir.rename(old / "replaced")
             try:
                 tmp.rename(out_dir)
@@ -382,6 +406,41 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"{flag} {out_dir}: no space left on device (writing {e.filename or tmp}); "
+                                  f"nothing was replaced") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(parent: Path) -> None:
+    """Remove the temp dirs of `atomic_output_dir` in `parent` whose process is gone from this host (killed runs
+    leave full-size copies behind). A directory moved aside for replacing goes back if nothing took its place."""
+    host = socket.gethostname()
+    for entry in Path(parent).iterdir():
+        match = _OWNED_TEMP.match(entry.name)
+        if not match or match["host"] != host or _process_alive(int(match["pid"])) or not entry.is_dir():
+            continue
+        target, aside = entry.with_name(match["name"]), entry / "replaced"
+        try:
+            if match["kind"] == "old" and aside.is_dir() and not target.exists():
+                aside.rename(target)
+                print(f"note: put back {target}, which a killed process ({match['pid']}) had moved aside",
+                      file=sys.stderr)
+            shutil.rmtree(entry)
+            print(f"note: removed {entry}, left by a killed process ({match['pid']})", file=sys.stderr)
+        except OSError as e:  # e.g. another user's: not ours to clean
+            print(f"note: cannot remove {entry}, left by a killed process ({e.strerror or e})", file=sys.stderr)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

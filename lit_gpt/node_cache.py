@@ -1,8 +1,10 @@
 """Node-local copies of chunk files (e.g. in /dev/shm or $TMPDIR), filled ahead of use by a background thread.
 
 `prefetch(paths)` queues chunks the loader will need next; the thread copies each one under a temporary name,
-verifies it (size and LITPKDS header equal to the source) and renames it into place, evicting the oldest copies
-first when the cache would exceed `max_bytes`. `path(source)` returns the cached copy when it has the source's size
+verifies it (size and LITPKDS header equal to the source, and the sha256 its manifest records, given to `expect`)
+and renames it into place, evicting the oldest copies first when the cache would exceed `max_bytes`. A chunk whose
+bytes do not hash to its manifest's sha256 is damaged at the source: the next `prefetch` or `path` call raises
+ChunkFormatError naming it. `path(source)` returns the cached copy when it has the source's size
 and modification time (a copy carries the mtime of the version it copied), else the source itself: a full,
 missing, broken, unwritable or stale cache only costs speed. Several ranks of a node may share one cache directory
 (copies are atomic renames; eviction is by copy time, the copies' ctime).
@@ -19,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional
 
+from lit_gpt.integrity import copy_with_sha256, sha256_mismatch
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 
 
@@ -35,10 +38,17 @@ class NodeCache:
         self._queue: Optional[queue.Queue] = None
         self._thread: Optional[threading.Thread] = None
         self._queued: set[Path] = set()
+        self._sha256: dict[Path, str] = {}  # what the sources' manifests record
+        self._damaged: dict[Path, str] = {}  # sources whose copy did not match it, and the error
+
+    def expect(self, source: Path, sha256: str) -> None:
+        """Copies of `source` must hash to `sha256` (its manifest's)."""
+        self._sha256[Path(source)] = sha256
 
     # ------------------------------------------------------------------ reading
     def path(self, source: Path) -> Path:
         """The verified cached copy of `source` when there is one, else `source`."""
+        self._raise_if_damaged(source)
         if self.broken:
             return source
         cached = self.cached_name(source)
@@ -60,6 +70,7 @@ class NodeCache:
     # ------------------------------------------------------------------ filling
     def prefetch(self, sources: Iterable[Path]) -> None:
         """Queue chunks for copying, in the order they will be needed."""
+        self._raise_if_damaged()
         if self.broken:
             return
         if self._thread is None:
@@ -107,7 +118,10 @@ class NodeCache:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
-                shutil.copyfile(source, tmp)
+                digest = copy_with_sha256(source, tmp)
+                if source in self._sha256 and digest != self._sha256[source]:
+                    self._damaged[source] = sha256_mismatch(source, "manifest.json")
+                    return False
                 read_header(tmp)  # a valid LITPKDS file whose size matches its header ...
                 if tmp.stat().st_size != size or _header(tmp) != _header(source):  # ... and equals the source's
                     return False
@@ -125,6 +139,11 @@ class NodeCache:
                 return False
             self._give_up(f"cannot write to {self.root} ({e})")
             return False
+
+    def _raise_if_damaged(self, source: Optional[Path] = None) -> None:
+        message = self._damaged.get(Path(source)) if source is not None else next(iter(self._damaged.values()), None)
+        if message:
+            raise ChunkFormatError(message)
 
     def _make_room(self, size: int) -> bool:
         """Evict the oldest cached files (by ctime: their mtime is the source's) until `size` more bytes fit."""

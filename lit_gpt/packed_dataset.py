@@ -27,8 +27,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from lit_gpt import integrity
 from lit_gpt.attention import DocumentMask
-from lit_gpt.litpkds import HEADER_SIZE, read_header
+from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 from lit_gpt.node_cache import NodeCache
 from lit_gpt.sample_order import SampleOrder
 
@@ -45,21 +46,31 @@ GROUP_TOKENS = 1 << 20  # tokens StepLoader reads per array (see StepLoader.__it
 
 
 class DataSource:
-    """One directory of chunk files as a single token stream."""
+    """One directory of chunk files as a single token stream.
 
-    def __init__(self, directory: Path, cache: Optional[NodeCache] = None) -> None:
+    Token ids are checked when a chunk is first opened (its min and max, once per file): they must lie below the
+    vocab_size of the tokenizer recorded in the manifest, or else below the model's `vocab_size`, when given.
+    """
+
+    def __init__(self, directory: Path, cache: Optional[NodeCache] = None, vocab_size: Optional[int] = None) -> None:
         self.directory = Path(directory)
         self.cache = cache
         if not self.directory.is_dir():
             raise ValueError(f"{self.directory}: data directory does not exist")
         manifest = self.directory / "manifest.json"
+        self.vocab_size, self.vocab_source = vocab_size, "the model's"
         if manifest.is_file():
             self._from_manifest(manifest)
         else:
             self._from_files()
+        if cache is not None:
+            for chunk in self.chunks:
+                if chunk["sha256"]:
+                    cache.expect(chunk["path"], chunk["sha256"])
         self.offsets = np.concatenate([[0], np.cumsum([c["tokens"] for c in self.chunks])]).astype(np.int64)
         self._offsets = self.offsets.tolist()  # bisect on a list beats numpy for single lookups
         self.tokens = int(self.offsets[-1])
+        self._checked: set[int] = set()  # chunks whose token ids were checked
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._indexes: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -69,12 +80,21 @@ class DataSource:
             entries = [(e["name"], int(e["tokens"]), int(e["first_doc"]), e.get("sha256")) for e in manifest["files"]]
             self.pad_id = int(manifest.get("pad_id", 0))
             self.documents = int(manifest["documents"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            data_vocab = manifest.get("tokenizer", {}).get("vocab_size")
+            data_vocab = None if data_vocab is None else int(data_vocab)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: unreadable dataset manifest ({type(e).__name__}: {e})") from None
         if not entries:
             raise ValueError(f"{self.directory}: the manifest lists no chunk files (empty split)")
+        if data_vocab is not None:
+            if self.vocab_size is not None and data_vocab > self.vocab_size:
+                raise ValueError(f"{path}: the data was made with a tokenizer of {data_vocab} tokens, more than the "
+                                 f"model's vocab_size {self.vocab_size}: data made with another tokenizer?")
+            self.vocab_size, self.vocab_source = data_vocab, f"the tokenizer's, says {path.name}"
+        if self.vocab_size is not None and not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"{path}: pad_id {self.pad_id} is not a token id of vocab_size {self.vocab_size}")
         self.chunks = []
-        for name, tokens, first_doc, _ in entries:
+        for name, tokens, first_doc, sha256 in entries:
             chunk = self._chunk(self.directory / name)
             if not 0 < tokens <= chunk["chunk_size"]:
                 raise ValueError(f"{chunk['path']}: the manifest says {tokens} real tokens, the header holds "
@@ -82,7 +102,7 @@ class DataSource:
             index = self.directory / INDEX_DIR / (chunk["path"].stem + ".json")
             if not index.is_file():
                 raise ValueError(f"{index}: document index of {name} is missing")
-            chunk.update(tokens=tokens, index=index, first_doc=first_doc)
+            chunk.update(tokens=tokens, index=index, first_doc=first_doc, sha256=sha256)
             self.chunks.append(chunk)
         self.fingerprint = _sha256([(name, tokens, sha) for name, tokens, _, sha in entries])
 
@@ -95,7 +115,7 @@ class DataSource:
             raise ValueError(f"{self.directory}: no chunk files (*.bin) and no manifest.json")
         self.chunks = [self._chunk(p) for p in paths]
         for chunk in self.chunks:
-            chunk.update(tokens=chunk["chunk_size"], index=None, first_doc=-1)
+            chunk.update(tokens=chunk["chunk_size"], index=None, first_doc=-1, sha256=None)
         self.pad_id, self.documents = 0, None
         self.fingerprint = _sha256([(c["path"].name, c["chunk_size"], c["dtype"].name) for c in self.chunks])
 
@@ -141,10 +161,37 @@ class DataSource:
             if path == chunk["path"]:
                 raise
             array = _map_tokens(chunk["path"], chunk["dtype"], chunk["chunk_size"])  # the copy was just evicted
+        if c not in self._checked:
+            self._check_ids(chunk, array[:chunk["tokens"]])
+            self._checked.add(c)
         maps[c] = array
         if len(maps) > _OPEN_MAPS:
             maps.popitem(last=False)
         return array
+
+    def _check_ids(self, chunk: dict, tokens: np.ndarray) -> None:
+        """Ids outside [0, vocab_size) would index past the embedding mid-run (or, below the padded size, train
+        rows no token maps to): one error naming the chunk instead."""
+        if self.vocab_size is None or not tokens.size:
+            return
+        top, low = int(tokens.max()), int(tokens.min())
+        if top >= self.vocab_size:
+            problem = f"token id {top} >= vocab_size {self.vocab_size} ({self.vocab_source})"
+        elif low < 0:
+            problem = f"negative token id {low}"
+        else:
+            return
+        raise ChunkFormatError(f"{chunk['path']}: {problem}: data made with another tokenizer, or damaged?")
+
+    def verify_checksums(self, chunks: Sequence[int]) -> list[str]:
+        """What is wrong with these chunks' bytes: each must hash to the sha256 its manifest records."""
+        def check(c: int) -> Optional[str]:
+            chunk = self.chunks[c]
+            if integrity.sha256_file(chunk["path"]) != chunk["sha256"]:
+                return integrity.sha256_mismatch(chunk["path"], "manifest.json")
+            return None
+
+        return [p for p in integrity.in_threads(check, chunks) if p]
 
     # ------------------------------------------------------------------ documents
     def doc_starts(self, start: int, stop: int) -> np.ndarray:
@@ -200,7 +247,8 @@ class PackedDataset:
     """Samples of block_size + 1 tokens from one or more sources, in a deterministic global order."""
 
     def __init__(self, sources: Sequence, weights: Optional[Sequence[float]] = None, block_size: int = 2048,
-                 seed: int = 42, with_doc_ids: bool = False, cache_dir=None, cache_max_bytes: Optional[int] = None):
+                 seed: int = 42, with_doc_ids: bool = False, cache_dir=None, cache_max_bytes: Optional[int] = None,
+                 vocab_size: Optional[int] = None):
         if isinstance(sources, (str, Path)):
             sources = [sources]
         if not sources:
@@ -216,7 +264,7 @@ class PackedDataset:
         self.block_size, self.seed, self.weights, self.with_doc_ids = block_size, seed, weights, with_doc_ids
         self.sample_tokens = block_size + 1
         self.cache = NodeCache(cache_dir, cache_max_bytes) if cache_dir else None
-        self.sources = [DataSource(Path(s), self.cache) for s in sources]
+        self.sources = [DataSource(Path(s), self.cache, vocab_size) for s in sources]
         sizes = [s.samples(self.sample_tokens) for s in self.sources]
         for source, size in zip(self.sources, sizes):
             if size == 0:
@@ -228,6 +276,21 @@ class PackedDataset:
         self.sample_offsets = self.order.offsets
         self.samples_per_epoch = int(self.sample_offsets[-1])
         self.manifest = self._describe(sizes)
+
+    def verify_checksums(self) -> int:
+        """Hash every chunk against its manifest's sha256 (collective with several ranks, which split the chunks);
+        raises ValueError naming the damaged chunks. Returns the number of chunks verified."""
+        jobs = [(s, c) for s, source in enumerate(self.sources) for c, chunk in enumerate(source.chunks)
+                if chunk["sha256"]]
+        rank, world_size = integrity.rank_and_world_size()
+        mine = jobs[rank::world_size]
+        problems = [p for s, source in enumerate(self.sources)
+                    for p in source.verify_checksums([c for js, c in mine if js == s])]
+        problems = [p for rank_problems in integrity.gather(problems) for p in rank_problems]
+        if problems:
+            more = f" (and {len(problems) - 1} more damaged chunks)" if len(problems) > 1 else ""
+            raise ChunkFormatError(problems[0] + more)
+        return len(jobs)
 
     def _describe(self, sizes: list[int]) -> dict:
         sources = [{"path": str(s.directory.resolve()), "files": len(s.chunks), "tokens": s.tokens, "samples": n,

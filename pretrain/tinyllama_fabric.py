@@ -83,6 +83,7 @@ meta_init = "auto"  # {auto, true, false}: build on the meta device, initialise 
 num_workers = 2  # data loader processes per rank [>= 0]
 cache_dir = ""  # node-local cache for chunks (e.g. /dev/shm/llammlein); empty: read in place
 cache_max_gb = 0.0  # size limit of the node-local cache in GiB; 0: no limit [>= 0]
+verify_data = False  # hash every chunk against its manifest's sha256 before training (ranks share the work)
 seed = 42  # seed of the initial weights and the sample order
 # ---------------------------------------------------------------------------------------------------------------
 HYPERPARAMETERS = hparams_lib.declared(__file__, globals(), "Hyperparameters (", "-----")
@@ -170,8 +171,8 @@ from torch.distributed.checkpoint import CheckpointException  # noqa: E402
 
 from lit_gpt.atomic_write import set_aside, write_atomically  # noqa: E402
 from lit_gpt.attention import DocumentMask, resolve_backend  # noqa: E402
-from lit_gpt.checkpoints import (checkpoint_path, checkpoint_step, latest_checkpoint, list_checkpoints,  # noqa: E402
-                                  load_checkpoint, save_checkpoint)
+from lit_gpt.checkpoints import (SaveError, checkpoint_path, checkpoint_step, latest_checkpoint,  # noqa: E402
+                                  list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint)
 from lit_gpt.datapoints import DatapointLogger  # noqa: E402
 from lit_gpt.distributed import make_strategy  # noqa: E402
 from lit_gpt.loss import token_losses  # noqa: E402
@@ -244,7 +245,7 @@ def check_inputs(hp: dict, config: Config, world_size: int) -> None:
         raise InputError(f"--out_dir {out}: not writable ({probe_dir} does not allow it)")
     if hp["resume"] and hp["resume"] != "auto" and not Path(hp["resume"]).exists():
         raise InputError(f"--resume {hp['resume']}: no such checkpoint")
-    if not hp["resume"] and (newest := latest_checkpoint(out)) is not None:
+    if not hp["resume"] and (newest := latest_checkpoint(out, verify=False)) is not None:
         # A fresh run here would mix its checkpoints with the old run's, and rotation would delete the new ones.
         raise InputError(f"--out_dir {out}: holds checkpoints of an earlier run (newest: {newest.name}); pass "
                          f"--resume auto to continue it, or choose another --out_dir")
@@ -261,11 +262,16 @@ def blamed_on(flag: str) -> Iterator[None]:
         raise InputError(f"--{flag}: {e}") from None
 
 
-def resume_checkpoint(hp: dict) -> Optional[Path]:
-    """The checkpoint this run resumes from, if any."""
+def resume_checkpoint(hp: dict, verify: bool = True) -> Optional[Path]:
+    """The checkpoint this run resumes from, if any. `verify` (collective): `auto` takes the newest that verifies, a
+    named one must verify."""
     if hp["resume"] == "auto":
-        return latest_checkpoint(Path(hp["out_dir"]))
-    return Path(hp["resume"]) if hp["resume"] else None
+        return latest_checkpoint(Path(hp["out_dir"]), verify=verify)
+    path = Path(hp["resume"]) if hp["resume"] else None
+    if path is not None and verify:
+        with blamed_on("resume"):
+            verify_checkpoint(path)
+    return path
 
 
 def check_resumable(ckpt: dict, path: Path, hp: dict, train_data: PackedDataset) -> tuple[int, int, int, int]:
@@ -418,10 +424,15 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     cache = dict(cache_dir=hp["cache_dir"] or None, cache_max_bytes=int(hp["cache_max_gb"] * 2**30) or None)
     with blamed_on("train_data_dir"):  # e.g. a source too small for one sample, or no document index for masking
         train_data = PackedDataset(sources, weights, block_size=config.block_size, seed=hp["seed"],
-                                   with_doc_ids=hp["document_masking"], **cache)
+                                   with_doc_ids=hp["document_masking"], vocab_size=config.vocab_size, **cache)
+        if hp["verify_data"]:
+            fabric.print(f"Verified the checksums of {train_data.verify_checksums()} training chunks")
     with blamed_on("val_data_dir"):
         val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
-                                  with_doc_ids=hp["document_masking"]) if hp["val_data_dir"] else None)
+                                  with_doc_ids=hp["document_masking"], vocab_size=config.vocab_size)
+                    if hp["val_data_dir"] else None)
+        if val_data is not None and hp["verify_data"]:
+            fabric.print(f"Verified the checksums of {val_data.verify_checksums()} validation chunks")
 
     with blamed_on("attn_impl"):  # an explicitly requested backend that cannot run here stops the run before setup
         resolve_backend(config.attn_impl, fabric.device, torch.bfloat16 if "bf16" in hp["precision"] else torch.float32,
@@ -509,17 +520,28 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     nonfinite_in_a_row = 0
     start_time, start_step = time.perf_counter(), step
     monitor.update(tokens_seen)
-    for data_step, micro_batches in loader:
-        if step >= hp["max_steps"]:
-            break
+    batches = iter(loader)
+    while step < hp["max_steps"]:
+        # A damaged chunk (or one of another tokenizer) is found when a rank first reads it: that rank tells the others
+        # through the step's first collective, so all of them stop with the error instead of waiting on each other.
+        try:
+            data_step, micro_batches = next(batches)
+            data_error = None
+        except ValueError as e:
+            data_step, micro_batches, data_error = step, [], e
         assert data_step == step, f"data loader at step {data_step}, trainer at {step}"
         lr = get_lr(step, hp)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Normalise by the real tokens of the whole global batch: every token weighs the same whatever the split
-        # into ranks and micro-batches (and padding). torch.full launches a fill kernel: no host-to-device copy, no sync.
-        real = torch.full((), float(sum((mb["labels"] != -100).sum() for mb in micro_batches)), device=fabric.device)
-        global_real = fabric.all_reduce(real, reduce_op="sum").clamp(min=1)
+        # into ranks and micro-batches (and padding).
+        real = float(sum((mb["labels"] != -100).sum() for mb in micro_batches))
+        real_and_error = fabric.all_reduce(torch.tensor([real, data_error is not None], dtype=torch.float32)
+                                           .to(fabric.device), reduce_op="sum")
+        if real_and_error[1].item():  # a sync, but the device is idle here: the last step ended with one
+            raise InputError(f"--train_data_dir: {data_error}" if data_error else
+                             "--train_data_dir: another rank found unusable training data (its error names the file)")
+        global_real = real_and_error[0].clamp(min=1)
         loss_sum = torch.zeros((), device=fabric.device)
         for i, mb in enumerate(micro_batches):
             is_accumulating = i < len(micro_batches) - 1
@@ -625,7 +647,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_float32_matmul_precision("high")
     # Like metrics.jsonl: TensorBoard hides the events an earlier run logged after the step resumed from (which this
     # run logs again), and all of them on a fresh start; otherwise resumed curves show every such step twice.
-    resumed_at = resume_checkpoint(hp)
+    resumed_at = resume_checkpoint(hp, verify=False)  # ranks are not connected yet; train() verifies
     try:
         purge_step = checkpoint_step(resumed_at) + 1 if resumed_at is not None else 0
     except ValueError:  # --resume with a file of another name: its step is known only once loaded
@@ -642,6 +664,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not existed and fabric.global_rank == 0:
             _remove_empty_dirs(out_dir)  # a failed start leaves no trace
         return 2
+    except SaveError as e:  # e.g. a full disk: the earlier checkpoints are kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         logger.finalize("success")  # flushes and closes the event file: the last events reach the disk
 
