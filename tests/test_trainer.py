@@ -66,7 +66,7 @@ def single_process(prepared_data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "strategy,sharding",
     [("fsdp", "FULL_SHARD"), ("fsdp", "SHARD_GRAD_OP"), ("fsdp", "HYBRID_SHARD"), ("fsdp", "NO_SHARD"),
-     ("fsdp2", "FULL_SHARD"), ("ddp", "FULL_SHARD")],
+     ("fsdp2", "FULL_SHARD"), ("fsdp2", "SHARD_GRAD_OP"), ("fsdp2", "NO_SHARD"), ("ddp", "FULL_SHARD")],
 )
 def test_two_ranks_match_one_process(prepared_data, single_process, tmp_path, strategy, sharding):
     train(prepared_data, tmp_path, devices=2, strategy=strategy, sharding_strategy=sharding)
