@@ -63,7 +63,7 @@ def remove_paragraphs(text: str, first_ordinal: int, removed: np.ndarray) -> tup
         return text, 0, end
     drop = set((removed[lo:hi] - first_ordinal).tolist())
     kept = [p for i, p in enumerate(paragraphs) if i not in drop]
-    return "\n".join(kept), hi - lo, end
+    return "\n".join(kept), int(hi - lo), end
 
 
 def ratio_bins(tokens: np.ndarray, words: np.ndarray) -> np.ndarray:

@@ -53,7 +53,7 @@ from lit_gpt.data_pipeline import executor, switch  # noqa: E402
 from lit_gpt.data_pipeline.finalize import finalize, summary_table  # noqa: E402
 from lit_gpt.data_pipeline.plan import (  # noqa: E402
     FORMAT_VERSION, SPLITS, STAGING, buckets_for, file_sha256, load_plan, plan_to_json, save_plan,
-    shard_bytes_for, stages, validation_mask)
+    shard_bytes_for, stages, tokenizer_files, validation_mask)
 from lit_gpt.litpkds import token_dtype  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
@@ -100,12 +100,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------- settings
-def tokenizer_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
-
-
 def cleaning_on(args: argparse.Namespace) -> bool:
     return args.dedup_paragraphs or args.min_token_ratio is not None or args.max_token_ratio is not None
 

@@ -63,6 +63,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files that make a tokenizer (hashed into manifests): the file itself, or a directory's tokenizer files."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
+
+
 def validation_mask(ids, seed: int, val_fraction: float) -> np.ndarray:
     """True for documents of the validation split: a function of (seed, id) only.
 
