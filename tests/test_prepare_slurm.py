@@ -5,31 +5,15 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from test_data_pipeline import CLEANING, cleaning_corpus, dataset_bytes  # noqa: F401 (a fixture)
 from test_prepare_data import prepare
 
-sys.path.insert(0, str(ROOT / "cluster"))
-from slurm_local import LocalSlurm, missing_requirements  # noqa: E402
+from test_slurm import slurm  # noqa: F401,E402 (the local cluster fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = missing_requirements()
-    if reason:
-        pytest.skip(reason)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), cpus=2)
-    try:  # stop() also runs when start() fails half-way: no daemon may outlive the test
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_slurm_array_jobs_give_the_local_dataset(slurm, prepared_data, cleaning_corpus, tmp_path,  # noqa: F811
