@@ -227,7 +227,12 @@ def setup_run(args: argparse.Namespace) -> Optional[dict]:
     work = args.output_dir / STAGING
     if mode == "resume":
         print(f"resuming an interrupted run in {work}")
-        return load_plan(work)
+        plan = load_plan(work)
+        # --on_error may change between tries (it changes no finished shard): a stop is retried under the new one.
+        plan["on_error"] = args.on_error
+        save_plan(work, plan_to_json(plan))
+        shutil.rmtree(work / "failed", ignore_errors=True)
+        return plan
     plan = make_plan(args, files, fingerprint, tok_hashes, tokenizer)
     save_plan(work, plan_to_json(plan))
     return plan

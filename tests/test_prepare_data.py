@@ -155,13 +155,19 @@ def test_malformed_records_stop_or_skip(tokenizer_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "gut"}\n{"text": "auch gut"}\n{"text": kaputt}\n{"txt": "falsches Feld"}\n'
                    '{"text": 42}\n["liste"]\n{"text": "wieder gut"}\n', encoding="utf-8")
-    assert prepare("--input", bad, "--output_dir", tmp_path / "a", "--tokenizer", tokenizer_dir, "--workers", "1") == 2
+    assert prepare("--input", bad, "--output_dir", tmp_path / "a", "--tokenizer", tokenizer_dir, "--workers", "1",
+                   "--val_fraction", "0") == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: invalid JSON" in err and "--on_error skip" in err
     assert not (tmp_path / "a" / "train" / "manifest.json").exists()
 
     assert prepare("--input", bad, "--output_dir", tmp_path / "b", "--tokenizer", tokenizer_dir, "--workers", "2",
                    "--on_error", "skip", "--val_fraction", "0") == 0
+    # The stopped run, resumed with --on_error skip, ends the same.
+    assert prepare("--input", bad, "--output_dir", tmp_path / "a", "--tokenizer", tokenizer_dir, "--workers", "1",
+                   "--on_error", "skip", "--val_fraction", "0") == 0
+    assert (tmp_path / "a" / "train" / "manifest.json").read_bytes() == \
+        (tmp_path / "b" / "train" / "manifest.json").read_bytes()
     err = capsys.readouterr().err
     assert f"{bad}:4: missing text field 'text'" in err and f"{bad}:5: text field 'text' holds int" in err
     assert f"{bad}:6: record is a JSON list" in err
