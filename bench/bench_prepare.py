@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -111,7 +110,8 @@ def main() -> None:
         del texts
 
         plain = timed_prepare(corpus, tok_dir, tmp / "plain", args.workers, [])
-        prepared = sum(json.loads((tmp / "plain" / s / "manifest.json").read_text())["tokens"] for s in ("train", "val"))
+        prepared = sum(json.loads((tmp / "plain" / s / "manifest.json").read_text())["tokens"]
+                       for s in ("train", "val"))
         assert prepared == tokens, (prepared, tokens)
         cleaned = timed_prepare(corpus, tok_dir, tmp / "cleaned", args.workers, CLEANING)
         report = json.loads((tmp / "cleaned" / "current" / "report.json").read_text())
@@ -127,7 +127,8 @@ def main() -> None:
     result = {"corpus": f"{source} x{copies} ({args.size_mb:.0f} MB JSONL, {n_docs:,} documents)",
               "tokens": tokens, "workers": args.workers, "raw_sentencepiece_tokens_per_s_1_core": round(raw),
               "ceiling_tokens_per_s": round(ceiling),
-              "cleaning_off": {"tokens_per_s": round(tokens / plain), "fraction_of_ceiling": round(tokens / plain / ceiling, 3)},
+              "cleaning_off": {"tokens_per_s": round(tokens / plain),
+                               "fraction_of_ceiling": round(tokens / plain / ceiling, 3)},
               "cleaning_on": {"tokens_per_s": round(tokens / cleaned),
                               "fraction_of_ceiling": round(tokens / cleaned / ceiling, 3),
                               "repeated_paragraphs_removed": report["repeated_paragraphs_removed"],

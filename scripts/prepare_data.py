@@ -89,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local: tasks running at once")
     run.add_argument("--tasks", type=int, default=None, help="tasks per stage (default: --workers)")
     run.add_argument("--shard_mb", type=float, default=256.0, help="input per shard, the unit of work and resume")
-    run.add_argument("--slurm_args", default="", help="slurm: extra sbatch options, e.g. '--partition=cpu --time=4:00:00'")
+    run.add_argument("--slurm_args", default="",
+                     help="slurm: extra sbatch options, e.g. '--partition=cpu --time=4:00:00'")
     run.add_argument("--slurm_logs", type=Path, default=Path("."), help="slurm: folder for the job logs")
     run.add_argument("--slurm_wait", action="store_true", help="slurm: wait for the last job and report its result")
     run.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one Slurm task (the job script's call)
