@@ -14,6 +14,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from itertools import chain
 from typing import Iterator, Optional, Sequence, Union
 
 FORMATS = ("jsonl.zst", "jsonl", "txt", "parquet")
@@ -67,56 +68,174 @@ def document_names(files: Sequence[Path]) -> list[str]:
 
 @dataclass(frozen=True)
 class Unit:
-    index: int  # position in the deterministic unit sequence
+    index: int  # position in the deterministic unit sequence (of a shard, or of all inputs for iter_units)
     file: int  # index into the input file list
     kind: str  # "lines" (jsonl or txt lines), "text" (whole .txt), "parquet" (row group), "error"
     first_line: int  # 1-based line/row number of the payload's first record
     payload: Union[bytes, int, str]  # line-aligned bytes, a row-group number, or an error message
-    size: int  # input bytes on disk this unit accounts for (progress)
+    size: int  # input bytes this unit accounts for (progress)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous piece of one input file; shards in index order are the corpus in order.
+
+    kind "lines": the lines (records) that start in bytes [start, end) of a .jsonl/.txt file, or of the
+    decompressed stream of a .jsonl.zst file (end -1: to the end); "parquet": row groups [start, end); "text": a
+    whole .txt document. A shard is read in constant memory: a task seeks past the bytes before it (counting their
+    lines, so that `file:line` ids and error messages stay exact), then streams its own."""
+    index: int
+    file: int
+    kind: str
+    start: int
+    end: int
+    size: int  # approximate input bytes on disk (for progress and balancing)
+
+
+def plan_shards(files: Sequence[Path], shard_bytes: int, txt_docs_per_line: bool = False) -> list[Shard]:
+    """Cut the inputs into shards of about `shard_bytes` from file sizes and parquet footers alone (no reading)."""
+    shards: list[Shard] = []
+
+    def add(file_index: int, kind: str, start: int, end: int, size: int) -> None:
+        shards.append(Shard(len(shards), file_index, kind, start, end, size))
+
+    for file_index, path in enumerate(files):
+        fmt, size = file_format(path), path.stat().st_size
+        if fmt == "txt" and not txt_docs_per_line:
+            add(file_index, "text", 0, -1, size)
+        elif fmt == "parquet":
+            groups = _parquet_group_sizes(path)
+            if groups is None:  # unreadable: one shard that reports it
+                add(file_index, "parquet", 0, -1, size)
+                continue
+            first = 0
+            for g in range(len(groups)):
+                if sum(groups[first:g + 1]) >= shard_bytes or g == len(groups) - 1:
+                    add(file_index, "parquet", first, g + 1, sum(groups[first:g + 1]))
+                    first = g + 1
+            if not groups:
+                add(file_index, "parquet", 0, 0, size)
+        else:
+            # .jsonl.zst: ranges of the decompressed stream, sized from the frame header (else ~4x compressed);
+            # the last shard is open-ended, so a wrong estimate only changes the balance, never the data.
+            stream = _zstd_content_size(path) if fmt == "jsonl.zst" else size
+            n = max(1, -(-stream // shard_bytes))
+            for k in range(n):
+                add(file_index, "lines", k * shard_bytes, (k + 1) * shard_bytes if k < n - 1 else -1, -(-size // n))
+    return shards
+
+
+def _parquet_group_sizes(path: Path) -> Optional[list[int]]:
+    try:
+        import pyarrow.parquet as pq
+
+        metadata = pq.ParquetFile(path).metadata
+        return [metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups)]
+    except Exception:  # pyarrow raises several types for unreadable files
+        return None
+
+
+def _zstd_content_size(path: Path) -> int:
+    import zstandard
+
+    with open(path, "rb") as f:
+        header = f.read(18)
+    try:
+        size = zstandard.frame_content_size(header)
+    except zstandard.ZstdError:
+        size = -1
+    return size if size >= 0 else 4 * path.stat().st_size
 
 
 def iter_units(files: Sequence[Path], txt_docs_per_line: bool = False,
                unit_bytes: Optional[int] = None) -> Iterator[Unit]:
-    unit_bytes = unit_bytes or UNIT_BYTES
+    """All units of all inputs in order (one shard per file), numbered consecutively."""
     index = 0
-    for file_index, path in enumerate(files):
-        fmt = file_format(path)
-        for kind, first_line, payload, size in _file_units(path, fmt, txt_docs_per_line, unit_bytes):
-            yield Unit(index, file_index, kind, first_line, payload, size)
+    for shard in plan_shards(files, 1 << 62, txt_docs_per_line):
+        for unit in shard_units(shard, files, unit_bytes):
+            yield Unit(index, unit.file, unit.kind, unit.first_line, unit.payload, unit.size)
             index += 1
 
 
-def _file_units(path: Path, fmt: str, txt_docs_per_line: bool, unit_bytes: int):
-    if fmt == "parquet":
+def shard_units(shard: Shard, files: Sequence[Path], unit_bytes: Optional[int] = None) -> Iterator[Unit]:
+    """The units of one shard in order, numbered from 0; about `unit_bytes` each, read in constant memory."""
+    unit_bytes = unit_bytes or UNIT_BYTES
+    path = files[shard.file]
+    pieces = _shard_pieces(path, shard, unit_bytes)
+    for index, (kind, first_line, payload, size) in enumerate(pieces):
+        yield Unit(index, shard.file, kind, first_line, payload, size)
+
+
+def _shard_pieces(path: Path, shard: Shard, unit_bytes: int):
+    if shard.kind == "text":
+        yield "text", 1, path.read_bytes(), shard.size
+        return
+    if shard.kind == "parquet":
         try:
             import pyarrow.parquet as pq
 
             metadata = pq.ParquetFile(path).metadata
             rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
         except Exception as e:  # pyarrow raises several types for unreadable files
-            yield "error", 0, f"{path}: unreadable parquet file ({e})", path.stat().st_size
+            yield "error", 0, f"{path}: unreadable parquet file ({e})", shard.size
             return
-        size = path.stat().st_size
-        first = 1
-        for group, n in enumerate(rows):
-            yield "parquet", first, group, size // max(1, len(rows))
-            first += n
+        first = 1 + sum(rows[:shard.start])
+        for group in range(shard.start, shard.end if shard.end >= 0 else len(rows)):
+            yield "parquet", first, group, shard.size // max(1, shard.end - shard.start)
+            first += rows[group]
         return
-    if fmt == "txt" and not txt_docs_per_line:
-        yield "text", 1, path.read_bytes(), path.stat().st_size
-        return
+    end = None if shard.end < 0 else shard.end
     line = 1
     with open(path, "rb") as raw:
-        blocks = _zstd_blocks(raw, unit_bytes) if fmt == "jsonl.zst" else iter(lambda: raw.read(unit_bytes), b"")
-        consumed = 0
+        blocks = _zstd_blocks(raw, unit_bytes) if file_format(path) == "jsonl.zst" else \
+            iter(lambda: raw.read(unit_bytes), b"")
         try:
-            for payload in _line_aligned(blocks):
-                position = raw.tell()
-                yield "lines", line, payload, position - consumed
-                consumed = position
+            own, line = _lines_from(blocks, shard.start, end)
+            for payload in _line_aligned(own):
+                yield "lines", line, payload, len(payload)
                 line += payload.count(b"\n")
         except _ZstdFailure as e:
-            yield "error", line, f"{path}: corrupt zstd stream after line {line - 1} ({e})", raw.tell() - consumed
+            yield "error", line, f"{path}: corrupt zstd stream after line {line - 1} ({e})", 0
+
+
+def _lines_from(blocks: Iterator[bytes], start: int, end: Optional[int]) -> tuple[Iterator[bytes], int]:
+    """(the bytes of the lines that start in [start, end) of the stream, the number of their first line).
+
+    The bytes before `start` are read and their lines counted; the line that crosses `start` belongs to the shard
+    before, the line that crosses `end` to this one."""
+    pos, line, rest = 0, 1, b""
+    if start > 0:
+        target = start - 1  # the first newline at or after here ends the last line of the shard before
+        for block in blocks:
+            if pos + len(block) <= target:
+                line += block.count(b"\n")
+                pos += len(block)
+                continue
+            newline = block.find(b"\n", max(0, target - pos))
+            if newline < 0:
+                line += block.count(b"\n")
+                pos += len(block)
+                continue
+            line += block.count(b"\n", 0, newline + 1)
+            rest, pos = block[newline + 1:], pos + newline + 1
+            break
+        else:
+            return iter(()), line
+    if end is not None and pos >= end:
+        return iter(()), line
+
+    def own() -> Iterator[bytes]:
+        at = pos
+        for block in chain([rest], blocks):
+            if end is not None and at + len(block) >= end:
+                newline = block.find(b"\n", max(0, end - 1 - at))
+                if newline >= 0:
+                    yield block[:newline + 1]
+                    return
+            yield block
+            at += len(block)
+
+    return own(), line
 
 
 class _ZstdFailure(Exception):
@@ -245,13 +364,16 @@ def _parse_json_lines_fast(unit: Unit, name: str, text_field: str, id_field: str
     text = table.column(text_field)
     if not pa.types.is_string(text.type) or text.null_count:
         return None
-    texts = text.to_pylist()
-    if id_field not in columns:
-        return [f"{name}:{n}" for n in range(unit.first_line, unit.first_line + lines)], texts
-    id_column = table.column(id_field)
-    if not any(check(id_column.type) for check in (pa.types.is_string, pa.types.is_integer, pa.types.is_null)):
+    id_column = table.column(id_field) if id_field in columns else None
+    if id_column is not None and not any(
+            check(id_column.type) for check in (pa.types.is_string, pa.types.is_integer, pa.types.is_null)):
         return None
-    ids = [f"{name}:{n}" if i is None else str(i) for n, i in enumerate(id_column.to_pylist(), unit.first_line)]
+    try:  # pyarrow keeps invalid UTF-8 inside JSON strings and fails only when it converts them
+        texts = text.to_pylist()
+        raw_ids = id_column.to_pylist() if id_column is not None else [None] * lines
+    except UnicodeDecodeError:
+        return None
+    ids = [f"{name}:{n}" if i is None else str(i) for n, i in enumerate(raw_ids, unit.first_line)]
     return ids, texts
 
 

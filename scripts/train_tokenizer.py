@@ -10,7 +10,8 @@ become SentencePiece control symbols: reserved ids that no text ever encodes to.
 
 Outputs in --output_dir: `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (loadable with
 `AutoTokenizer.from_pretrained(dir)`, no remote code) and `tokenizer.model`, written last so that its presence
-means the directory is complete. Before writing, both encoders are compared on training documents and edge cases.
+means the directory is complete, then `provenance.json` (sha256 of each file, the encoding backend).
+Before writing, both encoders are compared on training documents and edge cases.
 The Hugging Face files reproduce SentencePiece exactly: the leading space is a `Prepend("▁")` normalizer (a
 Metaspace pre-tokenizer would drop it before text that starts with a space), and special-token strings in text
 stay text (`split_special_tokens`), as in SentencePiece. BOS policy: BOS added, EOS not (as LLäMmlein).
@@ -192,11 +193,25 @@ def main(argv=None) -> int:
     # With --overwrite the old model goes first: its presence means "complete", and an interrupted write must not
     # leave it beside the new Hugging Face files (prepare_data.py would read the old model).
     (args.output_dir / "tokenizer.model").unlink(missing_ok=True)
+    (args.output_dir / "provenance.json").unlink(missing_ok=True)
     for name, content in hf_files.items():
         write_atomically(args.output_dir / name, content.encode("utf-8"))
     write_atomically(args.output_dir / "tokenizer.model", model)
+    write_provenance(args, files)
     print(f"wrote {args.output_dir}/tokenizer.model and Hugging Face files ({args.vocab_size} tokens)")
     return 0
+
+
+def write_provenance(args: argparse.Namespace, files: list[Path]) -> None:
+    """provenance.json: each tokenizer file's sha256 and the backend `Tokenizer(output_dir)` encodes with (the
+    same record prepare_data.py puts in its manifests; the name keeps it out of the hashed tokenizer files)."""
+    from lit_gpt.data_pipeline.plan import file_sha256, tokenizer_files
+    from lit_gpt.tokenizer import Tokenizer
+
+    provenance = {"backend": Tokenizer(args.output_dir).backend, "vocab_size": args.vocab_size,
+                  "files_sha256": {p.name: file_sha256(p) for p in tokenizer_files(args.output_dir)},
+                  "trained_on": [str(p) for p in files]}
+    write_atomically(args.output_dir / "provenance.json", json.dumps(provenance, indent=1).encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from conftest import ROOT, write_corpus
 sys.path.insert(0, str(ROOT / "scripts"))
 import prepare_data  # noqa: E402
 
+from lit_gpt.data_pipeline import packing  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -27,17 +28,17 @@ def prepare(*args: str) -> int:
 @contextmanager
 def interrupted_at_chunk(n: int):
     """Within the block, prepare_data is interrupted (KeyboardInterrupt, as by Ctrl-C) as it writes its n-th chunk."""
-    real_write = prepare_data.ChunkWriter._write_chunk
+    real_write = packing.Layout.write_chunk
     written = []
 
-    def write_or_interrupt(self):
+    def write_or_interrupt(self, split, c):
         written.append(1)
         if len(written) == n:
             raise KeyboardInterrupt
-        real_write(self)
+        return real_write(self, split, c)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(prepare_data.ChunkWriter, "_write_chunk", write_or_interrupt)
+        patch.setattr(packing.Layout, "write_chunk", write_or_interrupt)
         yield
 
 
@@ -154,13 +155,19 @@ def test_malformed_records_stop_or_skip(tokenizer_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "gut"}\n{"text": "auch gut"}\n{"text": kaputt}\n{"txt": "falsches Feld"}\n'
                    '{"text": 42}\n["liste"]\n{"text": "wieder gut"}\n', encoding="utf-8")
-    assert prepare("--input", bad, "--output_dir", tmp_path / "a", "--tokenizer", tokenizer_dir, "--workers", "1") == 2
+    assert prepare("--input", bad, "--output_dir", tmp_path / "a", "--tokenizer", tokenizer_dir, "--workers", "1",
+                   "--val_fraction", "0") == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: invalid JSON" in err and "--on_error skip" in err
     assert not (tmp_path / "a" / "train" / "manifest.json").exists()
 
     assert prepare("--input", bad, "--output_dir", tmp_path / "b", "--tokenizer", tokenizer_dir, "--workers", "2",
                    "--on_error", "skip", "--val_fraction", "0") == 0
+    # The stopped run, resumed with --on_error skip, ends the same.
+    assert prepare("--input", bad, "--output_dir", tmp_path / "a", "--tokenizer", tokenizer_dir, "--workers", "1",
+                   "--on_error", "skip", "--val_fraction", "0") == 0
+    assert (tmp_path / "a" / "train" / "manifest.json").read_bytes() == \
+        (tmp_path / "b" / "train" / "manifest.json").read_bytes()
     err = capsys.readouterr().err
     assert f"{bad}:4: missing text field 'text'" in err and f"{bad}:5: text field 'text' holds int" in err
     assert f"{bad}:6: record is a JSON list" in err
@@ -196,22 +203,21 @@ def test_rerun_skips_finished_output(prepared_data, capsys):
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == before
 
 
-def test_interrupted_run_resumes_to_identical_output(tokenizer_dir, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_identical_output(tokenizer_dir, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=500, seed=5)
     args = ["--input", corpus, "--tokenizer", tokenizer_dir, "--chunk_size", "1500", "--val_fraction", "0.1",
-            "--workers", "1"]
+            "--workers", "1", "--shard_mb", "0.01"]
     assert prepare(*args, "--output_dir", tmp_path / "clean") == 0
 
-    monkeypatch.setattr(prepare_data, "STATE_INTERVAL_S", 0.0)  # save progress after every input unit
-    monkeypatch.setattr("lit_gpt.corpus.UNIT_BYTES", 4096)
     out = tmp_path / "crashed"
     with interrupted_at_chunk(8):
         prepare(*args, "--output_dir", out)
     assert not (out / "train" / "manifest.json").exists()
     for chunk in out.rglob("*.bin"):  # everything under a final name is complete
-        assert chunk.stat().st_size == 24 + 2 * 1500
+        if chunk.parent.name in ("train", "val"):
+            assert chunk.stat().st_size == 24 + 2 * 1500
     assert prepare(*args, "--output_dir", out) == 0
-    assert not list(out.rglob(".*.tmp")) and not (out / prepare_data.STATE_FILE).exists()
+    assert not list(out.rglob(".*.tmp")) and not (out / prepare_data.STAGING).exists()
     for split in ("train", "val"):
         clean = json.loads((tmp_path / "clean" / split / "manifest.json").read_text())
         resumed = json.loads((out / split / "manifest.json").read_text())

@@ -1,0 +1,105 @@
+"""The last stage: manifests and cleaning report of the staged dataset, the switch, and the summary table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lit_gpt import cleaning
+from lit_gpt.atomic_write import write_atomically
+from lit_gpt.corpus import InputError
+from lit_gpt.data_pipeline import switch
+from lit_gpt.data_pipeline.packing import DATASET, Layout, pack_result_path
+from lit_gpt.data_pipeline.plan import SPLITS
+from lit_gpt.data_pipeline.steps import part_meta_path, read_json
+
+COUNTS = ("documents_in", "skipped", "empty", "repeated_paragraphs", "dropped_short", "dropped_ratio_low",
+          "dropped_ratio_high")
+REPORT = "report.json"
+
+
+def totals(work: Path, plan: dict) -> dict:
+    """Counts over all shards (and the first messages of skipped records, in corpus order)."""
+    total = {key: 0 for key in COUNTS}
+    total["histogram"] = [0] * len(cleaning.HISTOGRAM_EDGES)
+    total["messages"] = []
+    for shard in plan["shards"]:
+        meta = read_json(part_meta_path(work, shard.index))
+        for key in COUNTS:
+            total[key] += meta[key]
+        total["histogram"] = [a + b for a, b in zip(total["histogram"], meta["histogram"])]
+        total["messages"].extend(meta["messages"])
+    return total
+
+
+def cleaning_section(plan: dict, total: dict) -> dict:
+    return {"paragraph_dedup": plan["dedup"], "dedup_min_chars": plan["dedup_min_chars"],
+            "min_token_ratio": plan["min_token_ratio"], "max_token_ratio": plan["max_token_ratio"],
+            "documents_in": total["documents_in"], "repeated_paragraphs_removed": total["repeated_paragraphs"],
+            "dropped_too_short_after_dedup": total["dropped_short"],
+            "dropped_token_ratio_below": total["dropped_ratio_low"],
+            "dropped_token_ratio_above": total["dropped_ratio_high"]}
+
+
+def manifest(plan: dict, split: str, files: list[dict], layout: Layout, total: dict) -> dict:
+    return {
+        "format": "LITPKDS", "version": 1, "split": split, "prefix": split, "dtype": plan["dtype"],
+        "chunk_size": plan["chunk_size"], "pad_id": plan["pad_id"], "bos": plan["bos"], "eos": True,
+        "tokens": layout.tokens(split), "documents": layout.documents(split), "files": files,
+        "tokenizer": {"path": plan["tokenizer"], "backend": plan["tokenizer_backend"],
+                      "files_sha256": plan["tokenizer_files_sha256"], "vocab_size": plan["vocab_size"],
+                      "bos_id": plan["bos_id"], "eos_id": plan["eos_id"]},
+        "split_rule": {"val_fraction": plan["val_fraction"], "seed": plan["seed"],
+                       "hash": "splitmix64(crc32(id) ^ splitmix64(seed)) < val_fraction * 2**64 -> val"},
+        "inputs": plan["inputs"], "skipped_records": total["skipped"], "empty_documents": total["empty"],
+        "cleaning": cleaning_section(plan, total), "fingerprint": plan["fingerprint"],
+    }
+
+
+def finalize(out: Path, work: Path, plan: dict, pack_tasks: int) -> dict:
+    """Write manifests and the report into the staged dataset, switch to it; the totals."""
+    total = totals(work, plan)
+    layout = Layout(work, plan)
+    if not layout.documents("train"):  # training would fail on it much later
+        found = "no documents at all" if not layout.documents("val") else "documents only for the validation split"
+        raise InputError(f"--input: {found} ({total['empty']} empty, {total['skipped']} malformed records skipped, "
+                         f"{total['dropped_short'] + total['dropped_ratio_low'] + total['dropped_ratio_high']} "
+                         f"removed by cleaning)")
+    entries = [e for rank in range(pack_tasks) for e in read_json(pack_result_path(work, pack_tasks, rank))]
+    for split in SPLITS:
+        files = sorted(({k: v for k, v in e.items() if k != "split"} for e in entries if e["split"] == split),
+                       key=lambda e: e["name"])
+        body = json.dumps(manifest(plan, split, files, layout, total), indent=1).encode("utf-8")
+        write_atomically(work / DATASET / split / "manifest.json", body)
+        switch.boundary(f"{split} manifest written")
+    report = {"fingerprint": plan["fingerprint"], **cleaning_section(plan, total),
+              "tokens": {s: layout.tokens(s) for s in SPLITS}, "documents": {s: layout.documents(s) for s in SPLITS},
+              "token_ratio_histogram": {"edges": cleaning.HISTOGRAM_EDGES.tolist(), "counts": total["histogram"],
+                                        "last_bin": f">= {cleaning.HISTOGRAM_EDGES[-1]}, and documents without words"}}
+    write_atomically(work / DATASET / REPORT, json.dumps(report, indent=1).encode("utf-8"))
+    switch.boundary("report written")
+    switch.install(out, work / DATASET, "v-" + plan["fingerprint"][:16])
+    total["layout"] = {s: (layout.tokens(s), layout.documents(s)) for s in SPLITS}
+    total["chunks"] = {s: sum(e["split"] == s for e in entries) for s in SPLITS}
+    return total
+
+
+def summary_table(plan: dict, total: dict) -> str:
+    rows = [("documents in", f"{total['documents_in']:,}"),
+            ("malformed records skipped", f"{total['skipped']:,}"),
+            ("empty documents", f"{total['empty']:,}")]
+    if plan["dedup"]:
+        rows += [("repeated paragraphs removed", f"{total['repeated_paragraphs']:,}"),
+                 (f"documents too short after dedup (< {plan['dedup_min_chars']} chars)",
+                  f"{total['dropped_short']:,}")]
+    if plan["min_token_ratio"] is not None or plan["max_token_ratio"] is not None:
+        rows += [(f"documents below {plan['min_token_ratio']} tokens/word", f"{total['dropped_ratio_low']:,}"),
+                 (f"documents above {plan['max_token_ratio']} tokens/word", f"{total['dropped_ratio_high']:,}")]
+    for split in SPLITS:
+        tokens, documents = total["layout"][split]
+        rows.append((f"{split}: documents / tokens / chunks",
+                     f"{documents:,} / {tokens:,} / {total['chunks'][split]:,}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(["summary:", *lines, "tokens per word (all documents after dedup):",
+                      cleaning.histogram_table(total["histogram"])])
+

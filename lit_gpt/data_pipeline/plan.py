@@ -1,0 +1,85 @@
+"""The run plan: settings, shards and task counts of one preparation, stored in OUTPUT/.staging/run.json.
+
+Every task reads the plan from there, so the Slurm array tasks of a run and a resumed local run agree on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from lit_gpt.atomic_write import write_atomically
+from lit_gpt.corpus import Shard
+from lit_gpt.sample_order import splitmix64
+
+SPLITS = ("train", "val")
+STAGING = ".staging"
+PLAN_FILE = "run.json"
+FORMAT_VERSION = 1
+MIN_SHARD_BYTES = 64 << 10
+BUCKET_INPUT_BYTES = 128 << 20  # input per dedup bucket: bounds the memory of a repeats task
+
+
+def stages(plan: dict) -> list[str]:
+    return (["hash", "repeats"] if plan["dedup"] else []) + ["tokenize", "pack"]
+
+
+def shard_bytes_for(total_bytes: int, tasks: int, shard_mb: float) -> int:
+    """--shard_mb, but small enough that every task gets about four shards (balance on small inputs)."""
+    return int(max(MIN_SHARD_BYTES, min(shard_mb * 2**20, -(-total_bytes // (4 * tasks)))))
+
+
+def buckets_for(total_bytes: int, tasks: int) -> int:
+    return max(tasks, -(-total_bytes // BUCKET_INPUT_BYTES))
+
+
+def save_plan(work: Path, plan: dict) -> None:
+    write_atomically(work / PLAN_FILE, json.dumps(plan, indent=1).encode("utf-8"))
+
+
+def load_plan(work: Path) -> Optional[dict]:
+    try:
+        plan = json.loads((Path(work) / PLAN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    plan["shards"] = [Shard(**s) for s in plan["shards"]]
+    return plan
+
+
+def plan_to_json(plan: dict) -> dict:
+    return {**plan, "shards": [asdict(s) for s in plan["shards"]]}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files that make a tokenizer (hashed into manifests): the file itself, or a directory's tokenizer files."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
+
+
+def validation_mask(ids, seed: int, val_fraction: float) -> np.ndarray:
+    """True for documents of the validation split: a function of (seed, id) only.
+
+    hash = splitmix64(crc32(id) XOR splitmix64(seed)); validation when hash < val_fraction * 2**64. (CRC32 alone is
+    linear; the splitmix64 finalizer makes the result uniform. Cheaper than a cryptographic hash per document.)"""
+    crc = np.fromiter((zlib.crc32(i.encode("utf-8")) for i in ids), np.uint64, len(ids))
+    hashes = splitmix64(crc ^ splitmix64(np.array([seed % 2**64], np.uint64))[0])
+    return hashes < np.uint64(min(int(val_fraction * 2.0**64), 2**64 - 1))
+
+
+def shards_of_task(plan: dict, rank: int, tasks: int) -> list[Shard]:
+    return [s for s in plan["shards"] if s.index % tasks == rank]

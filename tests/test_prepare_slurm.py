@@ -1,0 +1,40 @@
+"""prepare_data.py --executor slurm on a real (one-node, localhost) Slurm cluster: one array job per stage plus the
+finalize job, submitted with dependencies, give the same dataset as the local run. Skips where Slurm cannot be set
+up (bash cluster/install_ci_deps.sh installs slurm-wlm and munge; needs root)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from test_data_pipeline import CLEANING, cleaning_corpus, dataset_bytes  # noqa: F401 (a fixture)
+from test_prepare_data import prepare
+
+from test_slurm import slurm  # noqa: F401,E402 (the local cluster fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def test_slurm_array_jobs_give_the_local_dataset(slurm, prepared_data, cleaning_corpus, tmp_path,  # noqa: F811
+                                                 monkeypatch, capsys):
+    args = ["--input", cleaning_corpus, "--tokenizer", prepared_data["tokenizer"], *CLEANING, "--tasks", "2"]
+    assert prepare(*args, "--output_dir", tmp_path / "local", "--workers", "2") == 0
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SRUN_", "SBATCH_"))]:
+        monkeypatch.delenv(key)  # pytest itself may run inside a Slurm job
+    for key, value in {**slurm.env, "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable,
+                       "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    out, logs = tmp_path / "slurm", tmp_path / "logs"
+    assert prepare(*args, "--output_dir", out, "--executor", "slurm", "--slurm_logs", logs, "--slurm_wait",
+                   "--slurm_args", "--time=10 --cpus-per-task=1") == 0, slurm.logs()
+    printed = capsys.readouterr().out
+    for stage in ("hash", "repeats", "tokenize", "pack", "finalize"):
+        assert f"{stage}: job " in printed
+    assert "repeated paragraphs removed" in printed  # the finalize job's summary table
+    assert sorted(p.name.split("-")[1] for p in logs.glob("prepare-*.out")).count("tokenize") == 2
+    assert dataset_bytes(out) == dataset_bytes(tmp_path / "local")
+    # Submitting again finds the dataset complete and submits nothing.
+    assert prepare(*args, "--output_dir", out, "--executor", "slurm", "--slurm_logs", logs) == 0
+    assert "nothing to do" in capsys.readouterr().out
