@@ -1,6 +1,7 @@
 """The cluster recipe without a cluster: the Apptainer definition, the image build script and the Slurm job scripts.
 
-Apptainer cannot run here, so the .def is checked by parsing it; the shell scripts run against stand-in
+Apptainer cannot run here, so the .def is checked by parsing it (what it installs, from which CUDA, with which C++
+standard) and the image's own check and patch scripts run on small stand-ins; the shell scripts run against stand-in
 srun/scontrol/apptainer commands that record how they were called.
 """
 from __future__ import annotations
@@ -18,26 +19,40 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEF = ROOT / "llammlein.def"
-BUILD = ROOT / "cluster" / "building" / "build-image.sh"
+BUILDING = ROOT / "cluster" / "building"
+BUILD = BUILDING / "build-image.sh"
+CHECK = BUILDING / "check_image.py"
+PATCH = BUILDING / "patch_flash_attn.py"
 TRAIN = ROOT / "cluster" / "exec" / "train_fabric.sh"
 CREATE = ROOT / "cluster" / "exec" / "create.sbatch"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)==([^\s;#]+)")
+# The CUDA builds PyTorch publishes per release (stable ones, from its release compatibility matrix). A torch pin
+# outside this table fails the pairing test until its row is added.
+TORCH_CUDA_BUILDS = {"2.13": ("12.6", "13.0")}
+
+sys.path.insert(0, str(BUILDING))
+import check_image  # noqa: E402
+import patch_flash_attn  # noqa: E402
 
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _pins(path: Path) -> dict[str, str]:
+def _pins_of(lines: list[str], source: str) -> dict[str, str]:
     pins = {}
-    for line in path.read_text().splitlines():
+    for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         m = PIN.match(line)
-        assert m, f"{path.name}: not an exact pin: {line!r}"
+        assert m, f"{source}: not an exact pin: {line!r}"
         pins[_norm(m.group(1))] = m.group(2)
     return pins
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return _pins_of(path.read_text().splitlines(), path.name)
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -59,56 +74,124 @@ def _script_lines(body: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def _assignment(body: str, name: str) -> str:
+    m = re.search(rf"^\s*{name}=(\S+)", body, re.M)
+    assert m, f"%post sets no {name}"
+    return m.group(1)
+
+
+def _cuda_of_index(url: str) -> str:
+    """https://download.pytorch.org/whl/cu130 -> 13.0"""
+    m = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)", url)
+    assert m, f"TORCH_INDEX is not a PyTorch CUDA index: {url}"
+    return f"{m.group(1)}.{m.group(2)}"
+
+
 @pytest.fixture(scope="module")
 def definition() -> dict[str, str]:
     return _sections(DEF.read_text())
 
 
 # ------------------------------------------------- llammlein.def ------------------------------------------------------
-def test_def_base_image_is_a_pinned_cuda_devel_tag(definition):
+def _base_image(definition) -> tuple[str, str]:
     header = dict(re.findall(r"^(\w+):\s*(\S+)", definition["header"], re.M))
     assert header["Bootstrap"] == "docker"
     image, _, tag = header["From"].partition(":")
-    assert image == "nvidia/cuda" and re.fullmatch(r"\d+\.\d+\.\d+-cudnn-devel-ubuntu\d+\.\d+", tag), header["From"]
+    return image, tag
 
 
-def test_def_installs_every_pinned_requirement_at_its_version(definition):
-    """Every pin of requirements.txt (and requirements-cuda.txt) ends up in the image at exactly that version."""
+def test_def_base_image_is_a_pinned_cuda_devel_tag(definition):
+    image, tag = _base_image(definition)
+    assert image == "nvidia/cuda" and re.fullmatch(r"\d+\.\d+\.\d+-cudnn-devel-ubuntu\d+\.\d+", tag), (image, tag)
+
+
+def test_def_pairs_the_base_images_cuda_with_a_torch_build_that_exists(definition):
+    """nvcc of the base image compiles FA2/FA3 against torch: both must be the same CUDA major.minor, one PyTorch
+    actually publishes for the pinned torch (2.13 has no cu128 build: the old recipe could not build)."""
+    _, tag = _base_image(definition)
+    base_cuda = ".".join(tag.split(".")[:2])
+    index_cuda = _cuda_of_index(_assignment(definition["post"], "TORCH_INDEX"))
+    torch_minor = ".".join(_pins(ROOT / "requirements.txt")["torch"].split(".")[:2])
+    assert base_cuda == index_cuda, f"base image nvcc is CUDA {base_cuda}, torch comes from the cu{index_cuda} index"
+    assert torch_minor in TORCH_CUDA_BUILDS, f"add torch {torch_minor}'s CUDA builds to TORCH_CUDA_BUILDS"
+    assert index_cuda in TORCH_CUDA_BUILDS[torch_minor], (
+        f"torch {torch_minor} has no CUDA {index_cuda} build (it has {TORCH_CUDA_BUILDS[torch_minor]})")
+    # The build stops before compiling anything if the two still disagree, and records nvcc's version for %test.
+    post = _script_lines(definition["post"])
+    record = post.index("python cluster/building/check_image.py --record-nvcc /opt/llammlein/nvcc-version")
+    first_build = next(i for i, line in enumerate(post) if "patch_flash_attn.py" in line)
+    assert record < first_build
+    assert "--nvcc /opt/llammlein/nvcc-version" in " ".join(_script_lines(definition["test"]))
+
+
+def test_def_builds_the_extensions_with_the_cxx_standard_of_its_torch(definition):
+    """torch >= 2.13 headers need C++20; flash-attention's setup.py asks for C++17 unless patched."""
+    torch_version = tuple(int(x) for x in _pins(ROOT / "requirements.txt")["torch"].split(".")[:2])
+    cxx_std = _assignment(definition["post"], "CXX_STD")
+    assert cxx_std == ("c++20" if torch_version >= (2, 13) else "c++17")
+    post = _script_lines(definition["post"])
+    for target in ("fa2", "fa3"):
+        calls = [line for line in post if line.startswith(f"python cluster/building/patch_flash_attn.py {target} ")]
+        assert len(calls) == 1 and calls[0].endswith('--cxx-std "$CXX_STD"'), calls
+    assert {p.new for p in patch_flash_attn.patches("fa3", cxx_std) if p.old == "-std=c++17"} == {f"-std={cxx_std}"}
+
+
+def _installed_by_post(definition) -> tuple[dict[str, str], list[str]]:
+    """name -> version of everything %post installs, read from its commands and the requirement files they name."""
     copied = {}
     for line in _script_lines(definition["files"]):
         src, dst = line.split()
-        copied[dst] = ROOT / src
         assert (ROOT / src).exists(), f"%files copies {src}, which is not in the repository"
+        copied[dst] = ROOT / src
     post = _script_lines(definition["post"])
-    workdirs = [line.split()[1] for line in post if line.startswith("cd ")]
+    assert "cd /opt/llammlein" in post  # relative paths below are inside the baked copy
+
+    def lines_of(ref: str) -> list[str]:
+        path = copied.get(ref) or copied.get(f"/opt/llammlein/{ref}")
+        assert path is not None, f"%post reads {ref}, which %files does not copy"
+        return path.read_text().splitlines()
+
+    derived: dict[str, list[str]] = {}  # files %post writes with grep -v
+    variables: dict[str, str] = {}  # VAR=$(grep -E ...): one requirement line
     installed: dict[str, str] = {}
     for line in post:
-        words = shlex.split(line.split("#")[0]) if "pip install" in line else []
-        if not words:
-            continue
-        for i, word in enumerate(words):
-            if word == "-r":
-                ref = words[i + 1]
-                # A -r path is the container path of a %files entry (absolute, or relative to a `cd`).
-                target = next((copied[d] for d in copied if d == ref or any(d == f"{w}/{ref}" for w in workdirs)), None)
-                if target is None and ref.startswith("/tmp/"):
-                    continue  # the build-tools subset, derived from requirements-cuda.txt (checked below)
-                assert target is not None, f"%post installs -r {ref}, which %files does not copy"
-                installed.update(_pins(target))
-            elif PIN.match(word) and not word.startswith("pip=="):
-                m = PIN.match(word)
-                installed[_norm(m.group(1))] = m.group(2)
-    # torch comes from the CUDA index, its pin read out of requirements.txt (not repeated in the .def).
-    assert re.search(r"TORCH_PIN=\$\(grep -E '\^torch==' requirements.txt\)", definition["post"])
-    assert re.search(r'pip install --index-url "\$TORCH_INDEX" "\$TORCH_PIN"', definition["post"])
-    for name, version in _pins(ROOT / "requirements.txt").items():
-        assert installed.get(name) == version, f"{name}=={version} (requirements.txt): image has {installed.get(name)}"
-    for name, version in _pins(ROOT / "requirements-cuda.txt").items():
-        assert installed.get(name) == version, f"{name}=={version} (requirements-cuda.txt): image has {installed.get(name)}"
-    # The extras may not move a CPU pin, and the build fails on any drift from either file.
-    assert "-r requirements-cuda.txt -c requirements.txt" in " ".join(post)
+        if m := re.fullmatch(r"grep -v -E '([^']+)' (\S+) > (\S+)", line):
+            derived[m.group(3)] = [x for x in lines_of(m.group(2)) if not re.search(m.group(1), x)]
+        elif m := re.fullmatch(r"(\w+)=\$\(grep -E '([^']+)' (\S+)\)", line):
+            found = [x for x in lines_of(m.group(3)) if re.search(m.group(2), x)]
+            assert len(found) == 1, f"{line}: matches {found}"
+            variables[m.group(1)] = found[0]
+        elif m := re.fullmatch(r"(\w+)=\S*\$\{(\w+)#[^}]*\}", line):
+            variables[m.group(1)] = variables[m.group(2)]  # the unpacked source directory of a pinned sdist
+        elif "pip install" in line:
+            words = shlex.split(line)
+            for i, word in enumerate(words):
+                if word == "-r":
+                    ref = words[i + 1]
+                    installed.update(_pins_of(derived[ref] if ref in derived else lines_of(ref), ref))
+                elif word.startswith("$") and word[1:] in variables:
+                    installed.update(_pins_of([variables[word[1:]]], word))
+    return installed, post
+
+
+def test_def_installs_every_pinned_requirement_at_its_version(definition):
+    """Every pin of requirements.txt and requirements-cuda.txt ends up in the image at exactly that version."""
+    installed, post = _installed_by_post(definition)
     for name in ("requirements.txt", "requirements-cuda.txt"):
-        assert f"/opt/llammlein/{name}" in definition["post"], f"the drift check must read {name}"
+        for package, version in _pins(ROOT / name).items():
+            assert installed.get(package) == version, f"{package}=={version} ({name}): image has {installed.get(package)}"
+    # torch is the CUDA build of the requirements.txt pin; the PyPI extras may not move a CPU pin.
+    assert 'python -m pip install --index-url "$TORCH_INDEX" "$TORCH_PIN"' in post
+    extras = [line for line in post if "-r /tmp/requirements-pypi.txt" in line]
+    assert extras and all("-c requirements.txt" in line for line in extras)
+    # FA2 is compiled from the patched sdist, never from an unpatched one pip would build by itself.
+    patch = post.index('python cluster/building/patch_flash_attn.py fa2 "$FA2_SRC" --cxx-std "$CXX_STD"')
+    build = next(i for i, line in enumerate(post) if line.endswith('pip install --no-build-isolation --no-deps "$FA2_SRC"'))
+    assert patch < build and "FLASH_ATTENTION_FORCE_BUILD=TRUE" in post[build]
+    # The build fails on any drift from either file, and %test checks the same.
+    drift = "check_image.py --pins requirements.txt requirements-cuda.txt"
+    assert any(drift in line for line in post) and drift in " ".join(_script_lines(definition["test"]))
+    assert "python -m pip check" in post
     # No pin in the .def contradicts the requirement files.
     for name, version in re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s\"']*)", definition["post"]):
         if _norm(name) in installed and _norm(name) != "pip":
@@ -117,14 +200,21 @@ def test_def_installs_every_pinned_requirement_at_its_version(definition):
 
 def test_def_builds_flash_attention_3_from_a_pinned_release(definition):
     post = definition["post"]
-    tag = re.search(r"^\s*FLASH_ATTN_TAG=(\S+)", post, re.M).group(1)
+    tag = _assignment(post, "FLASH_ATTN_TAG")
     assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), f"FA3 must be built from a release tag, got {tag}"
-    assert re.search(r'git clone --branch "\$FLASH_ATTN_TAG" --depth 1 https://github.com/Dao-AILab/flash-attention',
-                     post)
+    assert re.fullmatch(r"[0-9a-f]{40}", _assignment(post, "FLASH_ATTN_COMMIT"))
     lines = _script_lines(post)
-    cd_hopper = next(i for i, line in enumerate(lines) if re.match(r"cd \S*/hopper$", line))
+    clone = lines.index('git clone --branch "$FLASH_ATTN_TAG" --depth 1 '
+                        'https://github.com/Dao-AILab/flash-attention.git /tmp/flash-attention')
+    assert lines[clone + 1] == 'if [ "$(git -C /tmp/flash-attention rev-parse HEAD)" != "$FLASH_ATTN_COMMIT" ]; then'
+    patch = lines.index('python cluster/building/patch_flash_attn.py fa3 /tmp/flash-attention/hopper --cxx-std "$CXX_STD"')
+    cd_hopper = lines.index("cd /tmp/flash-attention/hopper")
     build = lines[cd_hopper + 1]
-    assert "FLASH_ATTENTION_FORCE_BUILD=TRUE" in build and ("pip install" in build or "setup.py install" in build)
+    assert clone < patch < cd_hopper
+    assert "FLASH_ATTENTION_FORCE_BUILD=TRUE" in build and "pip install --no-build-isolation --no-deps ." in build
+    # Hopper only, and the head dims the models use (64: 120M, 128: 1B/7B) stay compiled.
+    assert "FLASH_ATTENTION_DISABLE_SM80=TRUE" in build
+    assert "DISABLE_HDIM64" not in build and "DISABLE_HDIM128" not in build
     # FA2 from PyPI is the same release as the FA3 source.
     assert _pins(ROOT / "requirements-cuda.txt")["flash-attn"] == tag[1:]
     # Bounded build parallelism: MAX_JOBS is set (a number or computed and capped), never left to "all cores".
@@ -134,13 +224,30 @@ def test_def_builds_flash_attention_3_from_a_pinned_release(definition):
     assert re.search(r"^\s*MAX_JOBS=\d+", definition["arguments"], re.M)
 
 
-def test_def_test_section_imports_what_the_trainer_needs(definition):
-    imports = set()
-    for line in definition["test"].splitlines():
-        m = re.match(r"\s*import (.+)", line)
-        if m:
-            imports |= {name.strip() for name in m.group(1).split(",")}
-    assert {"torch", "lightning", "flash_attn_interface", "lit_gpt"} <= imports, imports
+def test_def_installs_the_infiniband_userspace_nccl_needs(definition):
+    """Without the verbs libraries in the image NCCL falls back to TCP between nodes (--nv binds only the driver)."""
+    apt = set()
+    for line in _script_lines(definition["post"]):
+        if line.startswith("apt-get install"):
+            apt |= {word for word in line.split()[2:] if not word.startswith("-")}
+    assert {"libibverbs1", "ibverbs-providers", "librdmacm1"} <= apt, apt
+    assert "--infiniband" in " ".join(_script_lines(definition["test"]))
+    assert set(check_image.IB_LIBRARIES) == {"libibverbs.so.1", "librdmacm.so.1"}
+    # The job script's default network is InfiniBand, which those libraries serve.
+    text = TRAIN.read_text()
+    assert '"${LLAMMLEIN_NETWORK:-ib}"' in text
+    ib_branch = text.split("    ib)", 1)[1].split(";;", 1)[0]
+    assert "NCCL_IB_HCA" in ib_branch and "NCCL_IB_DISABLE" not in ib_branch
+
+
+def test_def_test_section_checks_what_the_trainer_needs(definition):
+    test = " ".join(_script_lines(definition["test"]))
+    assert "python cluster/building/check_image.py" in test and "--flash-attention" in test
+    assert 'python -c "import lit_gpt"' in test and "pretrain/tinyllama_fabric.py --help" in test
+    # Every FlashAttention module the attention backends import is checked for the functions they call.
+    modules = set(re.findall(r"\"(flash_attn[\w.]*)\"", (ROOT / "lit_gpt" / "attention.py").read_text()))
+    assert modules and modules <= set(check_image.FLASH_ATTENTION), modules
+    assert {"flash_attn", "flash_attn_interface", "flash_attn.cute"} <= set(check_image.FLASH_ATTENTION)
 
 
 def test_def_environment_and_runscript(definition):
@@ -148,6 +255,154 @@ def test_def_environment_and_runscript(definition):
     for var in ("PYTHONUNBUFFERED=1", "HF_HOME=", "PIP_CACHE_DIR=", "TRITON_CACHE_DIR="):
         assert f"export {var}" in env, var
     assert 'python pretrain/tinyllama_fabric.py "$@"' in definition["runscript"]
+
+
+@pytest.mark.parametrize("section", ["post", "test", "environment", "runscript"])
+def test_def_sections_are_valid_shell(definition, section):
+    body = re.sub(r"\{\{ *\w+ *\}\}", "0", definition[section])  # build arguments, as Apptainer substitutes them
+    result = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------- check_image.py -----------------------------------------------------
+def test_check_image_pins_against_this_environment(tmp_path):
+    """The CPU environment holds requirements.txt exactly; a wrong or missing pin is one line naming file and package."""
+    assert check_image.pin_problems([ROOT / "requirements.txt"]) == []
+    numpy = check_image.version("numpy")
+    reqs = tmp_path / "reqs.txt"
+    reqs.write_text(f"# comment\nnumpy=={numpy}.1\nno-such-package-xyz==1.0\n--index-url https://example.invalid\n")
+    assert check_image.pin_problems([reqs]) == [
+        f"reqs.txt: numpy is pinned to {numpy}.1, installed: {numpy}",
+        "reqs.txt: no-such-package-xyz is pinned to 1.0, installed: nothing",
+    ]
+
+
+@pytest.mark.parametrize("torch_cuda, nvcc, problem", [
+    ("13.0", "13.0", None),
+    ("12.6", "12.6", None),
+    ("13.0", "12.8", "torch is built for CUDA 13.0 but nvcc is CUDA 12.8"),
+    ("13.0", "13.2", "torch is built for CUDA 13.0 but nvcc is CUDA 13.2"),  # the minor version counts too
+    (None, "13.0", "CPU-only build"),
+    ("13.0", None, "no CUDA compiler version"),
+])
+def test_check_image_cuda_pairing(torch_cuda, nvcc, problem):
+    found = check_image.cuda_pairing_problem(torch_cuda, nvcc)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def _fake_nvcc(tmp_path: Path, release: str) -> dict:
+    bin_dir = tmp_path / "nvccbin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "nvcc", f'echo "nvcc: NVIDIA (R) Cuda compiler driver"\n'
+                           f'echo "Cuda compilation tools, release {release}, V{release}.88"\n')
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_check_image_reads_nvccs_release(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _fake_nvcc(tmp_path, "13.0")["PATH"])
+    assert check_image.nvcc_version() == "13.0"
+
+
+def test_check_image_records_nvcc_only_when_torch_agrees(tmp_path):
+    """On CPU torch the pairing fails: one error line, no traceback, nothing recorded."""
+    record = tmp_path / "nvcc-version"
+    result = subprocess.run([sys.executable, str(CHECK), "--record-nvcc", str(record)], env=_fake_nvcc(tmp_path, "13.0"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: torch is a CPU-only build (torch.version.cuda is None); install it from the CUDA index"]
+    assert not record.exists()
+
+
+def test_check_image_records_and_rereads_the_nvcc_version(tmp_path, monkeypatch):
+    record = tmp_path / "nvcc-version"
+    monkeypatch.setenv("PATH", _fake_nvcc(tmp_path, "13.0")["PATH"])
+    monkeypatch.setattr(check_image, "torch_cuda_version", lambda: "13.0")
+    assert check_image.main(["--record-nvcc", str(record)]) == 0
+    assert record.read_text() == "13.0\n"
+    assert check_image.main(["--nvcc", str(record)]) == 0
+    monkeypatch.setattr(check_image, "torch_cuda_version", lambda: "12.6")
+    assert check_image.main(["--nvcc", str(record)]) == 1
+
+
+def test_check_image_flash_attention_imports(capsys, monkeypatch):
+    assert check_image.import_problems({"json": ("dumps", "loads")}) == []
+    # One error line per missing module or function, exit status 1.
+    monkeypatch.setattr(check_image, "FLASH_ATTENTION", {"json": ("dumps", "no_such_function"), "no_such_mod": ("f",)})
+    assert check_image.main(["--flash-attention"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: json has no no_such_function",
+        "error: cannot import no_such_mod: ModuleNotFoundError: No module named 'no_such_mod'",
+    ]
+
+
+def test_check_image_infiniband_libraries():
+    libc = "libc.so.6 (libc6,x86-64) => /lib/x86_64-linux-gnu/libc.so.6"
+    assert check_image.library_problems(("libc.so.6",), libc) == []
+    problems = check_image.library_problems(("libibverbs.so.1", "libc.so.6"), libc)
+    assert len(problems) == 1 and problems[0].startswith("libibverbs.so.1 is not in the linker cache")
+    assert "libibverbs1 ibverbs-providers librdmacm1" in problems[0]
+    # Listed but unloadable (a dangling cache entry) is a problem too.
+    assert "does not load" in check_image.library_problems(("libno-such-lib.so.1",), "libno-such-lib.so.1 =>")[0]
+
+
+# ------------------------------------------------- patch_flash_attn.py ------------------------------------------------
+# The lines of flash-attention v2.8.3 that the patches change, each with some context.
+_FA3_SETUP = '''    if bare_metal_version != Version("12.8"):
+        download_and_copy(name="nvcc")
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+    ]
+    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]}
+'''
+_FA3_PIPELINE = "uint32_t const n = params.num_consumers / NumThreadsPerWarpGroup;\n"
+
+
+def _hopper_tree(tmp_path: Path) -> Path:
+    hopper = tmp_path / "hopper"
+    hopper.mkdir()
+    (hopper / "setup.py").write_text(_FA3_SETUP)
+    (hopper / "sm90_pipeline_no_cluster.hpp").write_text(_FA3_PIPELINE)
+    return hopper
+
+
+def _patch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PATCH), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_patch_flash_attn_fa3(tmp_path):
+    hopper = _hopper_tree(tmp_path)
+    result = _patch("fa3", str(hopper), "--cxx-std", "c++20")
+    assert result.returncode == 0, result.stderr
+    setup = (hopper / "setup.py").read_text()
+    assert setup.count("-std=c++20") == 2 and "c++17" not in setup
+    assert 'if bare_metal_version != Version("12.8") and bare_metal_version < Version("13.0"):' in setup
+    assert (hopper / "sm90_pipeline_no_cluster.hpp").read_text() == (
+        "uint32_t const n = (params.num_consumers + NumThreadsPerWarpGroup - 1) / NumThreadsPerWarpGroup;\n")
+    # Applied patches are recognised: a second run changes nothing and succeeds.
+    assert _patch("fa3", str(hopper), "--cxx-std", "c++20").returncode == 0
+    assert (hopper / "setup.py").read_text() == setup
+
+
+def test_patch_flash_attn_refuses_a_changed_source_and_writes_nothing(tmp_path):
+    hopper = _hopper_tree(tmp_path)
+    (hopper / "sm90_pipeline_no_cluster.hpp").write_text("// fixed differently upstream\n")
+    result = _patch("fa3", str(hopper), "--cxx-std", "c++20")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {hopper / 'sm90_pipeline_no_cluster.hpp'}: expected text "), result.stderr
+    assert (hopper / "setup.py").read_text() == _FA3_SETUP, "a failed run must leave every file as it was"
+
+
+def test_patch_flash_attn_fa2_drops_the_fa4_preview(tmp_path):
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("# preview\n")
+    (tmp_path / "flash_attn" / "__init__.py").write_text('__version__ = "2.8.3"\n')
+    (tmp_path / "setup.py").write_text('nvcc_flags = ["-O3", "-std=c++17"]\ncompiler_c17_flag=["-O3", "-std=c++17"]\n')
+    result = _patch("fa2", str(tmp_path), "--cxx-std", "c++20")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "setup.py").read_text().count("-std=c++20") == 2
+    assert not (tmp_path / "flash_attn" / "cute").exists() and (tmp_path / "flash_attn" / "__init__.py").exists()
 
 
 # ------------------------------------------------- build-image.sh -----------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the training image llammlein.sif from llammlein.def (CUDA 12.8, pinned stack, FlashAttention-2 and -3).
+# Build the training image llammlein.sif from llammlein.def (CUDA 13.0, pinned stack, FlashAttention-2, -3 and -4).
 #
 #   bash cluster/building/build-image.sh [OUTPUT.sif] [extra apptainer build options, e.g. --fakeroot]
 #
