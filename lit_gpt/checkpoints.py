@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lit_gpt import integrity
 from lit_gpt.integrity import DamagedError
+from lit_gpt.original_checkpoint import is_original_state, load_optimizer_state, load_original_checkpoint
 
 CKPT_PATTERN = re.compile(r"^iter-(\d{8})-ckpt\.pth$")
 LEFTOVER_PATTERN = re.compile(r"^iter-\d{8}-ckpt\.pth\.(tmp|old)$")  # of a save that crashed
@@ -333,6 +334,8 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict[str, Any]:
     model, optimizer = _unwrap(model, optimizer)
     if path.is_file():
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict) and is_original_state(state["model"]):
+            return _load_original(path, model, optimizer)
         model_sd, optim_sd = state.pop("model"), state.pop("optimizer", None)
         _apply_state(model, optimizer, model_sd, optim_sd, StateDictOptions(full_state_dict=True))
         return state
@@ -344,6 +347,17 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict[str, Any]:
     dcp.load(target, checkpoint_id=path)
     _apply_state(model, optimizer, target["model"], target.get("optimizer"), StateDictOptions())
     return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+
+
+def _load_original(path: Path, model, optimizer) -> dict[str, Any]:
+    """A checkpoint of the original TinyLlama/LLäMmlein trainer (see lit_gpt.original_checkpoint): weights and AdamW
+    moments under our names; returns its counters with "original": True (it has no data position or RNG state)."""
+    original = load_original_checkpoint(path, with_optimizer=optimizer is not None)
+    set_model_state_dict(model, original.model, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and original.optimizer is not None:  # None: it never stepped, a fresh state is the same
+        load_optimizer_state(model, optimizer, original.optimizer)
+    return {"original": True, "step_count": original.step_count, "iter_num": original.iter_num,
+            "hparams": original.hparams}
 
 
 def _apply_state(model, optimizer, model_sd, optim_sd, options: StateDictOptions) -> None:

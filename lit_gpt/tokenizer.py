@@ -165,7 +165,7 @@ class Tokenizer:
 
         Paths are left out (the same tokenizer copied elsewhere describes the same), as are library versions."""
         return {"backend": self.backend,
-                "files": {f.name: _sha256(f) for f in self.files},
+                "files": {f.name: file_sha256(f) for f in self.files},
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
                 "add_bos": self.default_bos}
 
@@ -178,8 +178,21 @@ def _optional_id(value: int) -> Optional[int]:
     return value if value >= 0 else None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files that make a tokenizer (hashed into data manifests): the file itself, or a directory's tokenizer
+    files (what any backend may read, so a manifest and the trainer compare the same set)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
 
 
 def _read_json(path: Path) -> dict:

@@ -171,6 +171,7 @@ from torch.distributed.checkpoint import CheckpointException  # noqa: E402
 
 from lit_gpt.atomic_write import set_aside, write_atomically  # noqa: E402
 from lit_gpt.attention import DocumentMask, resolve_backend  # noqa: E402
+from lit_gpt.checkpoint_io import load_checkpoint as load_weights  # noqa: E402
 from lit_gpt.checkpoints import (SaveError, checkpoint_path, checkpoint_step, latest_checkpoint,  # noqa: E402
                                   list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint)
 from lit_gpt.datapoints import DatapointLogger  # noqa: E402
@@ -181,7 +182,7 @@ from lit_gpt.model import GPT, num_parameters  # noqa: E402
 from lit_gpt.packed_dataset import PackedDataset, StepLoader  # noqa: E402
 from lit_gpt.speed_monitor import (MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token,  # noqa: E402
                                    matmul_parameters)
-from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files  # noqa: E402
 
 
 # ------------------------------------------------- validation --------------------------------------------------
@@ -213,6 +214,24 @@ def _check_data_dir(flag: str, path: str) -> None:
         raise InputError(f"--{flag} {path}: contains no .bin chunk files (run scripts/prepare_data.py first)")
 
 
+def check_data_tokenizer(hp: dict) -> None:
+    """Data prepared with another tokenizer than --tokenizer_path trains on ids that mean other tokens: compare the
+    tokenizer files each split's manifest recorded (prepare_data.py) with those of --tokenizer_path."""
+    ours = {path.name: file_sha256(path) for path in tokenizer_files(Path(hp["tokenizer_path"]))}
+    for flag in ("train_data_dir", "val_data_dir"):
+        for directory in filter(None, hp[flag].split(",")):
+            manifest = Path(directory) / "manifest.json"
+            try:
+                recorded = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["files_sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # no manifest (TinyLlama's folders) or an older one: the token-id check at read time remains
+            differing = sorted(name for name in set(recorded) | set(ours) if recorded.get(name) != ours.get(name))
+            if differing:
+                raise InputError(f"--{flag} {directory}: prepared with another tokenizer than --tokenizer_path "
+                                 f"{hp['tokenizer_path']} (they differ in {', '.join(differing)}); prepare the data "
+                                 f"with this tokenizer, or pass the one the data was made with")
+
+
 def check_inputs(hp: dict, config: Config, world_size: int) -> None:
     """Fail fast, with one message naming the flag, on every file or world-size error detectable before training."""
     G, b = hp["global_batch_size"], hp["micro_batch_size"]
@@ -237,6 +256,7 @@ def check_inputs(hp: dict, config: Config, world_size: int) -> None:
                 f"--tokenizer_path {hp['tokenizer_path']}: tokenizer has {vocab} tokens, more than the model's "
                 f"vocab_size {config.vocab_size} ({hp['model_name']}); pick a larger model or --vocab_size"
             )
+        check_data_tokenizer(hp)
     out = Path(hp["out_dir"])
     if out.exists() and not out.is_dir():
         raise InputError(f"--out_dir {out}: exists and is not a directory")
@@ -249,8 +269,8 @@ def check_inputs(hp: dict, config: Config, world_size: int) -> None:
         # A fresh run here would mix its checkpoints with the old run's, and rotation would delete the new ones.
         raise InputError(f"--out_dir {out}: holds checkpoints of an earlier run (newest: {newest.name}); pass "
                          f"--resume auto to continue it, or choose another --out_dir")
-    if hp["init_from"] and not Path(hp["init_from"]).is_file():
-        raise InputError(f"--init_from {hp['init_from']}: no such checkpoint file")
+    if hp["init_from"] and not Path(hp["init_from"]).exists():
+        raise InputError(f"--init_from {hp['init_from']}: no such checkpoint")
 
 
 @contextmanager
@@ -296,6 +316,21 @@ def check_resumable(ckpt: dict, path: Path, hp: dict, train_data: PackedDataset)
         raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}; "
                          f"pass a later --stop_at_step, or 0 to train to the end")
     return step, ckpt["iter_num"], ckpt["tokens_seen"], ckpt.get("skipped_steps", 0)
+
+
+def resume_original(ckpt: dict, path: Path, hp: dict, config: Config, fabric: Fabric) -> tuple[int, int, int, int]:
+    """Counters for a run continued from the original TinyLlama/LLäMmlein trainer's checkpoint (weights and AdamW
+    state are loaded). It holds no data position: the run goes on at its step count on this toolkit's sample order."""
+    step, theirs = ckpt["step_count"], ckpt["hparams"].get("global_batch_size")
+    if theirs is not None and theirs != hp["global_batch_size"]:
+        raise InputError(f"--global_batch_size {hp['global_batch_size']} differs from the original run's {theirs} "
+                         f"({path}): its step count would mean another number of samples")
+    if 0 < hp["stop_at_step"] <= step < hp["max_steps"]:
+        raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}")
+    fabric.print(f"{path} was written by the original TinyLlama/LLäMmlein trainer: its weights, AdamW state and step "
+                 f"count ({step}) carry over; its data order cannot, so training continues at step {step} of this "
+                 f"toolkit's order over --train_data_dir (sample position {step * hp['global_batch_size']:,}).")
+    return step, ckpt["iter_num"], step * hp["global_batch_size"] * config.block_size, 0
 
 
 def set_aside_checkpoints_after(out_dir: Path, step: int, log) -> None:
@@ -376,7 +411,7 @@ def write_run_files(out_dir: Path, hp: dict, config: Config, extra: dict) -> Non
         dst.mkdir(exist_ok=True)
         files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file()]
         for f in files:
-            write_atomically(dst / ("tokenizer.model" if src.is_file() else f.name), f.read_bytes())
+            write_atomically(dst / ("tokenizer.model" if f.suffix == ".model" else f.name), f.read_bytes())
 
 
 # ------------------------------------------------- evaluation --------------------------------------------------
@@ -443,11 +478,11 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
                                           and n_params > 2e9 and not hp["init_from"])
     with fabric.init_module(empty_init=meta):
         model = GPT(config)
-    if hp["init_from"]:
+    if hp["init_from"]:  # ours (full or sharded), a converted HF model, or one of the original trainer
         try:
-            state = torch.load(hp["init_from"], map_location="cpu", mmap=True, weights_only=True)
-            model.load_state_dict(state.get("model", state))
-        except Exception as e:  # not a torch checkpoint, or another architecture: the same on every rank
+            weights = load_weights(hp["init_from"])["model"]
+            model.load_state_dict({key: weights[key] for key in weights})
+        except Exception as e:  # not a checkpoint, damaged, or another architecture: the same on every rank
             raise InputError(f"--init_from {hp['init_from']}: cannot be loaded into {hp['model_name']} "
                              f"({type(e).__name__}: {str(e).strip()[:500]})") from None
     model.activation_checkpointing = hp["activation_checkpointing"]
@@ -467,16 +502,20 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
             raise InputError(f"--resume {resume_path}: cannot be loaded into {hp['model_name']} with this optimizer "
                              f"({type(e).__name__}: {str(e).strip()[:500]}); a converted model without optimizer "
                              f"state starts with --init_from") from None
-        step, iter_num, tokens_seen, skipped = check_resumable(ckpt, resume_path, hp, train_data)
+        if ckpt.get("original"):
+            step, iter_num, tokens_seen, skipped = resume_original(ckpt, resume_path, hp, config, fabric)
+        else:
+            step, iter_num, tokens_seen, skipped = check_resumable(ckpt, resume_path, hp, train_data)
         if step >= hp["max_steps"]:  # a finished run started again (e.g. a requeued job): nothing to add
             fabric.print(f"{resume_path} is at step {step}, the run's last (--max_steps {hp['max_steps']}); "
                          f"nothing to train")
             return 0
-        if ckpt["world_size"] == W:
+        if ckpt.get("world_size") == W:
             restore_rng(ckpt["rng"][rank])
         else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones deterministically
             torch.manual_seed(hp["seed"] + 1000003 * step + rank)
-        fabric.print(f"Resumed from {resume_path} at step {step} (written by {ckpt['world_size']} ranks, now {W})")
+        fabric.print(f"Resumed from {resume_path} at step {step} (written by {ckpt.get('world_size', '?')} ranks, "
+                     f"now {W})")
 
     with blamed_on("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
         existing_metrics = read_metrics(out_dir / "metrics.jsonl", fabric.print) if rank == 0 else None

@@ -205,7 +205,7 @@ def main(argv=None) -> int:
 def write_provenance(args: argparse.Namespace, files: list[Path]) -> None:
     """provenance.json: each tokenizer file's sha256 and the backend `Tokenizer(output_dir)` encodes with (the
     same record prepare_data.py puts in its manifests; the name keeps it out of the hashed tokenizer files)."""
-    from lit_gpt.data_pipeline.plan import file_sha256, tokenizer_files
+    from lit_gpt.tokenizer import file_sha256, tokenizer_files
     from lit_gpt.tokenizer import Tokenizer
 
     provenance = {"backend": Tokenizer(args.output_dir).backend, "vocab_size": args.vocab_size,

@@ -4,7 +4,6 @@ Every task reads the plan from there, so the Slurm array tasks of a run and a re
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import zlib
 from dataclasses import asdict
@@ -16,6 +15,7 @@ import numpy as np
 from lit_gpt.atomic_write import write_atomically
 from lit_gpt.corpus import Shard
 from lit_gpt.sample_order import splitmix64
+from lit_gpt.tokenizer import file_sha256, tokenizer_files  # noqa: F401  (re-exported for prepare_data)
 
 SPLITS = ("train", "val")
 STAGING = ".staging"
@@ -53,22 +53,6 @@ def load_plan(work: Path) -> Optional[dict]:
 
 def plan_to_json(plan: dict) -> dict:
     return {**plan, "shards": [asdict(s) for s in plan["shards"]]}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tokenizer_files(path: Path) -> list[Path]:
-    """The files that make a tokenizer (hashed into manifests): the file itself, or a directory's tokenizer files."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
 
 
 def validation_mask(ids, seed: int, val_fraction: float) -> np.ndarray:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from gpu_record import DEVICE
+from gpu.gpu_record import DEVICE
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,7 @@ import os
 import time
 
 import pytest
-from gpu_record import DEVICE, record
+from gpu.gpu_record import DEVICE, record
 
 from test_trainer import metrics, train, train_losses
 

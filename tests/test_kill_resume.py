@@ -1,0 +1,81 @@
+"""SIGKILL a training run at a step and inside a checkpoint write, on 1 rank (full checkpoints) and on 2 ranks (FSDP,
+sharded checkpoints); `--resume auto` after each kill must end with exactly the losses of an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from test_trainer import train, train_losses, trainer_args
+
+STEPS = 8
+# Every rank of the run is in one process group (the test starts it as a new session): killing the group is what a
+# node failure or `scancel -s KILL` does to all ranks at once.
+KILLER = """
+import os, runpy, signal, sys
+kind, at = os.environ["KILL_AT"].split(":")
+at = int(at)
+
+def die():
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+if kind == "step":  # right after optimizer step `at` (the datapoint log records each step after its update)
+    import lit_gpt.datapoints as datapoints
+    record = datapoints.DatapointLogger.record
+    def killing_record(self, step, sample_index):
+        record(self, step, sample_index)
+        if step + 1 == at:
+            die()
+    datapoints.DatapointLogger.record = killing_record
+else:  # while the checkpoint of step `at` is being written: part of it is on disk
+    import lit_gpt.checkpoints as checkpoints
+    import torch
+    name = f"iter-{at:08d}-ckpt.pth"
+    real_save, real_dcp_save = torch.save, checkpoints.dcp.save
+    def save(obj, f, *args, **kwargs):
+        if name in str(f):
+            with open(f, "wb") as handle:
+                handle.write(b"partial checkpoint bytes")
+            die()
+        return real_save(obj, f, *args, **kwargs)
+    def dcp_save(state, checkpoint_id=None, **kwargs):
+        if name in str(checkpoint_id):
+            real_dcp_save(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards, but not the metadata file
+            die()
+        return real_dcp_save(state, checkpoint_id=checkpoint_id, **kwargs)
+    torch.save, checkpoints.dcp.save = save, dcp_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+LAYOUTS = {"one_rank_full": dict(devices=1, strategy="auto", state_dict_type="full"),
+           "two_ranks_fsdp_sharded": dict(devices=2, strategy="fsdp", state_dict_type="sharded")}
+
+
+def killed_run(prepared_data, out_dir, wrapper, kill_at: str, **overrides) -> None:
+    args = trainer_args(prepared_data, out_dir, **overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT": kill_at}
+    result = subprocess.run([sys.executable, str(wrapper), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600, start_new_session=True)
+    assert result.returncode == -signal.SIGKILL, (kill_at, result.stdout[-2000:], result.stderr[-2000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_killed_runs_resume_to_the_uninterrupted_losses(prepared_data, tmp_path, layout):
+    wrapper = tmp_path / "killer.py"
+    wrapper.write_text(KILLER)
+    common = dict(max_steps=STEPS, save_interval=2, **LAYOUTS[layout])
+    train(prepared_data, tmp_path / "reference", **common)
+    run = tmp_path / "run"
+    killed_run(prepared_data, run, wrapper, "step:3", **common)  # checkpoint 2 written, step 3 lost
+    killed_run(prepared_data, run, wrapper, "save:4", resume="auto", **common)  # dies writing checkpoint 4
+    assert not (run / "iter-00000004-ckpt.pth").exists()
+    killed_run(prepared_data, run, wrapper, "step:7", resume="auto", **common)  # checkpoint 6 written
+    out = train(prepared_data, run, resume="auto", **common)
+    assert f"Resumed from {run / 'iter-00000006-ckpt.pth'}" in out.stdout
+    reference, resumed = train_losses(tmp_path / "reference"), train_losses(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed == reference  # exactly: same data position, RNG, optimizer state and reduction order
