@@ -251,6 +251,13 @@ def _flash_entry(impl: str) -> Union[ModuleType, str]:
     return _FLASH[impl]
 
 
+def flash_backend_problem(impl: str) -> Optional[str]:
+    """Why FlashAttention backend `impl` (fa3, fa4, fa2) cannot be used here, or None: its module, the functions this
+    file calls and their keywords (the image's self-check runs the same test)."""
+    entry = _flash_entry(impl)
+    return entry if isinstance(entry, str) else None
+
+
 def _flash_module(impl: str) -> ModuleType:
     module = _flash_entry(impl)
     if isinstance(module, str):

@@ -244,10 +244,10 @@ def test_def_test_section_checks_what_the_trainer_needs(definition):
     test = " ".join(_script_lines(definition["test"]))
     assert "python cluster/building/check_image.py" in test and "--flash-attention" in test
     assert 'python -c "import lit_gpt"' in test and "pretrain/tinyllama_fabric.py --help" in test
-    # Every FlashAttention module the attention backends import is checked for the functions they call.
-    modules = set(re.findall(r"\"(flash_attn[\w.]*)\"", (ROOT / "lit_gpt" / "attention.py").read_text()))
-    assert modules and modules <= set(check_image.FLASH_ATTENTION), modules
-    assert {"flash_attn", "flash_attn_interface", "flash_attn.cute"} <= set(check_image.FLASH_ATTENTION)
+    # Every FlashAttention backend the trainer knows is checked, by the trainer's own test of it.
+    from lit_gpt.attention import _FLASH_API
+
+    assert set(check_image.FLASH_ATTENTION) == set(_FLASH_API)
 
 
 def test_def_environment_and_runscript(definition):
@@ -325,15 +325,12 @@ def test_check_image_records_and_rereads_the_nvcc_version(tmp_path, monkeypatch)
     assert check_image.main(["--nvcc", str(record)]) == 1
 
 
-def test_check_image_flash_attention_imports(capsys, monkeypatch):
-    assert check_image.import_problems({"json": ("dumps", "loads")}) == []
-    # One error line per missing module or function, exit status 1.
-    monkeypatch.setattr(check_image, "FLASH_ATTENTION", {"json": ("dumps", "no_such_function"), "no_such_mod": ("f",)})
+def test_check_image_flash_attention_imports(capsys):
+    # Here (CPU, no flash-attn) every backend is a problem: one error line each, naming the module, exit status 1.
     assert check_image.main(["--flash-attention"]) == 1
-    assert capsys.readouterr().err.splitlines() == [
-        "error: json has no no_such_function",
-        "error: cannot import no_such_mod: ModuleNotFoundError: No module named 'no_such_mod'",
-    ]
+    errors = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in errors] == list(check_image.FLASH_ATTENTION)
+    assert "'flash_attn_interface' is not importable" in errors[0] and "flash_attn" in errors[2]
 
 
 def test_check_image_infiniband_libraries():

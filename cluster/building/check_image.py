@@ -18,12 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)==([^\s;#]+)")
-# What the attention backends of lit_gpt/attention.py call, per module.
-FLASH_ATTENTION = {
-    "flash_attn": ("flash_attn_func", "flash_attn_varlen_func"),  # FlashAttention-2
-    "flash_attn_interface": ("flash_attn_func", "flash_attn_varlen_func"),  # FlashAttention-3 (Hopper)
-    "flash_attn.cute": ("flash_attn_func", "flash_attn_varlen_func"),  # FlashAttention-4 (CuTe DSL)
-}
+# The FlashAttention backends the image provides (lit_gpt.attention checks each one's module, functions and keywords).
+FLASH_ATTENTION = ("fa3", "fa4", "fa2")
 # NCCL's InfiniBand transport dlopens these; without them it falls back to TCP sockets across nodes, silently.
 IB_LIBRARIES = ("libibverbs.so.1", "librdmacm.so.1")
 
@@ -83,16 +79,15 @@ def torch_cuda_version() -> str | None:
     return torch.version.cuda
 
 
-def import_problems(expected: dict[str, tuple[str, ...]]) -> list[str]:
-    problems = []
-    for module, functions in expected.items():
-        try:
-            mod = importlib.import_module(module)
-        except Exception as e:  # an extension that fails to load raises ImportError or OSError
-            problems.append(f"cannot import {module}: {type(e).__name__}: {e}")
-            continue
-        problems += [f"{module} has no {fn}" for fn in functions if not callable(getattr(mod, fn, None))]
-    return problems
+def flash_attention_problems(backends: tuple[str, ...]) -> list[str]:
+    """The trainer's own check of each backend (module importable, the functions it calls with the keywords it
+    passes), so that the image cannot pass with a FlashAttention the trainer would refuse."""
+    try:
+        from lit_gpt.attention import flash_backend_problem
+    except ImportError:  # at build time the baked-in code is not on sys.path yet
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from lit_gpt.attention import flash_backend_problem
+    return [f"{impl}: {problem}" for impl in backends if (problem := flash_backend_problem(impl))]
 
 
 def ldconfig_libraries() -> str:
@@ -138,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.record_nvcc:
             args.record_nvcc.write_text(nvcc + "\n")
     if args.flash_attention:
-        problems += import_problems(FLASH_ATTENTION)
+        problems += flash_attention_problems(FLASH_ATTENTION)
     if args.infiniband:
         problems += library_problems(IB_LIBRARIES, ldconfig_libraries())
     for problem in problems:
