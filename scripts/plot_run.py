@@ -99,6 +99,7 @@ def build_figure(runs: list[Run]):
             if not ax.lines:
                 ax.text(0.5, 0.5, f"n/a: no run logged {ylabel}", transform=ax.transAxes, ha="center",
                         va="center", color="gray")
+                ax.set_yticks([])  # no scale to read where nothing is drawn
             if field in formatters:
                 ax.yaxis.set_major_formatter(formatters[field]())
             if x_field in formatters:
