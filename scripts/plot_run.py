@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.atomic_write import write_atomically  # noqa: E402
@@ -50,21 +52,20 @@ def load_run(out_dir: Path, name: str | None = None) -> Run:
     train = [r for r in records if "loss" in r]
     if not train:
         raise RunError(f"{path}: no training steps logged")
-    val = [{**r, "tokens": _tokens_at(r["step"], train)} for r in records if "val_loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    for record, tokens in zip(val, _tokens_at([r["step"] for r in val], train)):
+        record["tokens"] = tokens
     return Run(name or out_dir.name, train, val)
 
 
-def _tokens_at(step: int, train: list[dict]) -> float:
-    """Tokens seen at `step`. Validation records carry no token count: interpolate between the logged steps around
-    it (from step 0, token 0), or go on at the last logged rate after the last one (a run killed in between)."""
-    before = max((r for r in train if r["step"] <= step), key=lambda r: r["step"], default={"step": 0, "tokens": 0})
-    after = min((r for r in train if r["step"] >= step), key=lambda r: r["step"], default=None)
-    if after is None:
-        return step * before["tokens"] / before["step"] if before["step"] else 0.0
-    if after["step"] == before["step"]:
-        return float(after["tokens"])
-    share = (step - before["step"]) / (after["step"] - before["step"])
-    return before["tokens"] + share * (after["tokens"] - before["tokens"])
+def _tokens_at(steps: list[int], train: list[dict]) -> list[float]:
+    """Tokens seen at each of `steps`. Validation records carry no token count: interpolate between the logged steps
+    around each (from step 0, token 0), or go on at the average rate after the last one (a run killed in between)."""
+    logged = sorted((r["step"], r["tokens"]) for r in train)
+    known_steps, known_tokens = np.array([0] + [s for s, _ in logged]), np.array([0] + [t for _, t in logged])
+    rate = known_tokens[-1] / known_steps[-1]
+    at = np.asarray(steps, dtype=float)
+    return np.where(at <= known_steps[-1], np.interp(at, known_steps, known_tokens), at * rate).tolist()
 
 
 def _values(records: list[dict], field: str) -> list[float]:
