@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on CPU: corpus -> tokenizer -> packed data -> training (TensorBoard, checkpoint)
-# -> loss report -> Hugging Face export (verified against transformers) -> a generated German sample.
+# -> loss report and plot -> Hugging Face export (verified against transformers) -> a generated German sample.
 #
 #   bash scripts/demo.sh [CORPUS_DIR]
 #
@@ -39,8 +39,9 @@ $PY pretrain/tinyllama_fabric.py --model_name "$MODEL" --out_dir "$DEMO_DIR/out"
     --warmup_steps 30 --log_interval 20 --eval_interval 200 --eval_iters 20 --save_interval "$STEPS" \
     --num_workers 1 --resume auto
 
-echo "== 5/6 loss report"
+echo "== 5/6 loss report and plot ($DEMO_DIR/out/loss.png)"
 $PY scripts/summarize_run.py "$DEMO_DIR/out" --expect_falling
+$PY scripts/plot_run.py "$DEMO_DIR/out"
 
 CKPT=$(ls -d "$DEMO_DIR"/out/iter-*-ckpt.pth | sort | tail -n 1)
 if [ -f scripts/create.sh ] && [ -f scripts/generate.py ]; then
