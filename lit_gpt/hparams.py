@@ -5,7 +5,8 @@
 
 The comment is the flag's `--help` text (one place to edit), the default's type is the flag's type, and two markers
 in the comment are enforced (so braces and brackets are kept for them): `{a, b}` lists the allowed values, `[> 0]`,
-`[>= 1]`, `[0, 1)` or `(0, 1]` bound a number. A string with both (`{auto} ... [>= 1]`) takes one of the words or an integer in the bounds. Floats must be finite.
+`[>= 1]`, `[0, 1)` or `(0, 1]` bound a number. A string with both (`{auto} ... [>= 1]`) takes one of the words or an
+integer in the bounds; one whose comment says "comma-separated" takes any number of the words. Floats must be finite.
 Values come from the defaults, then a YAML file, then the command line; every one is checked in `Hyperparameter.check`,
 so a bad value is one error naming its flag, before anything expensive (torch is not imported here).
 """
@@ -50,6 +51,7 @@ class Hyperparameter:
     high: Optional[float] = None
     high_inclusive: bool = True
     default_text: Optional[str] = None  # shown in --help instead of the default value
+    several: bool = False  # "comma-separated" {choices}: any number of them, each checked
 
     @classmethod
     def from_comment(cls, name: str, default: Any, text: str, default_text: Optional[str] = None) -> "Hyperparameter":
@@ -57,6 +59,7 @@ class Hyperparameter:
         hp = cls(name, default, text, default_text=default_text)
         if match := _CHOICES.search(text):
             hp.choices = tuple(c.strip() for c in match.group(1).split(","))
+            hp.several = "comma-separated" in text
         if match := _BOUNDS.search(text):
             opening, op, bound, low, high, closing = match.groups()
             if op:
@@ -89,6 +92,11 @@ class Hyperparameter:
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{source} must be a finite number, got {value}")
         number = value
+        if isinstance(value, str) and self.several:
+            unknown = [item for item in value.split(",") if item not in self.choices]
+            if unknown:
+                raise InputError(f"{source}: {', '.join(map(repr, unknown))} not among {', '.join(self.choices)}")
+            return
         if isinstance(value, str):
             if self.choices is None or value in self.choices:
                 return

@@ -23,11 +23,11 @@ class MetricsLog:
                "skipped_steps", "memory_gb", "time")
 
     def __init__(self, out_dir: Path, resume_step: Optional[int], enabled: bool, log=print,
-                 existing: Optional[tuple[list[dict], bool]] = None) -> None:
+                 existing: Optional[tuple[list[dict], bool]] = None, write_csv: bool = True) -> None:
         """`existing`: what `read_metrics` returned for out_dir, if the caller read it already (to check it before
-        changing anything)."""
+        changing anything); `write_csv`: keep metrics.csv beside metrics.jsonl."""
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
-        self.enabled = enabled
+        self.enabled, self.write_csv = enabled, write_csv
         if not enabled:
             return
         records, torn = existing or read_metrics(self.jsonl, log)
@@ -37,8 +37,9 @@ class MetricsLog:
                 if path.exists():
                     log(f"Set aside {path.name} (records after step {resume_step or 0}) as "
                         f"{set_aside(path, 'replaced').name}")
-        if kept != records or not self.csv.exists():
+        if kept != records or not self.jsonl.exists():
             write_atomically(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        if write_csv and (kept != records or not self.csv.exists()):
             table = io.StringIO(newline="")
             writer = csv.DictWriter(table, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -50,8 +51,9 @@ class MetricsLog:
             return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)
+        if self.write_csv:
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)
 
 
 def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:

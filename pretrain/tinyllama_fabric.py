@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_gpt import hparams as hparams_lib  # noqa: E402  (pure Python: no torch before the flags are checked)
 from lit_gpt.config import Config  # noqa: E402
 from lit_gpt.hparams import InputError  # noqa: E402
+from lit_gpt.profiling import ProfileWindow, parse_window  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters (LLäMmlein 1B defaults). Edit here, or override: --name value / --config run.yaml. Each comment is
@@ -68,6 +69,12 @@ eval_interval = 1000  # optimizer steps between validations; 0: only at the end 
 eval_iters = 25  # validation batches of global_batch_size samples [>= 1]
 save_interval = 5000  # optimizer steps between checkpoints [>= 1]
 keep_last_checkpoints = 3  # checkpoints kept in out_dir; 0 keeps all [>= 0]
+logger = "tensorboard,csv"  # comma-separated from {tensorboard, wandb, csv} (metrics.jsonl is always written)
+wandb_project = "llammlein"  # W&B project
+wandb_entity = ""  # W&B team or user; empty: your default entity
+wandb_name = ""  # W&B run name; empty: the out_dir's name
+wandb_tags = ""  # W&B tags, comma-separated
+profile_steps = ""  # START:END records a torch.profiler trace of those steps (+ CUDA memory) in out_dir/profile
 # Parallelism and performance
 accelerator = "auto"  # {auto, cuda, cpu}
 devices = "auto"  # processes (GPUs) per node: {auto} (all GPUs; 1 on CPU) or a count [>= 1]; Slurm's under srun
@@ -118,6 +125,15 @@ def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict, bool]:
     return hparams, {k: v for k, v in values.items() if k in MODEL_FIELDS}, print_config
 
 
+@contextmanager
+def blamed_on(flag: str) -> Iterator[None]:
+    """A ValueError raised inside (e.g. by the dataset) becomes an InputError naming the flag whose value caused it."""
+    try:
+        yield
+    except ValueError as e:
+        raise InputError(f"--{flag}: {e}") from None
+
+
 def check_hparams(hp: dict, overrides: dict) -> Config:
     """Checks that need more than one flag (each flag alone was checked when parsed); resolves max_tokens."""
     try:
@@ -131,6 +147,8 @@ def check_hparams(hp: dict, overrides: dict) -> Config:
         raise InputError(f"--max_steps must be >= 1 (or set --max_tokens), got {hp['max_steps']}")
     if hp["min_lr"] > hp["learning_rate"]:  # the "decay" would rise
         raise InputError(f"--min_lr {hp['min_lr']} is above --learning_rate {hp['learning_rate']}")
+    with blamed_on("profile_steps"):
+        parse_window(hp["profile_steps"])
     sources = hp["train_data_dir"].split(",")
     if hp["train_data_weights"]:
         try:
@@ -165,7 +183,6 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 from lightning.fabric import Fabric  # noqa: E402
-from lightning.fabric.loggers import TensorBoardLogger  # noqa: E402
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from torch.distributed.checkpoint import CheckpointException  # noqa: E402
 
@@ -176,6 +193,7 @@ from lit_gpt.checkpoints import (SaveError, checkpoint_path, checkpoint_step, la
                                   list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint)
 from lit_gpt.datapoints import DatapointLogger  # noqa: E402
 from lit_gpt.distributed import make_strategy  # noqa: E402
+from lit_gpt.loggers import RunLoggers  # noqa: E402
 from lit_gpt.loss import token_losses  # noqa: E402
 from lit_gpt.metrics_log import MetricsLog, read_metrics  # noqa: E402
 from lit_gpt.model import GPT, num_parameters  # noqa: E402
@@ -271,15 +289,6 @@ def check_inputs(hp: dict, config: Config, world_size: int) -> None:
                          f"--resume auto to continue it, or choose another --out_dir")
     if hp["init_from"] and not Path(hp["init_from"]).exists():
         raise InputError(f"--init_from {hp['init_from']}: no such checkpoint")
-
-
-@contextmanager
-def blamed_on(flag: str) -> Iterator[None]:
-    """A ValueError raised inside (e.g. by the dataset) becomes an InputError naming the flag whose value caused it."""
-    try:
-        yield
-    except ValueError as e:
-        raise InputError(f"--{flag}: {e}") from None
 
 
 def resume_checkpoint(hp: dict, verify: bool = True) -> Optional[Path]:
@@ -446,29 +455,49 @@ def _doc_mask(mb: dict, hp: dict, fabric: Fabric) -> Optional[DocumentMask]:
 
 
 # ------------------------------------------------- training ----------------------------------------------------
-def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
-    out_dir = Path(hp["out_dir"])
-    rank, W = fabric.global_rank, fabric.world_size
-    G, b = hp["global_batch_size"], hp["micro_batch_size"]
-    fabric.seed_everything(hp["seed"])  # identical initial weights on every rank
-    # Installed before the (possibly long) setup: a signal's default action would kill the job without a save.
-    preemption = Preemption()
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint carries besides model, optimizer and RNG states."""
 
+    step: int = 0  # optimizer steps taken
+    iter_num: int = 0  # micro-batches per rank so far
+    tokens_seen: int = 0  # real (non-padding) tokens of all ranks
+    skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's real tokens
+    grad_norm: float  # before clipping
+    tokens: int  # real tokens of the global batch
+    stop_requested: bool  # any rank got SIGUSR1/SIGTERM
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def load_data(fabric: Fabric, hp: dict, config: Config) -> tuple[PackedDataset, Optional[PackedDataset]]:
     sources = hp["train_data_dir"].split(",")
     weights = [float(w) for w in hp["train_data_weights"].split(",")] if hp["train_data_weights"] else None
     cache = dict(cache_dir=hp["cache_dir"] or None, cache_max_bytes=int(hp["cache_max_gb"] * 2**30) or None)
+    common = dict(block_size=config.block_size, seed=hp["seed"], with_doc_ids=hp["document_masking"],
+                  vocab_size=config.vocab_size)
     with blamed_on("train_data_dir"):  # e.g. a source too small for one sample, or no document index for masking
-        train_data = PackedDataset(sources, weights, block_size=config.block_size, seed=hp["seed"],
-                                   with_doc_ids=hp["document_masking"], vocab_size=config.vocab_size, **cache)
+        train_data = PackedDataset(sources, weights, **common, **cache)
         if hp["verify_data"]:
             fabric.print(f"Verified the checksums of {train_data.verify_checksums()} training chunks")
-    with blamed_on("val_data_dir"):
-        val_data = (PackedDataset([hp["val_data_dir"]], None, block_size=config.block_size, seed=hp["seed"],
-                                  with_doc_ids=hp["document_masking"], vocab_size=config.vocab_size)
-                    if hp["val_data_dir"] else None)
-        if val_data is not None and hp["verify_data"]:
-            fabric.print(f"Verified the checksums of {val_data.verify_checksums()} validation chunks")
+    val_data = None
+    if hp["val_data_dir"]:
+        with blamed_on("val_data_dir"):
+            val_data = PackedDataset([hp["val_data_dir"]], None, **common)
+            if hp["verify_data"]:
+                fabric.print(f"Verified the checksums of {val_data.verify_checksums()} validation chunks")
+    return train_data, val_data
 
+
+def build_model(fabric: Fabric, hp: dict, config: Config):
+    """(model, optimizer, parameter count), set up for the strategy; weights from --init_from if given."""
     with blamed_on("attn_impl"):  # an explicitly requested backend that cannot run here stops the run before setup
         resolve_backend(config.attn_impl, fabric.device, torch.bfloat16 if "bf16" in hp["precision"] else torch.float32,
                         config.head_size, document_masking=hp["document_masking"], needs_grad=True)
@@ -492,179 +521,222 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str) -> int:
     # Module first, optimizer second: FSDP2 would otherwise leave the optimizer holding unsharded parameters.
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, hp))
+    return model, optimizer, n_params
 
-    step, iter_num, tokens_seen, skipped = 0, 0, 0, 0
-    resume_path = resume_checkpoint(hp)
-    if resume_path is not None:
-        try:
-            ckpt = load_checkpoint(resume_path, model, optimizer)
-        except (Exception, CheckpointException) as e:  # the same on every rank: all of them stop with this message
-            raise InputError(f"--resume {resume_path}: cannot be loaded into {hp['model_name']} with this optimizer "
-                             f"({type(e).__name__}: {str(e).strip()[:500]}); a converted model without optimizer "
-                             f"state starts with --init_from") from None
-        if ckpt.get("original"):
-            step, iter_num, tokens_seen, skipped = resume_original(ckpt, resume_path, hp, config, fabric)
-        else:
-            step, iter_num, tokens_seen, skipped = check_resumable(ckpt, resume_path, hp, train_data)
-        if step >= hp["max_steps"]:  # a finished run started again (e.g. a requeued job): nothing to add
-            fabric.print(f"{resume_path} is at step {step}, the run's last (--max_steps {hp['max_steps']}); "
-                         f"nothing to train")
-            return 0
-        if ckpt.get("world_size") == W:
-            restore_rng(ckpt["rng"][rank])
-        else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones deterministically
-            torch.manual_seed(hp["seed"] + 1000003 * step + rank)
-        fabric.print(f"Resumed from {resume_path} at step {step} (written by {ckpt.get('world_size', '?')} ranks, "
-                     f"now {W})")
 
+def restore(fabric: Fabric, hp: dict, config: Config, model, optimizer,
+            train_data: PackedDataset) -> tuple[Optional[Path], Progress]:
+    """Load the checkpoint to resume from (if any) into model and optimizer, check that this run can continue it and
+    restore the RNG states. Changes nothing in out_dir."""
+    path = resume_checkpoint(hp)
+    if path is None:
+        return None, Progress()
+    try:
+        ckpt = load_checkpoint(path, model, optimizer)
+    except (Exception, CheckpointException) as e:  # the same on every rank: all of them stop with this message
+        raise InputError(f"--resume {path}: cannot be loaded into {hp['model_name']} with this optimizer "
+                         f"({type(e).__name__}: {str(e).strip()[:500]}); a converted model without optimizer "
+                         f"state starts with --init_from") from None
+    if ckpt.get("original"):
+        progress = Progress(*resume_original(ckpt, path, hp, config, fabric))
+    else:
+        progress = Progress(*check_resumable(ckpt, path, hp, train_data))
+    if ckpt.get("world_size") == fabric.world_size:
+        restore_rng(ckpt["rng"][fabric.global_rank])
+    else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones deterministically
+        torch.manual_seed(hp["seed"] + 1000003 * progress.step + fabric.global_rank)
+    fabric.print(f"Resumed from {path} at step {progress.step} (written by {ckpt.get('world_size', '?')} ranks, "
+                 f"now {fabric.world_size})")
+    return path, progress
+
+
+def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data_error: Optional[Exception],
+               hp: dict, stop_signal: bool) -> StepResult:
+    """One optimizer step over this rank's micro-batches of the global batch."""
+    W = fabric.world_size
+    # Normalise by the real tokens of the whole global batch: every token weighs the same whatever the split into
+    # ranks and micro-batches (and padding). A rank whose data could not be read says so in the same collective, so
+    # that all ranks stop with the error instead of waiting for each other.
+    real = float(sum((mb["labels"] != -100).sum() for mb in micro_batches))
+    real_and_error = fabric.all_reduce(torch.tensor([real, data_error is not None], dtype=torch.float32)
+                                       .to(fabric.device), reduce_op="sum")
+    if real_and_error[1].item():  # a sync, but the device is idle here: the last step ended with one
+        raise InputError(f"--train_data_dir: {data_error}" if data_error else
+                         "--train_data_dir: another rank found unusable training data (its error names the file)")
+    global_real = real_and_error[0].clamp(min=1)
+    loss_sum = torch.zeros((), device=fabric.device)
+    for i, mb in enumerate(micro_batches):
+        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+            logits = model(_to(mb["input_ids"], fabric), doc_mask=_doc_mask(mb, hp, fabric))
+            ce, objective = token_losses(logits, _to(mb["labels"], fabric), hp["z_loss"])
+            del logits  # the loss keeps only its gradient: the logits can go before backward
+            fabric.backward(objective * (W / global_real))
+        loss_sum += ce
+    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=hp["grad_clip"] or float("inf"),
+                                       error_if_nonfinite=False)  # non-finite steps are skipped below
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # One collective and one host sync per step: the loss, and whether any rank was asked to stop (so that all ranks
+    # stop after the same step). A non-finite step is skipped on the device by the fused AdamW itself (`found_inf`,
+    # the hook GradScaler uses), so the update is queued before the host reads anything.
+    loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, stop_signal)]), reduce_op="sum")
+    finite = torch.isfinite(loss_and_stop[0]) & torch.isfinite(grad_norm)
+    getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_total, norm, stop, tokens = torch.stack([loss_and_stop[0], grad_norm.float(), loss_and_stop[1],
+                                                  global_real]).tolist()
+    return StepResult(loss_total / tokens, norm, int(tokens), stop > 0)
+
+
+def save(fabric: Fabric, hp: dict, config: Config, model, optimizer, progress: Progress,
+         train_data: PackedDataset, datapoints: DatapointLogger) -> None:
+    datapoints.flush(progress.step)
+    rng = [None] * fabric.world_size
+    if fabric.world_size > 1:
+        torch.distributed.all_gather_object(rng, capture_rng())
+    else:
+        rng = [capture_rng()]
+    G = hp["global_batch_size"]
+    meta = {"step_count": progress.step, "iter_num": progress.iter_num, "tokens_seen": progress.tokens_seen,
+            "skipped_steps": progress.skipped, "world_size": fabric.world_size, "rng": rng, "hparams": hp,
+            "config": config.to_dict(),
+            "data": {"global_batch_size": G, "samples_seen": progress.step * G, "manifest": train_data.manifest}}
+    path = checkpoint_path(Path(hp["out_dir"]), progress.step)
+    save_checkpoint(path, model, optimizer, meta, hp["state_dict_type"], keep_last=hp["keep_last_checkpoints"])
+    fabric.print(f"Saved {path}")
+
+
+class RunLog:
+    """Everything a step reports: metrics.jsonl/.csv, TensorBoard/W&B, the console line, tokens/s and MFU."""
+
+    def __init__(self, fabric: Fabric, hp: dict, monitor: SpeedMonitor, metrics: MetricsLog,
+                 loggers: RunLoggers, start: Progress) -> None:
+        self.fabric, self.hp, self.monitor, self.metrics, self.loggers = fabric, hp, monitor, metrics, loggers
+        self.start_time, self.start_step = time.perf_counter(), start.step
+        monitor.update(start.tokens_seen)
+
+    def step(self, progress: Progress, result: StepResult, lr: float) -> None:
+        hp, fabric = self.hp, self.fabric
+        if not result.finite:
+            fabric.print(f"step {progress.step}: update skipped: non-finite " + " and ".join(
+                f"{name} ({value})" for name, value in (("loss", result.loss), ("gradient norm", result.grad_norm))
+                if not math.isfinite(value)))
+        if progress.step % hp["log_interval"] and progress.step != hp["max_steps"]:
+            return
+        self.monitor.update(progress.tokens_seen)
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / (progress.step - self.start_step) * (hp["max_steps"] - progress.step)
+        memory = (torch.cuda.max_memory_allocated() if fabric.device.type == "cuda" else _rss_bytes()) / 2**30
+        tps, mfu = self.monitor.tokens_per_sec(), self.monitor.mfu()
+        record = {"iter": progress.iter_num, "step": progress.step,
+                  "loss": result.loss if math.isfinite(result.loss) else None, "lr": lr,
+                  "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
+                  "tokens": progress.tokens_seen, "tokens_per_sec": tps, "mfu": mfu, "skipped_steps": progress.skipped,
+                  "memory_gb": memory, "time": elapsed}
+        self.metrics.write(record)
+        self.loggers.log({k: v for k, v in record.items() if v is not None and k not in ("step", "time")},
+                         progress.step)
+        fabric.print(f"step {progress.step}/{hp['max_steps']} | loss {result.loss:.4f} | lr {lr:.2e} | "
+                     f"grad {result.grad_norm:.3f}" + (f" | {tps:,.0f} tok/s" if tps else "")
+                     + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
+
+    def validation(self, model, val_data: PackedDataset, progress: Progress) -> None:
+        val_loss = validate(self.fabric, model, val_data, self.hp)
+        self.metrics.write({"iter": progress.iter_num, "step": progress.step, "val_loss": val_loss})
+        self.loggers.log({"val_loss": val_loss}, progress.step)
+        self.fabric.print(f"step {progress.step} | val loss {val_loss:.4f} | "
+                          f"val ppl {math.exp(min(val_loss, 50)):.1f}")
+
+
+def train(fabric: Fabric, hp: dict, config: Config, launcher: str, closing: list) -> int:
+    """The run, top to bottom; what must be closed however it ends (loggers, profiler) is appended to `closing`."""
+    out_dir = Path(hp["out_dir"])
+    rank, W = fabric.global_rank, fabric.world_size
+    fabric.seed_everything(hp["seed"])  # identical initial weights on every rank
+    # Installed before the (possibly long) setup: a signal's default action would kill the job without a save.
+    preemption = Preemption()
+    train_data, val_data = load_data(fabric, hp, config)
+    model, optimizer, n_params = build_model(fabric, hp, config)
+    resume_path, progress = restore(fabric, hp, config, model, optimizer, train_data)
+    if progress.step >= hp["max_steps"]:  # a finished run started again (e.g. a requeued job): nothing to add
+        fabric.print(f"{resume_path} is at step {progress.step}, the run's last (--max_steps {hp['max_steps']}); "
+                     f"nothing to train")
+        return 0
     with blamed_on("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
         existing_metrics = read_metrics(out_dir / "metrics.jsonl", fabric.print) if rank == 0 else None
-    # Every check that can refuse this run is behind us (the datapoint log's, in its constructor, is the last):
-    # only now does anything in out_dir change.
+
+    # Every check that can refuse this run is behind us (the datapoint log's, in its constructor, is the last): only
+    # now does anything in out_dir change.
+    resume_step = progress.step if resume_path is not None else None
     with blamed_on("train_data_dir"):  # the run was logged with other data
-        datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=step)
+        datapoints = DatapointLogger(out_dir, rank=rank, world_size=W, dataset=train_data, resume_step=progress.step)
     if rank == 0:
         write_run_files(out_dir, hp, config, {"world_size": W, "launched_by": launcher, "num_parameters": n_params})
         if resume_path is not None:
-            set_aside_checkpoints_after(out_dir, step, fabric.print)
-    metrics = MetricsLog(out_dir, resume_step=step if resume_path is not None else None, enabled=rank == 0,
-                         log=fabric.print, existing=existing_metrics)
+            set_aside_checkpoints_after(out_dir, progress.step, fabric.print)
+    names = hp["logger"].split(",")
+    metrics = MetricsLog(out_dir, resume_step=resume_step, enabled=rank == 0, log=fabric.print,
+                         existing=existing_metrics, write_csv="csv" in names)
+    loggers = RunLoggers(out_dir, names, resume_step, enabled=rank == 0, wandb_options=dict(
+        project=hp["wandb_project"], name=hp["wandb_name"], entity=hp["wandb_entity"],
+        tags=[t for t in hp["wandb_tags"].split(",") if t]))
+    closing.append(loggers)
+    loggers.log_hparams({**hp, **config.to_dict()})
     peak = device_peak_flops(fabric.device)
-    monitor = SpeedMonitor(flops_per_token(config, n_params), W, peak)
+    log = RunLog(fabric, hp, SpeedMonitor(flops_per_token(config, n_params), W, peak), metrics, loggers, progress)
     fabric.print(f"{hp['model_name']}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
-                 f"{G} samples x {config.block_size} tokens per step | {hp['max_steps']} steps")
+                 f"{hp['global_batch_size']} samples x {config.block_size} tokens per step | {hp['max_steps']} steps")
     if peak:
         fabric.print(f"MFU: {MFU_CONVENTION} ({matmul_parameters(config, n_params) / 1e6:.1f}M), over "
                      f"{peak / 1e12:.0f} TFLOP/s dense bf16 per {torch.cuda.get_device_name(fabric.device)}")
+    profile = ProfileWindow(hp["profile_steps"], out_dir, rank, fabric.device)
+    closing.append(profile)  # a run that stops inside the window keeps what was recorded
 
-    def save(at_step: int) -> Path:
-        datapoints.flush(at_step)
-        path = checkpoint_path(out_dir, at_step)
-        rng = [None] * W
-        if W > 1:
-            torch.distributed.all_gather_object(rng, capture_rng())
-        else:
-            rng = [capture_rng()]
-        meta = {"step_count": at_step, "iter_num": iter_num, "tokens_seen": tokens_seen, "skipped_steps": skipped,
-                "world_size": W, "rng": rng, "hparams": hp, "config": config.to_dict(),
-                "data": {"global_batch_size": G, "samples_seen": at_step * G, "manifest": train_data.manifest}}
-        save_checkpoint(path, model, optimizer, meta, hp["state_dict_type"], keep_last=hp["keep_last_checkpoints"])
-        fabric.print(f"Saved {path}")
-        return path
-
-    loader = StepLoader(train_data, global_batch_size=G, micro_batch_size=b, rank=rank, world_size=W,
-                        start_step=step, num_workers=hp["num_workers"])
-    if val_data is not None and step == 0:
-        _log_validation(fabric, model, val_data, hp, metrics, step, iter_num)  # the untrained baseline
+    if val_data is not None and progress.step == 0:
+        log.validation(model, val_data, progress)  # the untrained baseline
+    batches = iter(StepLoader(train_data, global_batch_size=hp["global_batch_size"],
+                              micro_batch_size=hp["micro_batch_size"], rank=rank, world_size=W,
+                              start_step=progress.step, num_workers=hp["num_workers"]))
     nonfinite_in_a_row = 0
-    start_time, start_step = time.perf_counter(), step
-    monitor.update(tokens_seen)
-    batches = iter(loader)
-    while step < hp["max_steps"]:
-        # A damaged chunk (or one of another tokenizer) is found when a rank first reads it: that rank tells the others
-        # through the step's first collective, so all of them stop with the error instead of waiting on each other.
-        try:
+    while progress.step < hp["max_steps"]:
+        profile.step(progress.step)
+        try:  # a damaged chunk (or one of another tokenizer) is found when a rank first reads it
             data_step, micro_batches = next(batches)
             data_error = None
         except ValueError as e:
-            data_step, micro_batches, data_error = step, [], e
-        assert data_step == step, f"data loader at step {data_step}, trainer at {step}"
-        lr = get_lr(step, hp)
+            data_step, micro_batches, data_error = progress.step, [], e
+        assert data_step == progress.step, f"data loader at step {data_step}, trainer at {progress.step}"
+        lr = get_lr(progress.step, hp)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Normalise by the real tokens of the whole global batch: every token weighs the same whatever the split
-        # into ranks and micro-batches (and padding).
-        real = float(sum((mb["labels"] != -100).sum() for mb in micro_batches))
-        real_and_error = fabric.all_reduce(torch.tensor([real, data_error is not None], dtype=torch.float32)
-                                           .to(fabric.device), reduce_op="sum")
-        if real_and_error[1].item():  # a sync, but the device is idle here: the last step ended with one
-            raise InputError(f"--train_data_dir: {data_error}" if data_error else
-                             "--train_data_dir: another rank found unusable training data (its error names the file)")
-        global_real = real_and_error[0].clamp(min=1)
-        loss_sum = torch.zeros((), device=fabric.device)
-        for i, mb in enumerate(micro_batches):
-            is_accumulating = i < len(micro_batches) - 1
-            with fabric.no_backward_sync(model, enabled=is_accumulating):
-                logits = model(_to(mb["input_ids"], fabric), doc_mask=_doc_mask(mb, hp, fabric))
-                ce, objective = token_losses(logits, _to(mb["labels"], fabric), hp["z_loss"])
-                del logits  # the loss keeps only its gradient: the logits can go before backward
-                fabric.backward(objective * (W / global_real))
-            loss_sum += ce
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=hp["grad_clip"] or float("inf"),
-                                           error_if_nonfinite=False)  # non-finite steps are skipped below
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # One collective and one host sync per step: the loss, and whether any rank was asked to stop (so that all
-        # ranks stop after the same step). A non-finite step is skipped on the device by the fused AdamW itself
-        # (`found_inf`, the hook GradScaler uses), so the update is queued before the host reads anything.
-        loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, preemption.requested)]),
-                                          reduce_op="sum")
-        finite = torch.isfinite(loss_and_stop[0]) & torch.isfinite(grad_norm)
-        inner_optimizer = getattr(optimizer, "optimizer", optimizer)
-        inner_optimizer.found_inf = (~finite).float()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_total, grad_norm, stop_requested, step_tokens = torch.stack(
-            [loss_and_stop[0], grad_norm.float(), loss_and_stop[1], global_real]).tolist()
-        loss = loss_total / step_tokens
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            nonfinite_in_a_row = 0
-        else:
-            skipped += 1
-            nonfinite_in_a_row += 1
-            fabric.print(f"step {step}: update skipped: non-finite " + " and ".join(
-                f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
-                if not math.isfinite(value)))
-        datapoints.record(step, torch.cat([mb["sample_index"] for mb in micro_batches]))
-        step += 1
-        iter_num += len(micro_batches)
-        tokens_seen += int(step_tokens)
-        if step % hp["log_interval"] == 0 or step == hp["max_steps"]:
-            monitor.update(tokens_seen)
-            elapsed = time.perf_counter() - start_time
-            eta = elapsed / (step - start_step) * (hp["max_steps"] - step)
-            memory = (torch.cuda.max_memory_allocated() if fabric.device.type == "cuda" else _rss_bytes()) / 2**30
-            record = {"iter": iter_num, "step": step, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                      "tokens": tokens_seen, "tokens_per_sec": monitor.tokens_per_sec(), "mfu": monitor.mfu(),
-                      "skipped_steps": skipped, "memory_gb": memory, "time": elapsed}
-            metrics.write(record)
-            fabric.log_dict({k: v for k, v in record.items() if v is not None and k not in ("step", "time")}, step=step)
-            tps, mfu = record["tokens_per_sec"], record["mfu"]
-            fabric.print(f"step {step}/{hp['max_steps']} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f}"
-                         + (f" | {tps:,.0f} tok/s" if tps else "") + (f" | MFU {mfu:.1%}" if mfu else "")
-                         + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
-
+        result = train_step(fabric, model, optimizer, micro_batches, data_error, hp, preemption.requested)
+        datapoints.record(progress.step, torch.cat([mb["sample_index"] for mb in micro_batches]))
+        nonfinite_in_a_row = 0 if result.finite else nonfinite_in_a_row + 1
+        progress = Progress(progress.step + 1, progress.iter_num + len(micro_batches),
+                            progress.tokens_seen + result.tokens, progress.skipped + (not result.finite))
+        log.step(progress, result, lr)
         if nonfinite_in_a_row >= hp["max_nonfinite_steps"]:
             good = latest_checkpoint(out_dir)
             fabric.print(f"error: {nonfinite_in_a_row} consecutive non-finite steps; stopping. "
                          + (f"The last good checkpoint is {good}" if good else "No checkpoint was written before."),
                          file=sys.stderr)
             return 1
-
+        step = progress.step
         if val_data is not None and hp["eval_interval"] and step % hp["eval_interval"] == 0 and step < hp["max_steps"]:
-            _log_validation(fabric, model, val_data, hp, metrics, step, iter_num)
-
-        stop_now = stop_requested > 0 or step == hp["stop_at_step"]
-        periodic = (step % hp["save_interval"] == 0 or step == hp["max_steps"]) and not nonfinite_in_a_row
-        if periodic or stop_now:
-            save(step)
+            log.validation(model, val_data, progress)
+        stop_now = result.stop_requested or step == hp["stop_at_step"]
+        if ((step % hp["save_interval"] == 0 or step == hp["max_steps"]) and not nonfinite_in_a_row) or stop_now:
+            save(fabric, hp, config, model, optimizer, progress, train_data, datapoints)
         if stop_now:
             if preemption.requested and launcher == "slurm" and rank == 0 and "SLURM_JOB_ID" in os.environ:
                 fabric.print(f"Pre-empted: requeueing Slurm job {os.environ['SLURM_JOB_ID']}")
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
             fabric.print(f"Stopped at step {step}; resume with --resume auto")
             return 0
-
+    profile.step(progress.step)
     if val_data is not None:
-        _log_validation(fabric, model, val_data, hp, metrics, step, iter_num)
+        log.validation(model, val_data, progress)
     return 0
-
-
-def _log_validation(fabric, model, val_data, hp, metrics: MetricsLog, step: int, iter_num: int) -> None:
-    val_loss = validate(fabric, model, val_data, hp)
-    metrics.write({"iter": iter_num, "step": step, "val_loss": val_loss})
-    fabric.log_dict({"val_loss": val_loss}, step=step)
-    fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
 
 
 def _rss_bytes() -> int:
@@ -684,20 +756,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_float32_matmul_precision("high")
-    # Like metrics.jsonl: TensorBoard hides the events an earlier run logged after the step resumed from (which this
-    # run logs again), and all of them on a fresh start; otherwise resumed curves show every such step twice.
-    resumed_at = resume_checkpoint(hp, verify=False)  # ranks are not connected yet; train() verifies
-    try:
-        purge_step = checkpoint_step(resumed_at) + 1 if resumed_at is not None else 0
-    except ValueError:  # --resume with a file of another name: its step is known only once loaded
-        purge_step = None
-    logger = TensorBoardLogger(root_dir=hp["out_dir"], name="tensorboard", version="", purge_step=purge_step)
     fabric = Fabric(accelerator=accel, devices=devices, num_nodes=nodes, precision=hp["precision"],
-                    strategy=make_strategy(hp["strategy"], devices * nodes, nodes, hp["sharding_strategy"]),
-                    loggers=[logger])
+                    strategy=make_strategy(hp["strategy"], devices * nodes, nodes, hp["sharding_strategy"]))
     fabric.launch()
+    closing: list = []  # loggers and the profiler window, closed however the run ends
     try:
-        return train(fabric, hp, config, launcher)
+        return train(fabric, hp, config, launcher, closing)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         if not existed and fabric.global_rank == 0:
@@ -707,7 +771,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        logger.finalize("success")  # flushes and closes the event file: the last events reach the disk
+        for item in closing:
+            item.close()
 
 
 def _remove_empty_dirs(root: Path) -> None:

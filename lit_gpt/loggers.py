@@ -1,0 +1,65 @@
+"""Experiment loggers for the trainer: TensorBoard (default) and Weights & Biases, through Lightning's loggers.
+
+Both are written by rank 0 only and continue across resumes: TensorBoard hides the events an earlier run logged
+after the step this run resumes from (it logs them again), and W&B keeps its run id in out_dir (`wandb_run_id`), so
+a resumed or requeued job appends to the same W&B run. (metrics.jsonl/.csv, the run's own records, are
+lit_gpt.metrics_log.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from lit_gpt.atomic_write import write_atomically
+
+LOGGERS = ("tensorboard", "wandb", "csv")  # csv: metrics.csv beside metrics.jsonl (lit_gpt.metrics_log)
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class RunLoggers:
+    def __init__(self, out_dir: Path, names: list[str], resume_step: Optional[int], enabled: bool,
+                 wandb_options: Optional[dict[str, Any]] = None) -> None:
+        """`resume_step`: the step this run continues from (None for a fresh run); `enabled`: rank 0."""
+        self.loggers: list = []
+        if not enabled:
+            return
+        if "tensorboard" in names:
+            from lightning.fabric.loggers import TensorBoardLogger
+
+            purge_step = resume_step + 1 if resume_step is not None else 0
+            self.loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version="",
+                                                  purge_step=purge_step))
+        if "wandb" in names:
+            self.loggers.append(_wandb_logger(Path(out_dir), fresh=resume_step is None, **(wandb_options or {})))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step)
+
+    def log_hparams(self, hparams: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams(hparams)
+
+    def close(self) -> None:
+        """Flush and close: the last events reach the disk (or W&B) even when the run stops early."""
+        for logger in self.loggers:
+            logger.finalize("success")
+        if any(type(logger).__name__ == "WandbLogger" for logger in self.loggers):
+            import wandb
+
+            wandb.finish()
+
+
+def _wandb_logger(out_dir: Path, fresh: bool, project: str, name: str, entity: str, tags: list[str]):
+    """A WandbLogger whose run id lives in out_dir: a resumed run (any job, any world size) appends to the same run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = out_dir / WANDB_ID_FILE
+    run_id = None if fresh or not id_file.is_file() else id_file.read_text().strip()
+    if run_id is None:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        write_atomically(id_file, (run_id + "\n").encode())
+    return WandbLogger(project=project, name=name or out_dir.resolve().name, entity=entity or None,
+                       tags=tags or None, id=run_id, resume="allow", save_dir=str(out_dir))
