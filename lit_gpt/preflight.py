@@ -44,7 +44,7 @@ def dry_run(hp: dict, config: Config, accelerator: str, devices: int, nodes: int
                           hp["precision"], hp["strategy"], hp["sharding_strategy"], W, devices,
                           hp["activation_checkpointing"], attn_impl, hp["document_masking"], device.type)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # under srun every task runs this
-        print(report(hp, setup, samples_per_epoch, start_step, nodes), flush=True)
+        print(report(hp, setup, samples_per_epoch, start_step), flush=True)
     return 0
 
 
@@ -76,7 +76,7 @@ def _resume_step(hp: dict) -> int:
             path = Path(hp["resume"])
             verify_checkpoint(path)
     except ValueError as e:  # a damaged checkpoint
-        raise InputError(f"--resume {hp['resume']}: {e}") from None
+        raise InputError(f"--resume: {e}") from None  # the message names the file
     if path is None:
         return 0
     try:
@@ -85,12 +85,13 @@ def _resume_step(hp: dict) -> int:
         return 0
 
 
-def report(hp: dict, setup: TrainingSetup, samples_per_epoch: int, start_step: int, nodes: int) -> str:
+def report(hp: dict, setup: TrainingSetup, samples_per_epoch: int, start_step: int) -> str:
     config, W = setup.config, setup.world_size
+    nodes = W // setup.devices_per_node
     with torch.device("meta"):
         n_params = num_parameters(GPT(config))
     G, T, b = hp["global_batch_size"], config.block_size, setup.micro_batch_size
-    steps = hp["max_steps"] - start_step
+    steps = max(0, hp["max_steps"] - start_step)  # a finished run resumed has nothing left
     tokens = steps * G * T
     lines = [
         f"Dry run: the pre-flight checks passed (flags, data, tokenizer, attention backend, checkpoints, out_dir); "

@@ -211,3 +211,11 @@ def test_dry_run_still_checks_the_data(prepared_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --train_data_dir") and "unreadable dataset manifest" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_dry_run_verifies_the_checkpoint_to_resume(prepared_data, tmp_path, capsys):
+    damaged = tmp_path / "iter-00000010-ckpt.pth"
+    damaged.write_bytes(b"not a checkpoint")
+    assert dry_run(prepared_data, tmp_path, "--resume", str(damaged)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: {damaged}") and "Traceback" not in err
