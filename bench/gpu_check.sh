@@ -3,7 +3,8 @@
 #   1. every importable attention backend against an fp32 eager reference (forward, backward, bf16, GQA, documents)
 #   2. the trainer on CUDA, 20 steps per configuration: FSDP (FULL_SHARD, SHARD_GRAD_OP), FSDP2, DDP, bf16-mixed and
 #      bf16-true, --compile, activation checkpointing, document masking, and a resume that continues the same losses
-#   3. tokens/s, TFLOP/s, MFU and peak memory of LLaMmlein_120M and LLaMmlein_1B at sequence 2048 per attention
+#   3. the --dry_run memory estimate against torch.cuda.max_memory_allocated (LLaMmlein_120M and 1B, sequence 2048)
+#   4. tokens/s, TFLOP/s, MFU and peak memory of LLaMmlein_120M and LLaMmlein_1B at sequence 2048 per attention
 #      backend, compile off and on
 # and writes OUT/gpu_check.json and OUT/gpu_check.md (the figures BENCHMARKS.md quotes).
 #
@@ -50,13 +51,14 @@ else
     COMPILE_BACKENDS=flex,sdpa,fa3,fa4,fa2
     TRAINER_TESTS=()
 fi
-# Limits add up to under 8 minutes; a part that runs out keeps the figures it wrote so far.
+# Limits add up to 8 minutes; a part that runs out keeps the figures it wrote so far.
 part attention 60 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_attention_gpu.py --junitxml="$OUT/attention.xml"
 part trainer 200 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_trainer_gpu.py --junitxml="$OUT/trainer.xml" \
     ${TRAINER_TESTS[@]+"${TRAINER_TESTS[@]}"}
+part memory 40 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_memory_gpu.py --junitxml="$OUT/memory.xml"
 part mfu_eager 100 "$PY" bench/train_cpu.py --device "$GPU_CHECK_DEVICE" --mfu "${MFU_ARGS[@]}" \
     --json_out "$OUT/mfu_eager.json"
-part mfu_compile 100 "$PY" bench/train_cpu.py --device "$GPU_CHECK_DEVICE" --mfu --compile "${MFU_ARGS[@]}" \
+part mfu_compile 80 "$PY" bench/train_cpu.py --device "$GPU_CHECK_DEVICE" --mfu --compile "${MFU_ARGS[@]}" \
     --backends "$COMPILE_BACKENDS" --json_out "$OUT/mfu_compile.json"
 
 "$PY" bench/gpu_summary.py "$OUT" --seconds $(( $(date +%s) - started )) || status=1

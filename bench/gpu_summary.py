@@ -3,7 +3,8 @@
     python bench/gpu_summary.py OUT [--seconds N]
 
 Reads the parts' status files, the pytest JUnit reports, the figures the GPU tests recorded (attention.json,
-trainer.json) and the MFU tables (mfu_eager.json, mfu_compile.json). Exits 1 when a part failed or a test failed.
+trainer.json, memory.json) and the MFU tables (mfu_eager.json, mfu_compile.json). Exits 1 when a part failed or a
+test failed.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-PARTS = ("attention", "trainer", "mfu_eager", "mfu_compile")
+PARTS = ("attention", "trainer", "memory", "mfu_eager", "mfu_compile")
 
 
 def _json(path: Path):
@@ -41,10 +42,11 @@ def collect(out: Path, seconds: int) -> dict:
     summary = {"environment": env, "seconds": seconds, "parts": {}, "tests": {}}
     for part in PARTS:
         summary["parts"][part] = _json(out / f"{part}.status.json") or {"rc": None, "seconds": None}
-    for part in ("attention", "trainer"):
+    for part in ("attention", "trainer", "memory"):
         summary["tests"][part] = test_outcomes(out / f"{part}.xml")
     summary["attention"] = _json(out / "attention_gpu.json") or {}  # written by tests/gpu/test_attention_gpu.py
     summary["trainer"] = _json(out / "trainer.json") or {}  # written by tests/gpu/test_trainer_gpu.py
+    summary["memory"] = _json(out / "memory.json") or {}  # written by tests/gpu/test_memory_gpu.py
     for part in ("mfu_eager", "mfu_compile"):
         summary[part] = (_json(out / f"{part}.json") or {}).get("rows", [])
     return summary
@@ -74,6 +76,14 @@ def markdown(s: dict) -> str:
         for name, r in s["trainer"].items():
             lines.append(f"| {name} | {_fmt(r.get('max_loss_diff'), '.2e')} | {_fmt(r.get('final_loss'), '.4f')} | "
                          f"{_fmt(r.get('tokens_per_sec'), ',.0f')} | {_fmt(r.get('seconds'), '.0f')} |")
+    if s["memory"]:
+        lines += ["", "## Memory: the --dry_run estimate against the measured peak (bf16-mixed, one GPU)", "",
+                  "| model | micro batch x seq | estimate GiB | measured GiB | estimate / measured | reserved GiB | "
+                  "device used GiB |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, r in s["memory"].items():
+            lines.append(f"| {name} | {r['micro_batch_size']} x {r['seq_len']} | {r['estimate_gib']:.2f} | "
+                         f"{r['measured_gib']:.2f} | {r['ratio']:.3f} | {_fmt(r.get('reserved_gib'), '.2f')} | "
+                         f"{_fmt(r.get('device_used_gib'), '.2f')} |")
     for part, title in (("mfu_eager", "eager"), ("mfu_compile", "torch.compile per Block")):
         rows = s[part]
         if not rows:

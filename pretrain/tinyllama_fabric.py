@@ -75,6 +75,9 @@ wandb_entity = ""  # W&B team or user; empty: your default entity
 wandb_name = ""  # W&B run name; empty: the out_dir's name
 wandb_tags = ""  # W&B tags, comma-separated
 profile_steps = ""  # START:END records a torch.profiler trace of those steps (+ CUDA memory) in out_dir/profile
+dry_run = False  # run the pre-flight checks, print the run's size, memory per GPU and wall time, and exit
+gpu_memory_gb = 80.0  # --dry_run: memory of one GPU in GiB, for "fits" and the largest micro batch [> 0]
+assumed_mfu = 0.4  # --dry_run: model FLOPs utilisation the wall time is estimated at (0, 1]
 # Parallelism and performance
 accelerator = "auto"  # {auto, cuda, cpu}
 devices = "auto"  # processes (GPUs) per node: {auto} (all GPUs; 1 on CPU) or a count [>= 1]; Slurm's under srun
@@ -186,6 +189,7 @@ from lightning.fabric import Fabric  # noqa: E402
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from torch.distributed.checkpoint import CheckpointException  # noqa: E402
 
+from lit_gpt import preflight  # noqa: E402
 from lit_gpt.atomic_write import set_aside, write_atomically  # noqa: E402
 from lit_gpt.attention import DocumentMask, resolve_backend  # noqa: E402
 from lit_gpt.checkpoint_io import load_checkpoint as load_weights  # noqa: E402
@@ -752,6 +756,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         accel, devices, nodes, launcher = resolve_world(hp)
         check_inputs(hp, config, devices * nodes)
+        if hp["dry_run"]:  # the remaining checks and the report; nothing is built or written
+            return preflight.dry_run(hp, config, accel, devices, nodes)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

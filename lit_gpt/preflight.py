@@ -1,0 +1,200 @@
+"""`--dry_run`: the rest of the trainer's pre-flight checks, then how big the run is, whether it fits and how long it
+takes.
+
+Called by pretrain/tinyllama_fabric.py after `check_inputs`: it opens the datasets as training would (manifests, chunk
+sizes, document indexes), resolves the attention backend, verifies the checkpoint a resume would start from, and
+prints parameters, tokens, the memory per GPU (lit_gpt.memory_estimate), the largest micro batch that fits
+`--gpu_memory_gb` and the wall time at `--assumed_mfu`. Nothing is built on a device and nothing is written.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lit_gpt.attention import resolve_backend
+from lit_gpt.checkpoints import checkpoint_step, latest_checkpoint, verify_checkpoint
+from lit_gpt.config import Config
+from lit_gpt.hparams import InputError
+from lit_gpt.memory_estimate import GiB, MemoryEstimate, TrainingSetup, estimate_memory, largest_micro_batch
+from lit_gpt.model import GPT, num_parameters
+from lit_gpt.packed_dataset import PackedDataset
+from lit_gpt.speed_monitor import PEAK_BF16_FLOPS, device_peak_flops, flops_per_token, matmul_parameters
+
+# The wall time is given for this GPU when the dry run cannot see the one the run will use (e.g. on a login node).
+REFERENCE_GPU = "H100"
+MICRO_BATCH_LIMIT = 4096  # searched up to this
+
+
+def dry_run(hp: dict, config: Config, accelerator: str, devices: int, nodes: int) -> int:
+    """Run the remaining pre-flight checks (raising InputError naming the flag) and print the report on rank 0."""
+    samples_per_epoch = _check_data(hp, config)
+    device = torch.device(accelerator)
+    dtype = torch.float32 if hp["precision"] == "32-true" else torch.bfloat16
+    try:
+        attn_impl = resolve_backend(config.attn_impl, device, dtype, config.head_size,
+                                    document_masking=hp["document_masking"], needs_grad=True)
+    except ValueError as e:
+        raise InputError(f"--attn_impl: {e}") from None
+    start_step = _resume_step(hp)
+    W = devices * nodes
+    setup = TrainingSetup(config, hp["micro_batch_size"], hp["global_batch_size"] // (W * hp["micro_batch_size"]),
+                          hp["precision"], hp["strategy"], hp["sharding_strategy"], W, devices,
+                          hp["activation_checkpointing"], attn_impl, hp["document_masking"], device.type)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # under srun every task runs this
+        print(report(hp, setup, samples_per_epoch, start_step), flush=True)
+    return 0
+
+
+def _check_data(hp: dict, config: Config) -> int:
+    """Open the training and validation data as train() does; the training samples per epoch."""
+    weights = [float(w) for w in hp["train_data_weights"].split(",")] if hp["train_data_weights"] else None
+    checks = [("train_data_dir", hp["train_data_dir"].split(","), weights)]
+    if hp["val_data_dir"]:
+        checks.append(("val_data_dir", [hp["val_data_dir"]], None))
+    samples = []
+    for flag, sources, source_weights in checks:
+        try:
+            samples.append(PackedDataset(sources, source_weights, block_size=config.block_size, seed=hp["seed"],
+                                         with_doc_ids=hp["document_masking"],
+                                         vocab_size=config.vocab_size).samples_per_epoch)
+        except ValueError as e:
+            raise InputError(f"--{flag}: {e}") from None
+    return samples[0]
+
+
+def _resume_step(hp: dict) -> int:
+    """The step a resume would start from, after verifying its checkpoint as the run would (0 for a fresh run)."""
+    if not hp["resume"]:
+        return 0
+    try:
+        if hp["resume"] == "auto":
+            path = latest_checkpoint(Path(hp["out_dir"]))
+        else:
+            path = Path(hp["resume"])
+            verify_checkpoint(path)
+    except ValueError as e:  # a damaged checkpoint
+        raise InputError(f"--resume: {e}") from None  # the message names the file
+    if path is None:
+        return 0
+    try:
+        return checkpoint_step(path)
+    except ValueError:  # another name: its step is known only once loaded
+        return 0
+
+
+def report(hp: dict, setup: TrainingSetup, samples_per_epoch: int, start_step: int) -> str:
+    config, W = setup.config, setup.world_size
+    nodes = W // setup.devices_per_node
+    with torch.device("meta"):
+        n_params = num_parameters(GPT(config))
+    G, T, b = hp["global_batch_size"], config.block_size, setup.micro_batch_size
+    steps = max(0, hp["max_steps"] - start_step)  # a finished run resumed has nothing left
+    tokens = steps * G * T
+    lines = [
+        f"Dry run: the pre-flight checks passed (flags, data, tokenizer, attention backend, checkpoints, out_dir); "
+        f"nothing was trained or written.",
+        "",
+        _row("model", f"{hp['model_name']}: {n_params:,} parameters ({matmul_parameters(config, n_params):,} in "
+                      f"matmuls), {config.n_layer} layers x {config.n_embd}, {config.n_head} heads "
+                      f"({config.n_query_groups} key/value), vocab {config.padded_vocab_size:,}"),
+        _row("batch", f"{G} samples x {T} tokens = {G * T:,} tokens per step; {_count(W, 'rank')} "
+                      f"({_count(nodes, 'node')} x {setup.devices_per_node}) x "
+                      f"{_count(setup.micro_batches, 'micro-batch')} of {b}"),
+        _row("schedule", f"{steps:,} steps" + (f" (from step {start_step:,} of {hp['max_steps']:,})" if start_step
+                                                 else "") + f" = {tokens:,} tokens = "
+                         f"{steps * G / samples_per_epoch:,.2f} epochs of the training data "
+                         f"({samples_per_epoch:,} samples)"),
+        _row("setup", f"{hp['strategy']}" + (f" {hp['sharding_strategy']}" if setup.sharded else "")
+                      + f", {hp['precision']}, attention {setup.attn_impl}, activation checkpointing "
+                      + ("on" if setup.activation_checkpointing else "off")
+                      + (", compiled Blocks (saving less than estimated)" if hp["compile"] else "")),
+        "",
+        *memory_table(estimate_memory(setup), hp["gpu_memory_gb"]),
+        "",
+        *_micro_batch_lines(setup, hp["gpu_memory_gb"] * GiB, G // W),
+        _row("wall time", _wall_time(setup, n_params, tokens, hp["assumed_mfu"])),
+    ]
+    return "\n".join(lines)
+
+
+def _row(name: str, text: str) -> str:
+    return f"{name:<22}{text}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith("h") else "s")
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / GiB:.2f} GiB" if n_bytes >= GiB else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def memory_table(estimate: MemoryEstimate, budget_gib: float) -> list[str]:
+    s = estimate.setup
+    where = "per GPU" if s.device_type == "cuda" else "per process (CPU: no CUDA overhead)"
+    allocated = "= allocated" + (" (what torch.cuda.max_memory_allocated counts)" if s.device_type == "cuda" else "")
+    rows = [*((name + _component_note(name, s), value) for name, value in estimate.components.items()),
+            (allocated, estimate.allocated), *(("+ " + name, value) for name, value in estimate.overhead.items()),
+            ("= total", estimate.total)]
+    fits = estimate.total <= budget_gib * GiB
+    verdict = f"fits ({estimate.total / (budget_gib * GiB):.0%})" if fits else "DOES NOT FIT"
+    return [f"memory {where}, at its peak ({estimate.phase}):",
+            *(f"  {label:<56}{_size(value):>12}" for label, value in rows),
+            f"  {'of --gpu_memory_gb':<56}{_size(budget_gib * GiB):>12}   {verdict}"]
+
+
+def _component_note(name: str, s: TrainingSetup) -> str:
+    """What decides each component's size, in a few words."""
+    master = "bf16" if s.master_bytes == 2 else "fp32"
+    share = f", 1/{s.shards}" if s.shards > 1 else ""
+    compute = "fp32" if s.compute_bytes == 4 else "bf16"
+    notes = {
+        "parameters": f" ({master}{share})",
+        "optimizer state": f" (AdamW, 2 x {master}{share})",
+        "gradients": f" ({master}{share})",
+        "unsharded gradients": " (held between micro-batches)",
+        "compute copies": (f" ({compute}, gathered by FSDP)" if s.sharded else " (bf16, autocast's weight casts)"),
+        "activations": f" (micro batch {s.micro_batch_size}"
+                       + (", Block inputs only)" if s.activation_checkpointing else ")"),
+        "logits and loss": f" ({compute} logits, loss gradient)",
+    }
+    return notes.get(name, "")
+
+
+def _micro_batch_lines(setup: TrainingSetup, budget: float, per_rank: int) -> list[str]:
+    largest = largest_micro_batch(setup, budget, limit=MICRO_BATCH_LIMIT)
+    valid = largest_micro_batch(setup, budget, divides=per_rank)
+    shown = f"{largest:,}" + (" or more" if largest == MICRO_BATCH_LIMIT else "")
+    lines = [_row("largest micro batch", f"{shown} within {budget / GiB:g} GiB; {valid} of those that divide the "
+                                         f"{per_rank} samples per rank")]
+    if not setup.activation_checkpointing:
+        with_ckpt = largest_micro_batch(replace(setup, activation_checkpointing=True), budget, divides=per_rank)
+        lines.append(_row("", f"{with_ckpt} with --activation_checkpointing true"))
+    return lines
+
+
+def _wall_time(setup: TrainingSetup, n_params: int, tokens: int, mfu: float) -> str:
+    flops = tokens * flops_per_token(setup.config, n_params)
+    W = setup.world_size
+    peak = device_peak_flops(torch.device("cuda")) if setup.device_type == "cuda" else None
+    if peak is not None:
+        return (f"{_duration(flops / (mfu * peak * W))} at {mfu:.0%} MFU on {W} x {torch.cuda.get_device_name()} "
+                f"({peak / 1e12:.0f} TFLOP/s dense bf16 each)")
+    reference = dict(PEAK_BF16_FLOPS)[REFERENCE_GPU]
+    here = torch.cuda.get_device_name() if setup.device_type == "cuda" else setup.device_type
+    return (f"n/a here (peak FLOP/s of {here} unknown); {_duration(flops / (mfu * reference * W))} at {mfu:.0%} MFU "
+            f"on {W} x {REFERENCE_GPU} SXM ({reference / 1e12:.0f} TFLOP/s dense bf16 each)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
