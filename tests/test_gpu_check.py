@@ -17,13 +17,15 @@ def test_gpu_check_script_runs_every_part_and_summarises(tmp_path):
                             text=True, timeout=900)
     summary = json.loads((out / "gpu_check.json").read_text())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert all(part["rc"] == 0 for part in summary["parts"].values()), summary["parts"]
+    ran = {name: part for name, part in summary["parts"].items() if part["rc"] is not None}
+    assert set(ran) == {"trainer", "memory", "mfu_eager"} and all(p["rc"] == 0 for p in ran.values()), summary["parts"]
     trainer = summary["tests"]["trainer"]
     assert trainer and all(v == "passed" for v in trainer.values()), trainer
     assert {"reference", "fsdp_full_shard", "resume"} <= set(summary["trainer"])
     assert summary["trainer"]["resume"]["max_loss_diff"] <= 1e-5  # on the CPU the resume is exact
-    rows = summary["mfu_eager"] + summary["mfu_compile"]
-    assert [r["compile"] for r in rows] == [False, True] and all(r["tokens_per_sec"] > 0 for r in rows)
+    rows = summary["mfu_eager"]
+    assert [r["compile"] for r in rows] == [False] and rows[0]["tokens_per_sec"] > 0
+    assert summary["memory"]  # the estimate against the measured peak
     report = (out / "gpu_check.md").read_text()
-    for heading in ("## Trainer on CUDA", "## Throughput and MFU (eager)", "## Throughput and MFU (torch.compile"):
+    for heading in ("## Trainer on CUDA", "## Throughput and MFU (eager)"):
         assert heading in report

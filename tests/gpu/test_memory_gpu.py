@@ -6,7 +6,7 @@ GPU_CHECK_DEVICE=cpu runs the same at the smallest size on the CPU (peak residen
 import os
 
 import pytest
-from gpu_record import DEVICE, record
+from gpu.gpu_record import DEVICE, record
 from memory_probe import measure, run
 
 from lit_gpt.attention import resolve_backend
