@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +63,6 @@ def make_checkpoint(args: argparse.Namespace, work: Path) -> dict:
 
 
 def baseline(args: argparse.Namespace, work: Path) -> dict:
-    import torch
     from safetensors.torch import save_file
 
     from lit_gpt.checkpoint_io import load_checkpoint, resolve_config

@@ -21,11 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_gpt.litpkds import chunk_name, encode_header  # noqa: E402
-from lit_gpt.packed_dataset import PackedDataset, StepLoader  # noqa: E402
+from lit_gpt.litpkds import chunk_name, encode_header
+from lit_gpt.packed_dataset import PackedDataset, StepLoader
 
 CHUNK_TOKENS = 2049 * 1024  # TinyLlama's chunk size
 # Both loaders read ahead (ours up to 2 groups of 64 steps per worker); a warm-up longer than that makes the timed

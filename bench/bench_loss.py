@@ -16,14 +16,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_gpt.loss import token_losses  # noqa: E402
+from lit_gpt.loss import token_losses
 
 CONTENDERS = ("chunked", "cross_entropy_fp32")
 

@@ -23,13 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import prepare_data, train_tokenizer
+from scripts.fortunes_to_jsonl import fortunes
 
-import prepare_data  # noqa: E402
-import train_tokenizer  # noqa: E402
-from fortunes_to_jsonl import fortunes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FORTUNES = Path("/usr/share/games/fortunes/de")
 CLEANING = ["--dedup_paragraphs", "--min_token_ratio", "0.5", "--max_token_ratio", "4"]

@@ -18,15 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_loader import write_chunks  # (bench/ is the script's folder)
 
-from bench_loader import write_chunks  # noqa: E402  (bench/ is the script's folder)
+ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import sys, time
 start = time.perf_counter()
-sys.path.insert(0, {root!r})
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
 imported = time.perf_counter()
 ds = PackedDataset([{data!r}], block_size=2048, seed=42)

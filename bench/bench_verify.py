@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from lit_gpt import integrity  # noqa: E402
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.model import GPT  # noqa: E402
+from lit_gpt import integrity
+from lit_gpt.config import Config
+from lit_gpt.model import GPT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,7 +79,7 @@ def main(argv=None) -> None:
         config = Config.from_name(args.model_name)
         state = state_on_disk(config, work / "backing.bin")
         ckpt = work / "iter-00000001-ckpt.pth"
-        timed("save", lambda: (torch.save(state, ckpt), evict(ckpt)), (work / "backing.bin").stat().st_size / 1e9)
+        timed("save", lambda state=state: (torch.save(state, ckpt), evict(ckpt)), (work / "backing.bin").stat().st_size / 1e9)
         del state
         (work / "backing.bin").unlink()
         gigabytes = ckpt.stat().st_size / 1e9

@@ -43,12 +43,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+from lit_gpt.config import Config  # (pure Python: importable from any interpreter with torch)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_gpt.config import Config  # noqa: E402  (pure Python: importable from any interpreter with torch)
 
 TRAINER = ROOT / "pretrain" / "tinyllama_fabric.py"
 CONTENDERS = ("ours", "litgpt", "hf", "ours_compile", "litgpt_eager")
@@ -313,8 +312,9 @@ def worker_litgpt(spec: dict, compile_: bool) -> dict:
 
     Only the logger is wrapped (to timestamp each logged iteration; litgpt's TensorBoard logging still runs) and,
     for `litgpt_eager`, torch.compile is replaced by the identity."""
-    torch = _worker_setup(spec)
+    _worker_setup(spec)
     import importlib.metadata
+
     import litgpt.pretrain as lp
     from lightning.fabric.loggers import Logger
     from litgpt.args import EvalArgs, TrainArgs
@@ -365,7 +365,7 @@ def worker_litgpt(spec: dict, compile_: bool) -> dict:
         lp.torch.compile = lambda model, *a, **k: model
 
     class ChunkData(DataModule):
-        def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: Optional[int] = None, **kw) -> None:
+        def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: int | None = None, **kw) -> None:
             self.batch_size = batch_size
 
         def train_dataloader(self):
@@ -434,8 +434,8 @@ def worker_profile(spec: dict, target: str) -> dict:
             tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa"))
         forward = lambda x: model(input_ids=x).logits  # noqa: E731
     elif target == "litgpt":
-        from litgpt.model import GPT as LitGPT
         from litgpt.config import Config as LitConfig
+        from litgpt.model import GPT as LitGPT
 
         model = LitGPT(LitConfig(
             name="bench", block_size=T, vocab_size=d["vocab_size"], padding_multiple=d["padding_multiple"],
@@ -486,7 +486,7 @@ def worker_profile(spec: dict, target: str) -> dict:
 # ================================================================================================================
 # CPU comparison: orchestration and report
 # ================================================================================================================
-def steady_tps(log: list[dict], warmup: int) -> Optional[float]:
+def steady_tps(log: list[dict], warmup: int) -> float | None:
     """Tokens/s between the end of step `warmup` and the last step (warm-up and compilation excluded)."""
     log = sorted(log, key=lambda r: r["step"])
     base = [r for r in log if r["step"] == warmup]
@@ -672,7 +672,7 @@ def profile_report(args) -> int:
 # ================================================================================================================
 # GPU mode: MFU of our model per attention backend (in-process)
 # ================================================================================================================
-def backend_unavailable(impl: str, device, dtype, head_size: int) -> Optional[str]:
+def backend_unavailable(impl: str, device, dtype, head_size: int) -> str | None:
     """Why attention backend `impl` cannot train on `device`/`dtype` at this head size, or None."""
     from lit_gpt.attention import AttentionUnavailable, resolve_backend
 
@@ -737,10 +737,7 @@ def measure_model(cfg: Config, batch: int, seq_len: int, args, device) -> dict:
               "flops_per_token": fpt, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / peak if peak else None,
               "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
               "loss": float(loss)}
-    del model, optimizer, batches
-    if cuda:
-        torch.cuda.empty_cache()
-    return result
+    return result  # the model, optimizer and batches go with this frame; the caller empties the CUDA cache
 
 
 def mfu_report(args) -> int:
@@ -776,6 +773,8 @@ def mfu_report(args) -> int:
             while True:
                 try:
                     res = measure_model(cfg, batch, seq_len, args, device)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     break
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
@@ -793,7 +792,7 @@ def mfu_report(args) -> int:
                 Path(args.json_out).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
             print(f"{model_name} / {impl}: {res['tokens_per_sec']:,.0f} tok/s, "
                   f"MFU {'%.1f%%' % (100 * res['mfu']) if res['mfu'] is not None else 'n/a'}", flush=True)
-    print(f"\n| model | attention | params | micro batch x seq | tokens/s | step ms | TFLOP/s | MFU | peak mem GiB |")
+    print("\n| model | attention | params | micro batch x seq | tokens/s | step ms | TFLOP/s | MFU | peak mem GiB |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
@@ -811,7 +810,7 @@ def mfu_report(args) -> int:
 
 
 # ================================================================================================================
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu: compare trainers (subprocesses); cuda: MFU per model and attention backend")

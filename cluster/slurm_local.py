@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
@@ -29,12 +28,12 @@ class SlurmUnavailable(RuntimeError):
     """Slurm cannot be set up here (binaries missing, not root); the message says what is missing."""
 
 
-def _which(name: str) -> Optional[str]:
+def _which(name: str) -> str | None:
     # Daemons live in /usr/sbin, which is not on every user's PATH.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
 
 
-def missing_requirements() -> Optional[str]:
+def missing_requirements() -> str | None:
     """None when a local cluster can be started, else a reason naming what is missing."""
     missing = [n for n in DAEMONS + CLIENTS if _which(n) is None]
     if missing:
@@ -54,7 +53,7 @@ def _free_port() -> int:
 class LocalSlurm:
     """munged + slurmctld + slurmd for NodeName=localhost. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, workdir: Optional[Path] = None, cpus: int = 2, requeue_delay_s: int = 5) -> None:
+    def __init__(self, workdir: Path | None = None, cpus: int = 2, requeue_delay_s: int = 5) -> None:
         reason = missing_requirements()
         if reason:
             raise SlurmUnavailable(reason)
@@ -134,7 +133,7 @@ class LocalSlurm:
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
 
-    def start(self, timeout: float = 60.0) -> "LocalSlurm":
+    def start(self, timeout: float = 60.0) -> LocalSlurm:
         self._write_config()
         m = self.dir / "munge"
         self._spawn("munged", [_which("munged"), "--foreground", "--force",
@@ -171,7 +170,7 @@ class LocalSlurm:
         out = self._run("sinfo", "-h", "-n", "localhost", "-o", "%T").stdout.strip().upper()
         return out.rstrip("*~#!%$@^-+").split("\n")[0] if out else ""
 
-    def sbatch(self, *args: str, cwd: Optional[Path] = None, env: Optional[dict] = None) -> int:
+    def sbatch(self, *args: str, cwd: Path | None = None, env: dict | None = None) -> int:
         """Submit; returns the job id. `env` is merged into the cluster environment (sbatch exports it to the job)."""
         result = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
                                 capture_output=True, text=True, timeout=30)
@@ -262,7 +261,7 @@ class LocalSlurm:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         try:
             return self.start()
         except BaseException:  # __exit__ does not run when __enter__ fails: stop the daemons already started

@@ -15,9 +15,9 @@ import inspect
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class DocumentMask:
     max_seqlen: int  # longest document
 
     @classmethod
-    def from_doc_ids(cls, doc_ids: Union[np.ndarray, torch.Tensor]) -> "DocumentMask":
+    def from_doc_ids(cls, doc_ids: np.ndarray | torch.Tensor) -> DocumentMask:
         """`doc_ids[b, t]` is any integer that changes exactly where a new document starts within row b.
 
         Computed in numpy; a device tensor is copied to the host and the result moved back (one synchronisation).
@@ -75,11 +75,11 @@ class DocumentMask:
         )
         return mask.to(device)
 
-    def to(self, device, non_blocking: bool = False) -> "DocumentMask":
+    def to(self, device, non_blocking: bool = False) -> DocumentMask:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return DocumentMask(move(self.segments), move(self.positions), move(self.cu_seqlens), self.max_seqlen)
 
-    def pin_memory(self) -> "DocumentMask":
+    def pin_memory(self) -> DocumentMask:
         return DocumentMask(self.segments.pin_memory(), self.positions.pin_memory(), self.cu_seqlens.pin_memory(),
                             self.max_seqlen)
 
@@ -145,7 +145,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, mask
     return y.transpose(1, 2)
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Reference implementation: explicit softmax(QK^T / sqrt(D)) V in fp32 accumulation."""
     repeats = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(repeats, dim=1)
@@ -159,7 +159,7 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
 
 
 # -------------------------------------------------------------------------------------------------------- flex
-def _flex_block_mask(doc_mask: Optional[DocumentMask], q_len: int, kv_len: int, device: torch.device) -> "BlockMask":
+def _flex_block_mask(doc_mask: DocumentMask | None, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
     if doc_mask is None:
         return _causal_block_mask(q_len, kv_len, device)
     segments = doc_mask.segments
@@ -171,7 +171,7 @@ def _flex_block_mask(doc_mask: Optional[DocumentMask], q_len: int, kv_len: int, 
 
 
 @lru_cache(maxsize=16)
-def _causal_block_mask(q_len: int, kv_len: int, device: torch.device) -> "BlockMask":
+def _causal_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask:
     offset = kv_len - q_len  # the last query sees the last key, as in the other backends
 
     def causal(b, h, q_idx, kv_idx):
@@ -180,7 +180,7 @@ def _causal_block_mask(q_len: int, kv_len: int, device: torch.device) -> "BlockM
     return create_block_mask(causal, None, None, q_len, kv_len, device=device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_flex():
     # flex_attention is fused only under torch.compile. Wrapped lazily, not at import: torch.compile's first use
     # imports dynamo, seconds that every CPU-only user of this module would pay.
@@ -221,10 +221,10 @@ _FLASH_API = {
     }),
 }
 # Backend -> its module, or why it cannot be used. Filled outside compiled regions (by resolve_backend), read inside.
-_FLASH: dict[str, Union[ModuleType, str]] = {}
+_FLASH: dict[str, ModuleType | str] = {}
 
 
-def _load_flash(impl: str) -> Union[ModuleType, str]:
+def _load_flash(impl: str) -> ModuleType | str:
     module_name, api = _FLASH_API[impl]
     try:
         module = importlib.import_module(module_name)
@@ -244,14 +244,14 @@ def _load_flash(impl: str) -> Union[ModuleType, str]:
     return module
 
 
-def _flash_entry(impl: str) -> Union[ModuleType, str]:
+def _flash_entry(impl: str) -> ModuleType | str:
     """The backend's module, or why it cannot be used (loaded once)."""
     if impl not in _FLASH:
         _FLASH[impl] = _load_flash(impl)
     return _FLASH[impl]
 
 
-def flash_backend_problem(impl: str) -> Optional[str]:
+def flash_backend_problem(impl: str) -> str | None:
     """Why FlashAttention backend `impl` (fa3, fa4, fa2) cannot be used here, or None: its module, the functions this
     file calls and their keywords (the image's self-check runs the same test)."""
     entry = _flash_entry(impl)
@@ -265,7 +265,7 @@ def _flash_module(impl: str) -> ModuleType:
     return module
 
 
-def _flash(q, k, v, impl: str, doc_mask: Optional[DocumentMask]) -> torch.Tensor:
+def _flash(q, k, v, impl: str, doc_mask: DocumentMask | None) -> torch.Tensor:
     B, T = q.shape[:2]
     if doc_mask is not None:  # varlen: the documents of all rows back to back, [B*T, heads, D]
         q, k, v = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v))
@@ -284,7 +284,7 @@ def _flash(q, k, v, impl: str, doc_mask: Optional[DocumentMask]) -> torch.Tensor
     return out.reshape(B, T, *out.shape[-2:])
 
 
-def _varlen_args(cu_seqlens: Optional[torch.Tensor], max_seqlen: int) -> dict:
+def _varlen_args(cu_seqlens: torch.Tensor | None, max_seqlen: int) -> dict:
     n = None if cu_seqlens is None else max_seqlen
     return dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=n, max_seqlen_k=n)
 
@@ -321,7 +321,7 @@ _FLASH_KERNELS = {"fa3": (_fa3_forward, _fa3_backward), "fa4": (_fa4_forward, _f
 # One op pair for FA3 and FA4: opaque to dynamo (no graph break), with fake kernels that give AOTAutograd and inductor
 # the output shapes. Causal, default softmax scale; `cu_seqlens`/`max_seqlen` select varlen ([total, heads, D] inputs).
 @torch.library.custom_op("lit_gpt::flash_attn", mutates_args=())
-def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
                   max_seqlen: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _FLASH_KERNELS[kernel][0](q, k, v, cu_seqlens, max_seqlen, q.shape[-1] ** -0.5)
     return out.contiguous(), lse.contiguous()  # the layout the fake kernel promises
@@ -336,7 +336,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, kernel):
 
 @torch.library.custom_op("lit_gpt::flash_attn_backward", mutates_args=())
 def flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                           lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                           lse: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
                            kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _FLASH_KERNELS[kernel][1](dout, q, k, v, out, lse, cu_seqlens, max_seqlen, q.shape[-1] ** -0.5)
     return tuple(g.contiguous() for g in grads)
@@ -364,7 +364,7 @@ flash_attn_op.register_autograd(_flash_backward, setup_context=_flash_setup_cont
 
 # ---------------------------------------------------------------------------------------------------- resolution
 def _unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, head_size: int,
-                        needs_grad: bool) -> Optional[str]:
+                        needs_grad: bool) -> str | None:
     """Why backend `impl` cannot run attention with these inputs, or None if it can."""
     if impl in ("sdpa", "eager"):
         return None
@@ -401,7 +401,7 @@ def _unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, hea
 
 
 def resolve_backend(impl: str, device, dtype: torch.dtype, head_size: int, document_masking: bool = False,
-                    needs_grad: Optional[bool] = None) -> str:
+                    needs_grad: bool | None = None) -> str:
     """Turn `auto` (or the environment's choice) into a concrete backend that can run these inputs.
 
     auto: on CUDA the first of fa3, fa4, fa2, then flex (document masking) or sdpa (none) that can run; on CPU sdpa

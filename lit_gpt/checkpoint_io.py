@@ -19,16 +19,16 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
 from lit_gpt.config import Config
-from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 from lit_gpt.integrity import DamagedError, verify_checkpoint
+from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 
 META_FILE = "meta.pt"
 TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)
@@ -211,7 +211,7 @@ def _verify(path: Path) -> bool:
         raise CheckpointError(str(e)) from None
 
 
-def resolve_config(ckpt: dict, path: Path, model_name: Optional[str] = None) -> Config:
+def resolve_config(ckpt: dict, path: Path, model_name: str | None = None) -> Config:
     """The model config of a checkpoint: stored in it, else `model_config.json` beside it, else `--model_name`.
 
     With `--model_name`, the named config must agree with what the checkpoint records and with its tensor shapes.
@@ -283,14 +283,14 @@ def check_tokenizer_dir(directory: Path, flag: str) -> Path:
     return directory
 
 
-def find_tokenizer(checkpoint: Path, explicit: Optional[Path] = None) -> Path:
+def find_tokenizer(checkpoint: Path, explicit: Path | None = None) -> Path:
     """`--tokenizer DIR`, else the `tokenizer/` directory the trainer writes beside its checkpoints."""
     if explicit:
         return check_tokenizer_dir(explicit, "--tokenizer")
     return check_tokenizer_dir(Path(checkpoint).parent / "tokenizer", "no --tokenizer DIR given; default")
 
 
-def load_gpt(source: Path, model_name: Optional[str] = None, tokenizer: Optional[Path] = None,
+def load_gpt(source: Path, model_name: str | None = None, tokenizer: Path | None = None,
              dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
     """A GPT in eval mode from a training checkpoint (file or sharded dir) or an HF export directory.
 
@@ -369,7 +369,7 @@ _OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<p
 
 @contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
-                      inputs: Optional[dict[str, Optional[Path]]] = None) -> Iterator[Path]:
+                      inputs: dict[str, Path | None] | None = None) -> Iterator[Path]:
     """Yield a fresh temp dir beside `out_dir`; it becomes `out_dir` only if the block finishes without error.
 
     `inputs` ({flag: path}) are what the block reads: replacing an `out_dir` that holds one of them (e.g. the run

@@ -25,9 +25,10 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -87,7 +88,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def latest_checkpoint(out_dir: Path, verify: bool = True, log: Callable[[str], None] = _log) -> Optional[Path]:
+def latest_checkpoint(out_dir: Path, verify: bool = True, log: Callable[[str], None] = _log) -> Path | None:
     """The newest checkpoint in `out_dir` that verifies (collective with several ranks); damaged newer ones are
     skipped with a warning naming them. `verify=False`: the newest complete one, unchecked (no reading, no ranks)."""
     found = list_checkpoints(out_dir)
@@ -104,7 +105,7 @@ def verify_checkpoint(path: Path, log: Callable[[str], None] = _log) -> bool:
     return verified
 
 
-def _newest_that_verifies(found: list[Path], log: Callable[[str], None]) -> Optional[Path]:
+def _newest_that_verifies(found: list[Path], log: Callable[[str], None]) -> Path | None:
     for path in reversed(found):
         try:
             if not integrity.verify_checkpoint(path):
@@ -247,7 +248,7 @@ def _crc32_on() -> Iterator[None]:
         yield
 
 
-def _attempt(path: Path, tmp: Path, write: Callable[[], Any]) -> Optional[str]:
+def _attempt(path: Path, tmp: Path, write: Callable[[], Any]) -> str | None:
     """Run `write`; None, or what went wrong as a message for every rank."""
     try:
         write()
@@ -267,7 +268,7 @@ def _describe_failure(path: Path, tmp: Path, e: BaseException) -> str:
     return f"{path}: cannot save the checkpoint: {reason}; the partial checkpoint was removed, earlier ones are kept"
 
 
-def _os_error_in(e: Optional[BaseException]) -> Optional[OSError]:
+def _os_error_in(e: BaseException | None) -> OSError | None:
     """The OSError behind `e`: itself, in its chain of causes, or in any rank's failure of a CheckpointException."""
     while e is not None and not isinstance(e, OSError):
         if isinstance(e, CheckpointException):

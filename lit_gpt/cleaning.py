@@ -13,7 +13,7 @@ histogram so that bounds can be chosen from a first run.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ POSITION_BITS = 40  # paragraph ordinal within a shard; the shard index takes th
 HISTOGRAM_EDGES = np.round(np.arange(0, 5.0001, 0.05), 2)  # ratio bins [e_i, e_i+1); one more bin for >= 5
 
 
-def paragraph_key(paragraph: str) -> Optional[int]:
+def paragraph_key(paragraph: str) -> int | None:
     normalized = " ".join(paragraph.split()).casefold()
     if not normalized:
         return None
@@ -73,7 +73,7 @@ def ratio_bins(tokens: np.ndarray, words: np.ndarray) -> np.ndarray:
     return np.searchsorted(HISTOGRAM_EDGES, ratio, side="right") - 1
 
 
-def ratio_keep(tokens: np.ndarray, words: np.ndarray, low: Optional[float], high: Optional[float]) -> np.ndarray:
+def ratio_keep(tokens: np.ndarray, words: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
     """True for documents whose ratio lies in [low, high] (an open bound when None)."""
     keep = np.ones(len(tokens), bool)
     if low is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 AttnImpl = Literal["auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager"]
 ATTN_IMPLS = ("auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager")  # lit_gpt.attention.BACKENDS and auto
@@ -29,13 +29,13 @@ class Config:
     vocab_size: int = _arch("tokenizer vocabulary size [>= 1]", 32000)
     # The embedding and lm_head are padded to a multiple of this for fast matmuls.
     padding_multiple: int = _arch("pad the embedding and lm_head rows to a multiple of this [>= 1]", 64)
-    padded_vocab_size: Optional[int] = _arch("rows of the embedding and lm_head (default: vocab_size padded) [>= 1]")
+    padded_vocab_size: int | None = _arch("rows of the embedding and lm_head (default: vocab_size padded) [>= 1]")
     n_layer: int = _arch("transformer blocks [>= 1]", 12)
     n_head: int = _arch("attention (query) heads [>= 1]", 12)
     n_embd: int = _arch("hidden size [>= 1]", 768)
     # n_query_groups == n_head is MHA, 1 is MQA, anything between is GQA.
-    n_query_groups: Optional[int] = _arch("key/value heads (GQA; default: n_head, i.e. MHA) [>= 1]")
-    head_size: Optional[int] = _arch("size of one attention head (default: n_embd / n_head) [>= 1]")
+    n_query_groups: int | None = _arch("key/value heads (GQA; default: n_head, i.e. MHA) [>= 1]")
+    head_size: int | None = _arch("size of one attention head (default: n_embd / n_head) [>= 1]")
     intermediate_size: int = _arch("hidden size of the SwiGLU MLP [>= 1]", 2048)
     norm_eps: float = _arch("RMSNorm epsilon [> 0]", 1e-5)
     rope_base: int = _arch("RoPE base (theta) [>= 1]", 10000)
@@ -69,7 +69,7 @@ class Config:
         return (self.n_head + 2 * self.n_query_groups) * self.head_size
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "Config":
+    def from_name(cls, name: str, **overrides: Any) -> Config:
         if name not in name_to_config:
             close = difflib.get_close_matches(name, name_to_config, n=5, cutoff=0.4)
             hint = close or sorted(name_to_config)
@@ -83,14 +83,14 @@ class Config:
         return cls(**base)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
+    def from_dict(cls, data: dict) -> Config:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return replace(self, **changes)
 
 

@@ -12,10 +12,10 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from itertools import chain
-from typing import Iterator, Optional, Sequence, Union
+from pathlib import Path
 
 FORMATS = ("jsonl.zst", "jsonl", "txt", "parquet")
 UNIT_BYTES = 1 << 20
@@ -25,12 +25,12 @@ class InputError(ValueError):
     """Bad input; the message names the file (and line) or the flag and what is wrong."""
 
 
-def file_format(path: Path) -> Optional[str]:
+def file_format(path: Path) -> str | None:
     name = path.name.lower()
     return next((f for f in FORMATS if name.endswith("." + f)), None)
 
 
-def expand_inputs(paths: Sequence[Union[str, Path]], flag: str = "--input") -> list[Path]:
+def expand_inputs(paths: Sequence[str | Path], flag: str = "--input") -> list[Path]:
     """Files named on the command line; directories contribute their supported files, sorted."""
     files: list[Path] = []
     for raw in paths:
@@ -72,7 +72,7 @@ class Unit:
     file: int  # index into the input file list
     kind: str  # "lines" (jsonl or txt lines), "text" (whole .txt), "parquet" (row group), "error"
     first_line: int  # 1-based line/row number of the payload's first record
-    payload: Union[bytes, int, str]  # line-aligned bytes, a row-group number, or an error message
+    payload: bytes | int | str  # line-aligned bytes, a row-group number, or an error message
     size: int  # input bytes this unit accounts for (progress)
 
 
@@ -125,7 +125,7 @@ def plan_shards(files: Sequence[Path], shard_bytes: int, txt_docs_per_line: bool
     return shards
 
 
-def _parquet_group_sizes(path: Path) -> Optional[list[int]]:
+def _parquet_group_sizes(path: Path) -> list[int] | None:
     try:
         import pyarrow.parquet as pq
 
@@ -148,7 +148,7 @@ def _zstd_content_size(path: Path) -> int:
 
 
 def iter_units(files: Sequence[Path], txt_docs_per_line: bool = False,
-               unit_bytes: Optional[int] = None) -> Iterator[Unit]:
+               unit_bytes: int | None = None) -> Iterator[Unit]:
     """All units of all inputs in order (one shard per file), numbered consecutively."""
     index = 0
     for shard in plan_shards(files, 1 << 62, txt_docs_per_line):
@@ -157,7 +157,7 @@ def iter_units(files: Sequence[Path], txt_docs_per_line: bool = False,
             index += 1
 
 
-def shard_units(shard: Shard, files: Sequence[Path], unit_bytes: Optional[int] = None) -> Iterator[Unit]:
+def shard_units(shard: Shard, files: Sequence[Path], unit_bytes: int | None = None) -> Iterator[Unit]:
     """The units of one shard in order, numbered from 0; about `unit_bytes` each, read in constant memory."""
     unit_bytes = unit_bytes or UNIT_BYTES
     path = files[shard.file]
@@ -198,7 +198,7 @@ def _shard_pieces(path: Path, shard: Shard, unit_bytes: int):
             yield "error", line, f"{path}: corrupt zstd stream after line {line - 1} ({e})", 0
 
 
-def _lines_from(blocks: Iterator[bytes], start: int, end: Optional[int]) -> tuple[Iterator[bytes], int]:
+def _lines_from(blocks: Iterator[bytes], start: int, end: int | None) -> tuple[Iterator[bytes], int]:
     """(the bytes of the lines that start in [start, end) of the stream, the number of their first line).
 
     The bytes before `start` are read and their lines counted; the line that crosses `start` belongs to the shard
@@ -377,13 +377,13 @@ def _parse_json_lines_fast(unit: Unit, name: str, text_field: str, id_field: str
     return ids, texts
 
 
-def _split_lines(payload: bytes, first_line: int, path: Path, errors: list[str]) -> list[Optional[str]]:
+def _split_lines(payload: bytes, first_line: int, path: Path, errors: list[str]) -> list[str | None]:
     """Decoded lines (None for a line that is not UTF-8, reported in `errors`)."""
     try:
         return payload.decode("utf-8").split("\n")
     except UnicodeDecodeError:
         pass
-    lines: list[Optional[str]] = []
+    lines: list[str | None] = []
     for number, raw in enumerate(payload.split(b"\n"), first_line):
         try:
             lines.append(raw.decode("utf-8"))
@@ -393,7 +393,7 @@ def _split_lines(payload: bytes, first_line: int, path: Path, errors: list[str])
     return lines
 
 
-def _record_text(record, text_field: str) -> tuple[Optional[str], Optional[str]]:
+def _record_text(record, text_field: str) -> tuple[str | None, str | None]:
     if type(record) is dict and type(record.get(text_field)) is str:  # the common case, fast
         return record[text_field], None
     if not isinstance(record, dict):

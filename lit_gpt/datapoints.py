@@ -16,8 +16,8 @@ import io
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class DatapointLogger:
         self._steps.append(int(step))
         self._samples.append(np.asarray(sample_index).astype(self.dtype))
 
-    def flush(self, upto_step: int) -> Optional[Path]:
+    def flush(self, upto_step: int) -> Path | None:
         """Write the recorded steps < upto_step (call right before saving the checkpoint of upto_step)."""
         n = sum(1 for s in self._steps if s < upto_step)
         if n == 0:
@@ -114,7 +114,7 @@ class DatapointLogger:
 class DatapointLog:
     """A run's datapoint log, merged over ranks, flushes and world sizes, with its dataset."""
 
-    def __init__(self, run_dir, data_dirs: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, run_dir, data_dirs: Sequence[str] | None = None) -> None:
         self.dir = Path(run_dir) / LOG_DIR
         manifest_path = self.dir / DATASET_FILE
         if not manifest_path.is_file():
@@ -143,7 +143,7 @@ class DatapointLog:
         self.step_col, self.rank_col = flat["step"], flat["rank"]
         self.slot_col, self.sample_col = flat["slot"], flat["sample"]
         self.world_sizes = self._check(step_rows)
-        self._dataset: Optional[PackedDataset] = None
+        self._dataset: PackedDataset | None = None
 
     def _check(self, step_rows: list[tuple[np.ndarray, int, int]]) -> dict[int, int]:
         """{step: world size}; every logged step must come from exactly one complete set of ranks."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import AbstractContextManager, nullcontext
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -47,7 +46,7 @@ def _replicate_shard_mesh(device_type: str, shape: tuple[int, int]):
 
 
 class _SyncEveryMicroBatchIfNeeded(_FSDPBackwardSyncControl):
-    def __init__(self, strategy: "FSDPAnyDeviceStrategy") -> None:
+    def __init__(self, strategy: FSDPAnyDeviceStrategy) -> None:
         self._strategy = strategy
 
     def no_backward_sync(self, module: nn.Module, enabled: bool) -> AbstractContextManager:
@@ -63,7 +62,7 @@ class FSDPAnyDeviceStrategy(FSDPStrategy):
     the shard group of HYBRID_SHARD silently degenerates to size 1 and ranks never sync. Both are fixed here.
     """
 
-    def __init__(self, *args, hybrid_mesh_shape: Optional[tuple[int, int]] = None, **kwargs) -> None:
+    def __init__(self, *args, hybrid_mesh_shape: tuple[int, int] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._hybrid_mesh_shape = hybrid_mesh_shape
         self._backward_sync_control = _SyncEveryMicroBatchIfNeeded(self)
@@ -131,7 +130,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     created after `setup_module` (it would otherwise hold the unsharded parameters).
     """
 
-    def __init__(self, world_size: int, mesh_shape: Optional[tuple[int, int]], reshard_after_forward: bool) -> None:
+    def __init__(self, world_size: int, mesh_shape: tuple[int, int] | None, reshard_after_forward: bool) -> None:
         super().__init__(parallelize_fn=self._parallelize, data_parallel_size=world_size, tensor_parallel_size=1)
         self._mesh_shape = mesh_shape
         self._reshard_after_forward = reshard_after_forward

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -132,7 +132,7 @@ def hf_to_lit(config: Config, get: Callable[[str], torch.Tensor]) -> Iterator[tu
 
 
 # ------------------------------------------------------------------ configs
-def hf_config(config: Config, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+def hf_config(config: Config, dtype: torch.dtype, bos_id: int | None, eos_id: int | None) -> dict:
     """config.json for LlamaForCausalLM. The lm_head keeps its padded rows so shapes match the checkpoint exactly;
     `vocab_size` is therefore `padded_vocab_size` (the tokenizer may be smaller, as in many published models)."""
     dtype_name = _DTYPE_NAMES[dtype]
@@ -164,7 +164,7 @@ def hf_config(config: Config, dtype: torch.dtype, bos_id: Optional[int], eos_id:
     }
 
 
-def config_from_hf(hf: dict, vocab_size: Optional[int] = None, name: str = "", where: str = "config.json") -> Config:
+def config_from_hf(hf: dict, vocab_size: int | None = None, name: str = "", where: str = "config.json") -> Config:
     """Our Config for an HF Llama config.json: a registry entry when the architecture matches, else a custom one.
 
     `vocab_size` is the tokenizer's size when known (the embedding may hold more, padded rows).
@@ -250,7 +250,7 @@ class HFWeights:
         return self._handles[self._where[key]].get_tensor(key)
 
 
-def read_hf_checkpoint(directory: Path, vocab_size: Optional[int] = None) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
+def read_hf_checkpoint(directory: Path, vocab_size: int | None = None) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
     """Our Config and a lazy stream of lit (key, tensor) pairs for an HF Llama directory."""
     directory = Path(directory)
     try:

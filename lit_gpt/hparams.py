@@ -17,9 +17,10 @@ import io
 import math
 import re
 import tokenize
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
@@ -45,16 +46,16 @@ class Hyperparameter:
     name: str
     default: Any
     help: str
-    choices: Optional[tuple[str, ...]] = None
-    low: Optional[float] = None
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
     low_inclusive: bool = True
-    high: Optional[float] = None
+    high: float | None = None
     high_inclusive: bool = True
-    default_text: Optional[str] = None  # shown in --help instead of the default value
+    default_text: str | None = None  # shown in --help instead of the default value
     several: bool = False  # "comma-separated" {choices}: any number of them, each checked
 
     @classmethod
-    def from_comment(cls, name: str, default: Any, text: str, default_text: Optional[str] = None) -> "Hyperparameter":
+    def from_comment(cls, name: str, default: Any, text: str, default_text: str | None = None) -> Hyperparameter:
         """Help text, {choices} and [bounds] from the comment (see the module docstring)."""
         hp = cls(name, default, text, default_text=default_text)
         if match := _CHOICES.search(text):
@@ -87,7 +88,7 @@ class Hyperparameter:
         self.check(value, source)
         return value
 
-    def check(self, value: Any, source: Optional[str] = None) -> None:
+    def check(self, value: Any, source: str | None = None) -> None:
         source = source or f"--{self.name}"
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{source} must be a finite number, got {value}")
@@ -127,7 +128,7 @@ def declared(source_file: str, namespace: dict, begin: str, end: str) -> dict[st
     last = next(i for i, line in enumerate(lines) if i > first and line.startswith("#") and end in line)
     found: dict[str, Hyperparameter] = {}
     tokens = tokenize.generate_tokens(io.StringIO("\n".join(lines[first + 1:last]) + "\n").readline)
-    line_name: Optional[str] = None
+    line_name: str | None = None
     for tok in tokens:
         if tok.type == tokenize.NAME and tok.start[1] == 0:
             line_name = tok.string
@@ -155,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser, hparams: dict[str, Hyperparam
                             help=f"{hp.help} ({default})".replace("%", "%%"))
 
 
-def resolve(given: dict[str, Any], known: dict[str, Hyperparameter], config_file: Optional[str]) -> dict[str, Any]:
+def resolve(given: dict[str, Any], known: dict[str, Hyperparameter], config_file: str | None) -> dict[str, Any]:
     """The values set in a YAML file, then on the command line (raw strings from argparse), converted and checked;
     the caller fills in the defaults."""
     values: dict[str, Any] = {}

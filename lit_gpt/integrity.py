@@ -22,9 +22,10 @@ import struct
 import threading
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -44,7 +45,7 @@ class DamagedError(ValueError):
 
 
 # ------------------------------------------------------------------ reading and hashing
-def _scan(path: Path, update: Callable[[memoryview], Any], start: int = 0, length: Optional[int] = None) -> None:
+def _scan(path: Path, update: Callable[[memoryview], Any], start: int = 0, length: int | None = None) -> None:
     """Feed bytes [start, start + length) of a file to `update`, block by block, through a memory map."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -154,7 +155,7 @@ def _verify_archive(path: Path) -> bool:
     return True
 
 
-def _check_record(path: Path, record: zipfile.ZipInfo) -> Optional[str]:
+def _check_record(path: Path, record: zipfile.ZipInfo) -> str | None:
     """None when the record's bytes have the CRC-32 its archive lists, else what is wrong."""
     if record.compress_type != zipfile.ZIP_STORED:  # torch stores records uncompressed; others go through zipfile
         try:
@@ -196,7 +197,7 @@ def _verify_directory(path: Path) -> bool:
     except (OSError, ValueError) as e:
         raise DamagedError(f"{listing}: unreadable ({e})") from None
 
-    def check(name: str) -> Optional[str]:
+    def check(name: str) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{file}: missing"

@@ -8,7 +8,7 @@ lit_gpt.metrics_log.)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lit_gpt.atomic_write import write_atomically
 
@@ -17,8 +17,8 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 class RunLoggers:
-    def __init__(self, out_dir: Path, names: list[str], resume_step: Optional[int], enabled: bool,
-                 wandb_options: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, out_dir: Path, names: list[str], resume_step: int | None, enabled: bool,
+                 wandb_options: dict[str, Any] | None = None) -> None:
         """`resume_step`: the step this run continues from (None for a fresh run); `enabled`: rank 0."""
         self.loggers: list = []
         if not enabled:

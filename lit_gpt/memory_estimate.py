@@ -30,7 +30,6 @@ recomputes cheap ops), so it is an upper bound with --compile.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 from lit_gpt.config import Config
 from lit_gpt.loss import CHUNK_ELEMENTS, DEFAULT_CHUNK_ELEMENTS
@@ -104,7 +103,7 @@ class ParameterCounts:
     root: int  # embedding, final norm and lm_head: FSDP's root unit
 
     @classmethod
-    def of(cls, c: Config) -> "ParameterCounts":
+    def of(cls, c: Config) -> ParameterCounts:
         vocab = c.padded_vocab_size * c.n_embd
         block_linear = c.n_embd * c.qkv_size + c.n_head * c.head_size * c.n_embd + 3 * c.n_embd * c.intermediate_size
         block = block_linear + 2 * c.n_embd
@@ -271,7 +270,7 @@ def estimate_memory(s: TrainingSetup) -> MemoryEstimate:
     return estimate
 
 
-def largest_micro_batch(s: TrainingSetup, budget_bytes: float, divides: Optional[int] = None,
+def largest_micro_batch(s: TrainingSetup, budget_bytes: float, divides: int | None = None,
                         limit: int = 1 << 16) -> int:
     """The largest micro batch whose estimated total fits `budget_bytes` (0: not even 1), optionally only among the
     divisors of `divides` (the per-rank batch). The total grows with the micro batch, so a bisection finds it."""

@@ -9,7 +9,6 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Optional
 
 from lit_gpt.atomic_write import set_aside, write_atomically
 
@@ -22,8 +21,8 @@ class MetricsLog:
     COLUMNS = ("iter", "step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "mfu",
                "skipped_steps", "memory_gb", "time")
 
-    def __init__(self, out_dir: Path, resume_step: Optional[int], enabled: bool, log=print,
-                 existing: Optional[tuple[list[dict], bool]] = None, write_csv: bool = True) -> None:
+    def __init__(self, out_dir: Path, resume_step: int | None, enabled: bool, log=print,
+                 existing: tuple[list[dict], bool] | None = None, write_csv: bool = True) -> None:
         """`existing`: what `read_metrics` returned for out_dir, if the caller read it already (to check it before
         changing anything); `write_csv`: keep metrics.csv beside metrics.jsonl."""
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"

@@ -7,7 +7,6 @@ FSDP calls after materialising a meta-device model; the init scheme therefore su
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -92,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         # Fused QKV in lit-gpt's grouped layout: per query group, q_per_kv query heads, one key, one value head.
         self.attn = Linear(config.n_embd, config.qkv_size, std=init_std)
         self.proj = Linear(config.n_head * config.head_size, config.n_embd, std=proj_std)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: KVCache | None = None
 
     def forward(
         self,
@@ -100,8 +99,8 @@ class CausalSelfAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: Mask = None,
-        input_pos: Optional[torch.Tensor] = None,
-        attn_impl: Optional[str] = None,
+        input_pos: torch.Tensor | None = None,
+        attn_impl: str | None = None,
     ) -> torch.Tensor:
         """`attn_impl` is the concrete backend and `mask` what `prepare_mask` built for it (GPT.forward passes both,
         resolved once outside any compiled region); without `attn_impl` the config's choice is resolved here."""
@@ -180,7 +179,7 @@ class GPT(nn.Module):
             self._rope[device] = build_rope_cache(c.block_size, c.head_size, c.rope_base, device)
         return self._rope[device]
 
-    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
+    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, device=None, dtype=None) -> None:
         c = self.config
         max_seq_length = max_seq_length or c.block_size
         if max_seq_length > c.block_size:
@@ -197,10 +196,10 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        doc_ids: Optional[torch.Tensor] = None,
-        input_pos: Optional[torch.Tensor] = None,
+        doc_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
         restart_positions: bool = True,
-        doc_mask: Optional[DocumentMask] = None,
+        doc_mask: DocumentMask | None = None,
     ) -> torch.Tensor:
         """idx: [B, T] token ids -> logits [B, T, padded_vocab_size].
 
@@ -249,5 +248,5 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
-def num_parameters(module: nn.Module, requires_grad: Optional[bool] = None) -> int:
+def num_parameters(module: nn.Module, requires_grad: bool | None = None) -> int:
     return sum(p.numel() for p in module.parameters() if requires_grad is None or p.requires_grad == requires_grad)

@@ -18,15 +18,15 @@ import queue
 import shutil
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from lit_gpt.integrity import copy_with_sha256, sha256_mismatch
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 
 
 class NodeCache:
-    def __init__(self, cache_dir, max_bytes: Optional[int] = None) -> None:
+    def __init__(self, cache_dir, max_bytes: int | None = None) -> None:
         self.root = Path(cache_dir)
         self.broken = False
         try:
@@ -35,8 +35,8 @@ class NodeCache:
         except OSError as e:
             self._give_up(f"cannot use {self.root} ({e})")
             self.max_bytes = 0
-        self._queue: Optional[queue.Queue] = None
-        self._thread: Optional[threading.Thread] = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self._queued: set[Path] = set()
         self._sha256: dict[Path, str] = {}  # what the sources' manifests record
         self._damaged: dict[Path, str] = {}  # sources whose copy did not match it, and the error
@@ -140,7 +140,7 @@ class NodeCache:
             self._give_up(f"cannot write to {self.root} ({e})")
             return False
 
-    def _raise_if_damaged(self, source: Optional[Path] = None) -> None:
+    def _raise_if_damaged(self, source: Path | None = None) -> None:
         message = self._damaged.get(Path(source)) if source is not None else next(iter(self._damaged.values()), None)
         if message:
             raise ChunkFormatError(message)

@@ -21,8 +21,9 @@ this toolkit's own sample order.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,7 +38,7 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 class OriginalCheckpoint(NamedTuple):
     model: dict[str, torch.Tensor]  # our parameter names
     # {"state": {our name: {...}}, "param_groups": [{..., "params": [our names]}]}; None: not read, or never stepped
-    optimizer: Optional[dict]
+    optimizer: dict | None
     step_count: int
     iter_num: int
     hparams: dict[str, Any]
@@ -142,7 +143,7 @@ def read_counters(state: dict, path: Path) -> tuple[int, int, dict]:
     return values["step_count"], values["iter_num"], hparams
 
 
-def convert_optimizer(optim: Any, stored_keys: list[str], model: dict[str, torch.Tensor], path: Path) -> Optional[dict]:
+def convert_optimizer(optim: Any, stored_keys: list[str], model: dict[str, torch.Tensor], path: Path) -> dict | None:
     """The original optimizer state keyed by our parameter names; None for an optimizer that never stepped.
 
     `stored_keys` are the model's keys in stored order: a one-device state is keyed by position in that order."""
@@ -204,8 +205,11 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
     Goes through torch's strategy-agnostic state-dict API, so it serves one device, DDP, FSDP and FSDP2 alike
     (collective: every rank calls it with the full state). `model`/`optimizer` may be Fabric-wrapped."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     module = getattr(model, "_forward_module", model)
     optimizer = getattr(optimizer, "optimizer", optimizer)

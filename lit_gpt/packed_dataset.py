@@ -20,9 +20,10 @@ import mmap
 import multiprocessing
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class DataSource:
     vocab_size of the tokenizer recorded in the manifest, or else below the model's `vocab_size`, when given.
     """
 
-    def __init__(self, directory: Path, cache: Optional[NodeCache] = None, vocab_size: Optional[int] = None) -> None:
+    def __init__(self, directory: Path, cache: NodeCache | None = None, vocab_size: int | None = None) -> None:
         self.directory = Path(directory)
         self.cache = cache
         if not self.directory.is_dir():
@@ -185,7 +186,7 @@ class DataSource:
 
     def verify_checksums(self, chunks: Sequence[int]) -> list[str]:
         """What is wrong with these chunks' bytes: each must hash to the sha256 its manifest records."""
-        def check(c: int) -> Optional[str]:
+        def check(c: int) -> str | None:
             chunk = self.chunks[c]
             if integrity.sha256_file(chunk["path"]) != chunk["sha256"]:
                 return integrity.sha256_mismatch(chunk["path"], "manifest.json")
@@ -246,9 +247,9 @@ class DataSource:
 class PackedDataset:
     """Samples of block_size + 1 tokens from one or more sources, in a deterministic global order."""
 
-    def __init__(self, sources: Sequence, weights: Optional[Sequence[float]] = None, block_size: int = 2048,
-                 seed: int = 42, with_doc_ids: bool = False, cache_dir=None, cache_max_bytes: Optional[int] = None,
-                 vocab_size: Optional[int] = None):
+    def __init__(self, sources: Sequence, weights: Sequence[float] | None = None, block_size: int = 2048,
+                 seed: int = 42, with_doc_ids: bool = False, cache_dir=None, cache_max_bytes: int | None = None,
+                 vocab_size: int | None = None):
         if isinstance(sources, (str, Path)):
             sources = [sources]
         if not sources:

@@ -94,8 +94,8 @@ def report(hp: dict, setup: TrainingSetup, samples_per_epoch: int, start_step: i
     steps = max(0, hp["max_steps"] - start_step)  # a finished run resumed has nothing left
     tokens = steps * G * T
     lines = [
-        f"Dry run: the pre-flight checks passed (flags, data, tokenizer, attention backend, checkpoints, out_dir); "
-        f"nothing was trained or written.",
+        "Dry run: the pre-flight checks passed (flags, data, tokenizer, attention backend, checkpoints, out_dir); "
+        "nothing was trained or written.",
         "",
         _row("model", f"{hp['model_name']}: {n_params:,} parameters ({matmul_parameters(config, n_params):,} in "
                       f"matmuls), {config.n_layer} layers x {config.n_embd}, {config.n_head} heads "

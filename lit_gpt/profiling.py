@@ -8,12 +8,11 @@ memory snapshots (`memory-rankR.pickle`) open in pytorch.org/memory_viz.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 # torch is imported where it is used: the trainer checks --profile_steps (parse_window) before importing torch.
 
 
-def parse_window(spec: str) -> Optional[tuple[int, int]]:
+def parse_window(spec: str) -> tuple[int, int] | None:
     """"START:END" -> (START, END) with 0 <= START < END; "" -> None. ValueError otherwise."""
     if not spec:
         return None

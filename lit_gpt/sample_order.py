@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -117,7 +117,7 @@ class EpochShuffle:
 class SampleOrder:
     """Global position -> global sample id (sources' samples numbered consecutively, source 0 first)."""
 
-    def __init__(self, sizes: Sequence[int], weights: Optional[Sequence[float]], seed: int, block: int = 256,
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float] | None, seed: int, block: int = 256,
                  window: int = 64, mix_window: int = 1 << 16) -> None:
         self.sizes = [int(s) for s in sizes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)

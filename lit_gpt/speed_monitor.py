@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Optional
 
 import torch
 
@@ -27,7 +26,7 @@ PEAK_BF16_FLOPS = (
 MFU_CONVENTION = "PaLM/litgpt: 6N + 12*L*H*Q*T FLOPs per token, N = parameters without the input embedding"
 
 
-def device_peak_flops(device: torch.device) -> Optional[float]:
+def device_peak_flops(device: torch.device) -> float | None:
     """Peak dense bf16 FLOP/s of a CUDA device, or None where unknown (e.g. CPU)."""
     if device.type != "cuda":
         return None
@@ -41,7 +40,7 @@ def matmul_parameters(config: Config, n_params: int) -> int:
     return n_params - config.padded_vocab_size * config.n_embd
 
 
-def flops_per_token(config: Config, n_params: int, seq_len: Optional[int] = None) -> float:
+def flops_per_token(config: Config, n_params: int, seq_len: int | None = None) -> float:
     """Training FLOPs per token in the PaLM convention (Chowdhery et al. 2022, appendix B; litgpt and nanoGPT use it
     too): 6 N for the matmuls of forward and backward, plus 12 L H Q T for attention scores and values (H heads of size
     Q, sequence length T, counted without causal masking). N is `matmul_parameters`; litgpt counts the input embedding
@@ -53,23 +52,23 @@ def flops_per_token(config: Config, n_params: int, seq_len: Optional[int] = None
 class SpeedMonitor:
     """Sliding-window tokens/s and MFU for the whole job (all ranks)."""
 
-    def __init__(self, flops_per_token: float, world_size: int, peak_flops: Optional[float], window: int = 20) -> None:
+    def __init__(self, flops_per_token: float, world_size: int, peak_flops: float | None, window: int = 20) -> None:
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak_flops = peak_flops
         self.samples: deque[tuple[float, int]] = deque(maxlen=window + 1)
 
-    def update(self, total_tokens: int, now: Optional[float] = None) -> None:
+    def update(self, total_tokens: int, now: float | None = None) -> None:
         """Record the job-wide count of real tokens trained on so far."""
         self.samples.append((time.perf_counter() if now is None else now, total_tokens))
 
-    def tokens_per_sec(self) -> Optional[float]:
+    def tokens_per_sec(self) -> float | None:
         if len(self.samples) < 2:
             return None
         (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
-    def mfu(self) -> Optional[float]:
+    def mfu(self) -> float | None:
         tps = self.tokens_per_sec()
         if tps is None or self.peak_flops is None:
             return None

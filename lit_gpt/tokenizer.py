@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 # Files `AutoTokenizer.from_pretrained(dir)` reads for a tokenizer.json directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -91,13 +91,13 @@ class Tokenizer:
         self._auto = None
         self._init_hf(backend, None, None, None, None)
 
-    def _init_hf(self, backend, bos: Optional[int], eos: Optional[int], unk: Optional[int], pad: Optional[int]) -> None:
+    def _init_hf(self, backend, bos: int | None, eos: int | None, unk: int | None, pad: int | None) -> None:
         self._hf = backend
         self._hf.encode_special_tokens = True  # text is text: "<s>" in a document is not BOS
         vocab = backend.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
 
-        def conventional(*names: str) -> Optional[int]:  # for a bare tokenizer.json without config files
+        def conventional(*names: str) -> int | None:  # for a bare tokenizer.json without config files
             return next((vocab[n] for n in names if n in vocab), None)
 
         self.bos_id = bos if bos is not None else conventional("<s>", "<|begin_of_text|>", "<bos>")
@@ -130,10 +130,10 @@ class Tokenizer:
         self.default_bos = bool(add_bos) and self.bos_id is not None
 
     # ------------------------------------------------------------------ API
-    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         return self.encode_batch([text], bos=bos, eos=eos)[0]
 
-    def encode_batch(self, texts: Sequence[str], bos: Optional[bool] = None, eos: bool = False,
+    def encode_batch(self, texts: Sequence[str], bos: bool | None = None, eos: bool = False,
                      num_threads: int = 1) -> list[list[int]]:
         """Token ids of each text, encoded with `num_threads` threads."""
         add_bos = self.default_bos if bos is None else bos
@@ -174,7 +174,7 @@ class Tokenizer:
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, default_bos={self.default_bos})")
 
 
-def _optional_id(value: int) -> Optional[int]:
+def _optional_id(value: int) -> int | None:
     return value if value >= 0 else None
 
 

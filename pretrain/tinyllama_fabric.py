@@ -19,18 +19,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
 
-# Run from anywhere without installing: the repo root holds `lit_gpt`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_gpt import hparams as hparams_lib  # noqa: E402  (pure Python: no torch before the flags are checked)
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.hparams import InputError  # noqa: E402
-from lit_gpt.profiling import ProfileWindow, parse_window  # noqa: E402
+# Only pure-Python imports until the flags are checked; torch and Lightning follow below (hence E402 there).
+from lit_gpt import hparams as hparams_lib
+from lit_gpt.config import Config
+from lit_gpt.hparams import InputError
+from lit_gpt.profiling import ProfileWindow, parse_window
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters (LLäMmlein 1B defaults). Edit here, or override: --name value / --config run.yaml. Each comment is
@@ -108,7 +106,7 @@ MODEL_FIELDS = {f.name: hparams_lib.Hyperparameter.from_comment(f.name, {"float"
                 for f in fields(Config) if "help" in f.metadata}
 
 
-def parse_hparams(argv: Optional[list[str]] = None) -> tuple[dict, dict, bool]:
+def parse_hparams(argv: list[str] | None = None) -> tuple[dict, dict, bool]:
     """Resolve hyperparameters: file defaults < YAML file < command line. Returns (hparams, model overrides,
     --print_config); every value is typed and checked against its declaration."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -164,7 +162,7 @@ def check_hparams(hp: dict, overrides: dict) -> Config:
     return config
 
 
-def cli(argv: Optional[list[str]]) -> tuple[dict, Config]:
+def cli(argv: list[str] | None) -> tuple[dict, Config]:
     """The checked hyperparameters and model config; exits (code 2) on a bad flag, (0) after --print_config."""
     try:
         hp, overrides, print_config = parse_hparams(argv)
@@ -179,32 +177,39 @@ def cli(argv: Optional[list[str]]) -> tuple[dict, Config]:
     return hp, config
 
 
-CLI_ARGS: Optional[tuple[dict, Config]] = None
+CLI_ARGS: tuple[dict, Config] | None = None
 if __name__ == "__main__":
     # --help, --print_config and flag errors answer before torch and Lightning are imported (5-15 s on a busy node).
     CLI_ARGS = cli(sys.argv[1:])
 
-import torch  # noqa: E402
-from lightning.fabric import Fabric  # noqa: E402
-from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
-from torch.distributed.checkpoint import CheckpointException  # noqa: E402
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from torch.distributed.checkpoint import CheckpointException
 
-from lit_gpt import preflight  # noqa: E402
-from lit_gpt.atomic_write import set_aside, write_atomically  # noqa: E402
-from lit_gpt.attention import DocumentMask, resolve_backend  # noqa: E402
-from lit_gpt.checkpoint_io import load_checkpoint as load_weights  # noqa: E402
-from lit_gpt.checkpoints import (SaveError, checkpoint_path, checkpoint_step, latest_checkpoint,  # noqa: E402
-                                  list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint)
-from lit_gpt.datapoints import DatapointLogger  # noqa: E402
-from lit_gpt.distributed import make_strategy  # noqa: E402
-from lit_gpt.loggers import RunLoggers  # noqa: E402
-from lit_gpt.loss import token_losses  # noqa: E402
-from lit_gpt.metrics_log import MetricsLog, read_metrics  # noqa: E402
-from lit_gpt.model import GPT, num_parameters  # noqa: E402
-from lit_gpt.packed_dataset import PackedDataset, StepLoader  # noqa: E402
-from lit_gpt.speed_monitor import (MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token,  # noqa: E402
-                                   matmul_parameters)
-from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files  # noqa: E402
+from lit_gpt import preflight
+from lit_gpt.atomic_write import set_aside, write_atomically
+from lit_gpt.attention import DocumentMask, resolve_backend
+from lit_gpt.checkpoint_io import load_checkpoint as load_weights
+from lit_gpt.checkpoints import (
+    SaveError,
+    checkpoint_path,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from lit_gpt.datapoints import DatapointLogger
+from lit_gpt.distributed import make_strategy
+from lit_gpt.loggers import RunLoggers
+from lit_gpt.loss import token_losses
+from lit_gpt.metrics_log import MetricsLog, read_metrics
+from lit_gpt.model import GPT, num_parameters
+from lit_gpt.packed_dataset import PackedDataset, StepLoader
+from lit_gpt.speed_monitor import MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token, matmul_parameters
+from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
 
 
 # ------------------------------------------------- validation --------------------------------------------------
@@ -295,7 +300,7 @@ def check_inputs(hp: dict, config: Config, world_size: int) -> None:
         raise InputError(f"--init_from {hp['init_from']}: no such checkpoint")
 
 
-def resume_checkpoint(hp: dict, verify: bool = True) -> Optional[Path]:
+def resume_checkpoint(hp: dict, verify: bool = True) -> Path | None:
     """The checkpoint this run resumes from, if any. `verify` (collective): `auto` takes the newest that verifies, a
     named one must verify."""
     if hp["resume"] == "auto":
@@ -454,7 +459,7 @@ def _to(x, fabric: Fabric):
     return x.to(fabric.device, non_blocking=True)
 
 
-def _doc_mask(mb: dict, hp: dict, fabric: Fabric) -> Optional[DocumentMask]:
+def _doc_mask(mb: dict, hp: dict, fabric: Fabric) -> DocumentMask | None:
     return _to(mb["doc_mask"], fabric) if hp["document_masking"] else None
 
 
@@ -481,7 +486,7 @@ class StepResult:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def load_data(fabric: Fabric, hp: dict, config: Config) -> tuple[PackedDataset, Optional[PackedDataset]]:
+def load_data(fabric: Fabric, hp: dict, config: Config) -> tuple[PackedDataset, PackedDataset | None]:
     sources = hp["train_data_dir"].split(",")
     weights = [float(w) for w in hp["train_data_weights"].split(",")] if hp["train_data_weights"] else None
     cache = dict(cache_dir=hp["cache_dir"] or None, cache_max_bytes=int(hp["cache_max_gb"] * 2**30) or None)
@@ -529,7 +534,7 @@ def build_model(fabric: Fabric, hp: dict, config: Config):
 
 
 def restore(fabric: Fabric, hp: dict, config: Config, model, optimizer,
-            train_data: PackedDataset) -> tuple[Optional[Path], Progress]:
+            train_data: PackedDataset) -> tuple[Path | None, Progress]:
     """Load the checkpoint to resume from (if any) into model and optimizer, check that this run can continue it and
     restore the RNG states. Changes nothing in out_dir."""
     path = resume_checkpoint(hp)
@@ -554,7 +559,7 @@ def restore(fabric: Fabric, hp: dict, config: Config, model, optimizer,
     return path, progress
 
 
-def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data_error: Optional[Exception],
+def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data_error: Exception | None,
                hp: dict, stop_signal: bool) -> StepResult:
     """One optimizer step over this rank's micro-batches of the global batch."""
     W = fabric.world_size
@@ -749,7 +754,7 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     hp, config = CLI_ARGS if argv is None and CLI_ARGS is not None else cli(argv)
     out_dir = Path(hp["out_dir"])
     existed = out_dir.exists()

@@ -15,14 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from lit_gpt.checkpoint_io import CheckpointError, atomic_output_dir, check_tokenizer_dir, copy_tokenizer_files  # noqa: E402
-from lit_gpt.hf_convert import TORCH_DTYPES, is_hf_dir, read_hf_checkpoint  # noqa: E402
-from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+from lit_gpt.checkpoint_io import CheckpointError, atomic_output_dir, check_tokenizer_dir, copy_tokenizer_files
+from lit_gpt.hf_convert import TORCH_DTYPES, is_hf_dir, read_hf_checkpoint
+from lit_gpt.tokenizer import Tokenizer
 
 CHECKPOINT_NAME = "lit_model.pth"
 

@@ -22,18 +22,20 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from lit_gpt.checkpoint_io import (  # noqa: E402
-    CheckpointError, LazyStateDict, atomic_output_dir, copy_tokenizer_files, find_tokenizer, load_checkpoint,
-    resolve_config)
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.hf_convert import TORCH_DTYPES, hf_config, lit_model_shapes, lit_to_hf  # noqa: E402
+from lit_gpt.checkpoint_io import (
+    CheckpointError,
+    LazyStateDict,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    find_tokenizer,
+    load_checkpoint,
+    resolve_config,
+)
+from lit_gpt.config import Config
+from lit_gpt.hf_convert import TORCH_DTYPES, hf_config, lit_model_shapes, lit_to_hf
 
 VERIFY_TOLERANCE = 1e-4
 GERMAN_SAMPLES = (
@@ -134,7 +136,7 @@ def write_configs_and_tokenizer(out: Path, config: Config, dtype: torch.dtype, t
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dtype: str, verified: Optional[str],
+def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dtype: str, verified: str | None,
                      title: str = "model") -> None:
     def fmt(value) -> str:
         return f"{value:,}" if isinstance(value, int) else ("unknown" if value is None else str(value))

@@ -17,11 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_gpt.checkpoints import checkpoint_step  # noqa: E402
-from lit_gpt.datapoints import DatapointLog  # noqa: E402
+from lit_gpt.checkpoints import checkpoint_step
+from lit_gpt.datapoints import DatapointLog
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,14 +15,11 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from lit_gpt.checkpoint_io import CheckpointError, load_gpt  # noqa: E402
-from lit_gpt.hf_convert import TORCH_DTYPES  # noqa: E402
-from lit_gpt.loss import token_losses  # noqa: E402
+from lit_gpt.checkpoint_io import CheckpointError, load_gpt
+from lit_gpt.hf_convert import TORCH_DTYPES
+from lit_gpt.loss import token_losses
 
 
 def parse_args(argv=None) -> argparse.Namespace:

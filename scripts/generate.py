@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from lit_gpt.checkpoint_io import CheckpointError, load_gpt  # noqa: E402
-from lit_gpt.hf_convert import TORCH_DTYPES  # noqa: E402
-from lit_gpt.model import GPT  # noqa: E402
+from lit_gpt.checkpoint_io import CheckpointError, load_gpt
+from lit_gpt.hf_convert import TORCH_DTYPES
+from lit_gpt.model import GPT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +52,8 @@ def validate(args: argparse.Namespace) -> None:
         raise CheckpointError(f"--num_samples {args.num_samples}: must be at least 1")
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id from 1-D logits."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -75,8 +71,8 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], t
 
 @torch.no_grad()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
-             vocab_size: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Prompt + up to `max_new_tokens` ids (stopping after EOS); one forward pass per new token via the KV cache.
 
     Only ids below `vocab_size` are sampled (the lm_head may have padding rows beyond the tokenizer).

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_gpt.atomic_write import write_atomically  # noqa: E402
-from lit_gpt.metrics_log import read_metrics  # noqa: E402
+from lit_gpt.atomic_write import write_atomically
+from lit_gpt.metrics_log import read_metrics
 
 # (record field, y-axis label); the loss panels also show the validation records' val_loss.
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_sec", "tokens/s"), ("mfu", "MFU"))

@@ -43,19 +43,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+
+from lit_gpt.corpus import InputError, document_names, expand_inputs, plan_shards
+from lit_gpt.data_pipeline import executor, switch
+from lit_gpt.data_pipeline.finalize import finalize, summary_table
+from lit_gpt.data_pipeline.plan import (
+    FORMAT_VERSION,
+    SPLITS,
+    STAGING,
+    buckets_for,
+    file_sha256,
+    load_plan,
+    plan_to_json,
+    save_plan,
+    shard_bytes_for,
+    stages,
+    tokenizer_files,
+    validation_mask,
+)
+from lit_gpt.litpkds import token_dtype
+from lit_gpt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_gpt.corpus import InputError, document_names, expand_inputs, plan_shards  # noqa: E402
-from lit_gpt.data_pipeline import executor, switch  # noqa: E402
-from lit_gpt.data_pipeline.finalize import finalize, summary_table  # noqa: E402
-from lit_gpt.data_pipeline.plan import (  # noqa: E402
-    FORMAT_VERSION, SPLITS, STAGING, buckets_for, file_sha256, load_plan, plan_to_json, save_plan,
-    shard_bytes_for, stages, tokenizer_files, validation_mask)
-from lit_gpt.litpkds import token_dtype  # noqa: E402
-from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 __all__ = ["main", "validation_mask", "pad_id_for", "STAGING"]
 SBATCH_SCRIPT = ROOT / "cluster" / "exec" / "prepare_data.sbatch"
@@ -152,7 +161,7 @@ def pad_id_for(tokenizer: Tokenizer) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- output state
-def read_manifest(path: Path) -> Optional[dict]:
+def read_manifest(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -210,7 +219,7 @@ def make_plan(args: argparse.Namespace, files: list[Path], fingerprint: str, tok
     }
 
 
-def setup_run(args: argparse.Namespace) -> Optional[dict]:
+def setup_run(args: argparse.Namespace) -> dict | None:
     """Validate, then the plan of this run (saved in DIR/.staging), or None when the output is already done."""
     if not args.input or args.tokenizer is None:
         raise InputError("--input and --tokenizer are required")
@@ -239,7 +248,7 @@ def setup_run(args: argparse.Namespace) -> Optional[dict]:
     return plan
 
 
-def report(args: argparse.Namespace, plan: dict, total: dict, elapsed: Optional[float] = None) -> None:
+def report(args: argparse.Namespace, plan: dict, total: dict, elapsed: float | None = None) -> None:
     for message in total["messages"]:
         print(f"warning: skipped: {message}", file=sys.stderr)
     if total["skipped"] > len(total["messages"]):

@@ -15,10 +15,13 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -d .venv ] || "$PYTHON" -m venv .venv
 stamp=.venv/.requirements-stamp
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "Installing Python requirements into .venv ..."
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+    # This checkout as a package (lit_gpt, pretrain, scripts and the llammlein-* commands); edits take effect at once.
+    # Its dependencies are the pins just installed, so nothing else is resolved.
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
     echo "$want" > "$stamp"
 fi

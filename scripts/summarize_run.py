@@ -4,9 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_gpt.metrics_log import read_metrics  # noqa: E402
+from lit_gpt.metrics_log import read_metrics
 
 
 def main() -> int:
@@ -39,7 +37,7 @@ def main() -> int:
         train_fell = last["loss"] < first["loss"]
         val_fell = len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]
         if not (train_fell and val_fell):
-            print("error: loss did not fall (train: %s, validation: %s)" % (train_fell, val_fell), file=sys.stderr)
+            print(f"error: loss did not fall (train: {train_fell}, validation: {val_fell})", file=sys.stderr)
             return 1
         print("OK: training and validation loss fell")
     return 0

@@ -25,11 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_gpt.atomic_write import write_atomically  # noqa: E402
-from lit_gpt.corpus import ErrorPolicy, InputError, expand_inputs, iter_documents  # noqa: E402
+from lit_gpt.atomic_write import write_atomically
+from lit_gpt.corpus import ErrorPolicy, InputError, expand_inputs, iter_documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 EDGE_CASES = [
@@ -205,8 +202,7 @@ def main(argv=None) -> int:
 def write_provenance(args: argparse.Namespace, files: list[Path]) -> None:
     """provenance.json: each tokenizer file's sha256 and the backend `Tokenizer(output_dir)` encodes with (the
     same record prepare_data.py puts in its manifests; the name keeps it out of the hashed tokenizer files)."""
-    from lit_gpt.tokenizer import file_sha256, tokenizer_files
-    from lit_gpt.tokenizer import Tokenizer
+    from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
 
     provenance = {"backend": Tokenizer(args.output_dir).backend, "vocab_size": args.vocab_size,
                   "files_sha256": {p.name: file_sha256(p) for p in tokenizer_files(args.output_dir)},

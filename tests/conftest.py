@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-# Make `lit_gpt`, `scripts` and `pretrain` importable from the repo root without installing anything.
+# `lit_gpt`, `scripts` and `pretrain` come from the editable install (scripts/setup_env.sh: pip install -e .).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The Hugging Face fixtures (tokenizer_dir, ...) for every test module that asks for them.
+pytest_plugins = ["hf_helpers"]
 
 _WORDS = (
     "der die das und ist nicht ein eine zu mit auf für von sich dem den des im auch es an als wie nach "

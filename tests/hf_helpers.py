@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
-
 from conftest import run_script, write_corpus
+
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
 
@@ -48,7 +47,7 @@ def random_state(config: Config, seed: int = 0) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def write_run_dir(out_dir: Path, config: Config, tokenizer: Path, state: Optional[dict] = None, step: int = 10):
+def write_run_dir(out_dir: Path, config: Config, tokenizer: Path, state: dict | None = None, step: int = 10):
     """A trainer-style out_dir: model_config.json, tokenizer/ and (given a state) one full checkpoint, returned."""
     import json
 

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 # Allocations above 64 KiB are mmapped and unmapped when freed (glibc otherwise raises this threshold up to 32 MiB).
@@ -101,7 +100,7 @@ def run(spec: dict) -> dict:
     return train_steps(fabric, config, spec, PeakMeter(fabric.device))
 
 
-def train_steps(fabric, config, spec: dict, meter: Optional[PeakMeter]) -> dict:
+def train_steps(fabric, config, spec: dict, meter: PeakMeter | None) -> dict:
     import torch
 
     from lit_gpt.loss import token_losses
@@ -119,7 +118,7 @@ def train_steps(fabric, config, spec: dict, meter: Optional[PeakMeter]) -> dict:
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, HPARAMS))
     phases = {}
-    for step in range(spec.get("steps", 2)):
+    for _ in range(spec.get("steps", 2)):
         for i in range(k):
             with fabric.no_backward_sync(model, enabled=i < k - 1):
                 logits = model(data[i, :, :-1])

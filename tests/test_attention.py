@@ -13,8 +13,16 @@ import pytest
 import torch
 
 import lit_gpt.attention as attn_mod
-from lit_gpt.attention import (BACKENDS, ENV_VAR, AttentionUnavailable, DocumentMask, attention, prepare_mask,
-                               resolve_backend, resolve_impl)
+from lit_gpt.attention import (
+    BACKENDS,
+    ENV_VAR,
+    AttentionUnavailable,
+    DocumentMask,
+    attention,
+    prepare_mask,
+    resolve_backend,
+    resolve_impl,
+)
 from lit_gpt.config import ATTN_IMPLS
 
 # (n_head, n_kv): MHA, GQA, MQA

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_script
+
 from lit_gpt import checkpoints
 from lit_gpt.checkpoint_io import CheckpointError, atomic_output_dir
 from lit_gpt.checkpoints import SaveError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint

@@ -255,6 +255,10 @@ def test_def_environment_and_runscript(definition):
     for var in ("PYTHONUNBUFFERED=1", "HF_HOME=", "PIP_CACHE_DIR=", "TRITON_CACHE_DIR="):
         assert f"export {var}" in env, var
     assert 'python pretrain/tinyllama_fabric.py "$@"' in definition["runscript"]
+    # The baked code is an installed package; the working directory (a bound checkout) is searched before it.
+    assert "export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD" in env
+    assert "pip install --no-deps --no-build-isolation -e /opt/llammlein" in definition["post"]
+    assert re.search(r"^\s+README\.md /opt/llammlein/README\.md$", definition["files"], re.M)  # pyproject's readme
 
 
 @pytest.mark.parametrize("section", ["post", "test", "environment", "runscript"])

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import ROOT, write_corpus
 from test_prepare_data import documents, prepare
 

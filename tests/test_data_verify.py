@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_packed_dataset import write_litpkds
 
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError
 from lit_gpt.node_cache import NodeCache
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
-from test_packed_dataset import write_litpkds
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run_script
 from test_trainer import assert_losses_close, train, train_losses, trainer_args
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_script
-from hf_helpers import random_state, small_config, tokenizer_dir, write_run_dir  # noqa: F401
+from hf_helpers import random_state, small_config, write_run_dir
+
 from lit_gpt.checkpoint_io import load_gpt
 from lit_gpt.tokenizer import Tokenizer
 from scripts.convert_lit_checkpoint import main as export_main
@@ -126,6 +126,7 @@ def test_evaluate_perplexity(prepared_data, tmp_path, capsys):
 def test_original_checkpoint_generates_and_evaluates_like_its_export(prepared_data, tokenizer_dir, tmp_path, capsys):
     # The original trainer's checkpoint (its MLP names and metadata) read directly by generate.py and evaluate.py.
     from original_helpers import save_original, trained_original
+
     from scripts.evaluate import main as evaluate_main
 
     model, optimizer = trained_original("xformers_free")

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run_script
-from hf_helpers import (ATTENTION_VARIANTS, export, load_safetensors_dir, random_state, small_config,  # noqa: F401
-                        tokenizer_dir, write_run_dir)
+from hf_helpers import ATTENTION_VARIANTS, load_safetensors_dir, random_state, small_config, write_run_dir
+
 from lit_gpt.hf_convert import lit_to_hf
 from lit_gpt.model import GPT
 from scripts.convert_lit_checkpoint import main as convert_main

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hf_helpers import ATTENTION_VARIANTS, load_safetensors_dir, small_config
 
-from hf_helpers import ATTENTION_VARIANTS, load_safetensors_dir, small_config, tokenizer_dir  # noqa: F401
 from lit_gpt.config import Config
 from lit_gpt.hf_convert import config_from_hf, hf_config, lit_model_shapes, merge_qkv, split_qkv
 from lit_gpt.model import GPT

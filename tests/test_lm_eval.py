@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from hf_helpers import random_state, small_config, tokenizer_dir, write_run_dir  # noqa: F401
+from hf_helpers import random_state, small_config, write_run_dir
+
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from scripts.convert_lit_checkpoint import main as convert_main

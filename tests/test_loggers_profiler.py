@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-
 from test_trainer import STEPS, metrics, train, train_losses
 
 

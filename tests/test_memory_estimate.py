@@ -6,13 +6,19 @@ from dataclasses import replace
 
 import pytest
 import torch
+from memory_probe import measure
 
 from lit_gpt.attention import DocumentMask
 from lit_gpt.config import Config, name_to_config
-from lit_gpt.memory_estimate import (GiB, ParameterCounts, TrainingSetup, activation_bytes, estimate_memory,
-                                     largest_micro_batch)
+from lit_gpt.memory_estimate import (
+    GiB,
+    ParameterCounts,
+    TrainingSetup,
+    activation_bytes,
+    estimate_memory,
+    largest_micro_batch,
+)
 from lit_gpt.model import GPT, num_parameters
-from memory_probe import measure
 
 # The acceptance bound for the whole-step peak on a CPU. fp32 on one process is tighter (measured within 2 %);
 # bf16 on a CPU adds oneDNN's own buffers, outside torch's tensors.

@@ -6,15 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_script
+from original_helpers import (
+    LR,
+    MODEL_NAME,
+    WEIGHT_DECAY,
+    batch,
+    config,
+    loss_of,
+    our_optimizer,
+    reload_original,
+    save_original,
+    step,
+    trained_original,
+)
 
 from lit_gpt.checkpoint_io import CheckpointError, load_checkpoint, resolve_config
 from lit_gpt.model import GPT
-from lit_gpt.original_checkpoint import (is_original_checkpoint, load_optimizer_state, load_original_checkpoint,
-                                         our_key)
-from original_helpers import (LR, MODEL_NAME, WEIGHT_DECAY, batch, config, loss_of, our_optimizer, reload_original,
-                              save_original, step, trained_original)
+from lit_gpt.original_checkpoint import is_original_checkpoint, load_optimizer_state, load_original_checkpoint, our_key
 
 VARIANTS = [(mlp, layout) for mlp in ("swiglu", "xformers_free") for layout in ("single", "fsdp")]
 

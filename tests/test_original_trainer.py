@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from lit_gpt.original_checkpoint import load_optimizer_state, load_original_checkpoint
 from original_helpers import save_original, trained_original
 from test_trainer import train, train_losses, trainer_args
+
+from lit_gpt.original_checkpoint import load_optimizer_state, load_original_checkpoint
 
 sys.path.insert(0, str(ROOT))
 

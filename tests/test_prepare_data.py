@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import ROOT, write_corpus
 
 sys.path.insert(0, str(ROOT / "scripts"))

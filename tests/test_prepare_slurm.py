@@ -7,10 +7,8 @@ import os
 import sys
 
 import pytest
-
 from test_data_pipeline import CLEANING, cleaning_corpus, dataset_bytes  # noqa: F401 (a fixture)
 from test_prepare_data import prepare
-
 from test_slurm import slurm  # noqa: F401,E402 (the local cluster fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

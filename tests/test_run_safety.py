@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_script
 from test_trainer import STEPS, metrics, train, train_losses, trainer_args
 

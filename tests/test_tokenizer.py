@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-
 from conftest import ROOT, write_corpus
 from hf_helpers import llammlein_like_tokenizer
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_script
 
 TRAINER = "pretrain/tinyllama_fabric.py"
@@ -84,7 +83,7 @@ def test_exact_resume_matches_uninterrupted(prepared_data, tmp_path):
     train(prepared_data, split, max_steps=2 * STEPS, stop_at_step=STEPS)
     assert (split / f"iter-{STEPS:08d}-ckpt.pth").is_file()
     out = train(prepared_data, split, max_steps=2 * STEPS, resume=split / f"iter-{STEPS:08d}-ckpt.pth")
-    assert f"Resumed from" in out.stdout
+    assert "Resumed from" in out.stdout
     assert_losses_close(train_losses(split), train_losses(full), 1e-6)
     assert samples_per_step(split) == samples_per_step(full)
     assert sorted(samples_per_step(full)) == list(range(2 * STEPS))
@@ -118,7 +117,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(prepared_data, tmp_path):
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real_save(obj, f, *a, **k)\n"
         "torch.save = save\n"
-        f"sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     args = trainer_args(prepared_data, tmp_path / "run", max_steps=6, save_interval=2)
     crashed = run_script(str(wrapper), *args, check=False)
@@ -330,9 +329,9 @@ def test_document_masked_loss_equals_an_in_process_reference(prepared_data, tmp_
     from lightning.fabric.utilities.seed import seed_everything
 
     from lit_gpt.config import Config
+    from lit_gpt.loss import token_losses
     from lit_gpt.model import GPT
     from lit_gpt.packed_dataset import PackedDataset, StepLoader
-    from lit_gpt.loss import token_losses
 
     train(prepared_data, tmp_path, max_steps=1, document_masking="true", z_loss=1e-3)
     logged = train_losses(tmp_path)[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib
 import re
 import subprocess
 import sys
@@ -82,11 +81,7 @@ def torch_cuda_version() -> str | None:
 def flash_attention_problems(backends: tuple[str, ...]) -> list[str]:
     """The trainer's own check of each backend (module importable, the functions it calls with the keywords it
     passes), so that the image cannot pass with a FlashAttention the trainer would refuse."""
-    try:
-        from lit_gpt.attention import flash_backend_problem
-    except ImportError:  # at build time the baked-in code is not on sys.path yet
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from lit_gpt.attention import flash_backend_problem
+    from lit_gpt.attention import flash_backend_problem  # installed in the image before %test runs this
     return [f"{impl}: {problem}" for impl in backends if (problem := flash_backend_problem(impl))]
 
 

@@ -29,6 +29,8 @@ set -euo pipefail
 # Slurm runs a copy of this script from its spool directory: find the checkout from the submit directory.
 REPO_DIR="${LLAMMLEIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$REPO_DIR"
+# This checkout's code, inside the image too (its PYTHONPATH keeps ours first) and in a bare Python environment.
+export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 REPO_DIR="$(pwd -P)"
 if [ ! -f pretrain/tinyllama_fabric.py ]; then
     echo "error: $REPO_DIR has no pretrain/tinyllama_fabric.py;" \

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from lit_gpt.atomic_write import write_atomically
-from lit_gpt.litpkds import chunk_name, encode_header
 from lit_gpt.data_pipeline.plan import SPLITS
+from lit_gpt.litpkds import chunk_name, encode_header
 
 DATASET = "dataset"  # OUTPUT/.staging/dataset/{train,val}: the new dataset until the switch
 

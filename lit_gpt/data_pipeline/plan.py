@@ -8,7 +8,6 @@ import json
 import zlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -42,7 +41,7 @@ def save_plan(work: Path, plan: dict) -> None:
     write_atomically(work / PLAN_FILE, json.dumps(plan, indent=1).encode("utf-8"))
 
 
-def load_plan(work: Path) -> Optional[dict]:
+def load_plan(work: Path) -> dict | None:
     try:
         plan = json.loads((Path(work) / PLAN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

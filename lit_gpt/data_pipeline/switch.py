@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from lit_gpt.atomic_write import write_atomically
 
@@ -56,7 +55,7 @@ def _point(link: Path, target: str) -> None:
     boundary(f"{link.name} -> {target}")
 
 
-def current_version(out: Path) -> Optional[str]:
+def current_version(out: Path) -> str | None:
     link = out / CURRENT
     return Path(os.readlink(link)).name if link.is_symlink() else None
 
@@ -69,7 +68,7 @@ def install(out: Path, staged: Path, version: str) -> None:
     _roll_forward(out, version, staged)
 
 
-def recover(out: Path) -> Optional[str]:
+def recover(out: Path) -> str | None:
     """Finish a switch that a kill interrupted; the version it installed, or None when there was none."""
     try:
         journal = json.loads((out / JOURNAL).read_text(encoding="utf-8"))

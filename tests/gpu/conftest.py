@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+
 from gpu.gpu_record import DEVICE
 
 

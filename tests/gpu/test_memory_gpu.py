@@ -6,9 +6,9 @@ GPU_CHECK_DEVICE=cpu runs the same at the smallest size on the CPU (peak residen
 import os
 
 import pytest
-from gpu.gpu_record import DEVICE, record
 from memory_probe import measure, run
 
+from gpu.gpu_record import DEVICE, record
 from lit_gpt.attention import resolve_backend
 from lit_gpt.config import Config
 from lit_gpt.memory_estimate import GiB, TrainingSetup, estimate_memory

@@ -4,15 +4,17 @@ import os
 import time
 
 import pytest
-from gpu.gpu_record import DEVICE, record
-
 from test_trainer import metrics, train, train_losses
 
+from gpu.gpu_record import DEVICE, record
+
 STEPS = 4 if os.environ.get("GPU_CHECK_QUICK") == "1" else 20
+# The CPU smoke run trains in fp32: CPUs without bf16 matrix units run bf16 autocast ~15x slower.
+PRECISION = "bf16-mixed" if DEVICE == "cuda" else "32-true"
 # A model big enough to exercise the kernels (and fit a few MFU-like figures), small enough for 20 s per run.
 MODEL = dict(model_name="micro", n_layer=4, n_head=8, n_query_groups=2, n_embd=512, intermediate_size=1376,
              block_size=128, global_batch_size=16, micro_batch_size=4, max_steps=STEPS, warmup_steps=5,
-             log_interval=1, accelerator=DEVICE, devices=1, num_workers=1, precision="bf16-mixed", strategy="auto")
+             log_interval=1, accelerator=DEVICE, devices=1, num_workers=1, precision=PRECISION, strategy="auto")
 # Loss tolerance against the reference: bf16 matmuls in another order (FSDP casts parameters to bf16 where autocast
 # casts per op; compile fuses differently) move the loss by O(1e-3) after 20 steps.
 TOLERANCE = {"bf16": 2e-2, "fp32": 5e-2}
