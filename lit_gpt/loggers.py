@@ -7,6 +7,7 @@ lit_gpt.metrics_log.)
 """
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,8 @@ def _wandb_logger(out_dir: Path, fresh: bool, project: str, name: str, entity: s
 
     id_file = out_dir / WANDB_ID_FILE
     run_id = None if fresh or not id_file.is_file() else id_file.read_text().strip()
-    if run_id is None:
-        import wandb
-
-        run_id = wandb.util.generate_id()
+    if run_id is None:  # W&B accepts any id of [a-z0-9]; wandb's own generator moved between releases
+        run_id = secrets.token_hex(8)
         write_atomically(id_file, (run_id + "\n").encode())
     return WandbLogger(project=project, name=name or out_dir.resolve().name, entity=entity or None,
                        tags=tags or None, id=run_id, resume="allow", save_dir=str(out_dir))

@@ -1,25 +1,26 @@
 """The trainer's loggers (TensorBoard, W&B offline, the CSV records) and its profiler window, in real runs."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from test_trainer import STEPS, metrics, train, train_losses
 
 
 def wandb_history(run_dir) -> dict[int, dict]:
-    """The metrics a W&B offline run recorded (step -> values), read from its .wandb file with wandb's own reader."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
+    """The metrics a W&B offline run recorded (step -> values), read from its .wandb log by wandb's own reader
+    (`wandb leet inspect --json`, one JSON record per line)."""
     (path,) = run_dir.glob("run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
+    result = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", str(path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
     history = {}
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+    for line in result.stdout.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "history":
+            values = record["history"]["item"]
             if "trainer/global_step" in values:
                 history.setdefault(int(values["trainer/global_step"]), {}).update(values)
     return history
