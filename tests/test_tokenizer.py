@@ -337,3 +337,38 @@ def test_describe_is_stable_and_follows_the_files(llammlein_like, tmp_path):
     changed = Tokenizer(copy).describe()
     assert changed["files"]["tokenizer_config.json"] != described["files"]["tokenizer_config.json"]
     assert Tokenizer(copy / "tokenizer.model").describe()["backend"] == "sentencepiece"
+
+
+def test_trained_directory_encodes_with_sentencepiece_while_its_files_are_unchanged(trained, documents, tmp_path,
+                                                                                    monkeypatch):
+    """train_tokenizer's directory: SentencePiece encodes (about twice as fast) and the ids are AutoTokenizer's; any
+    changed or added file that AutoTokenizer reads falls back to AutoTokenizer's own pipeline."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    proven = tmp_path / "proven"
+    shutil.copytree(trained, proven)
+    tok = Tokenizer(proven)
+    assert tok.backend == "transformers" and tok.describe() == Tokenizer(trained).describe()
+    _, hf_split = auto_tokenizers(proven)
+    expected = [hf_split(text)["input_ids"] for text in documents]
+    with monkeypatch.context() as m:  # the Hugging Face encoder is not called at all
+        m.setattr(HFTokenizer, "encode", lambda *a, **k: pytest.fail("tokenizers encode called"), raising=False)
+        m.setattr(HFTokenizer, "encode_batch", lambda *a, **k: pytest.fail("tokenizers encode called"), raising=False)
+        assert [tok.encode(text) for text in documents] == expected
+        assert tok.encode_batch(documents, num_threads=2) == expected
+    assert_same_ids_as_autotokenizer(tok, proven, documents)  # decoding and the batch form too
+
+    config = json.loads((proven / "tokenizer_config.json").read_text())
+    for change in ("edit", "added_tokens", "no_provenance"):
+        changed = shutil.copytree(proven, tmp_path / change)
+        if change == "edit":  # AutoTokenizer now gives other ids: so must we
+            (changed / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))
+        elif change == "added_tokens":
+            (changed / "added_tokens.json").write_text(json.dumps({"<extra>": 1200}))
+        else:
+            (changed / "provenance.json").unlink()
+        fallback = Tokenizer(changed)
+        assert fallback._sp is None, change
+        assert_same_ids_as_autotokenizer(fallback, changed, documents[:2100])
