@@ -339,12 +339,12 @@ def test_check_image_flash_attention_imports(capsys):
 
 def test_check_image_infiniband_libraries():
     libc = "libc.so.6 (libc6,x86-64) => /lib/x86_64-linux-gnu/libc.so.6"
-    assert check_image.library_problems(("libc.so.6",), libc) == []
-    problems = check_image.library_problems(("libibverbs.so.1", "libc.so.6"), libc)
+    assert check_image.shared_object_problems(("libc.so.6",), libc) == []
+    problems = check_image.shared_object_problems(("libibverbs.so.1", "libc.so.6"), libc)
     assert len(problems) == 1 and problems[0].startswith("libibverbs.so.1 is not in the linker cache")
     assert "libibverbs1 ibverbs-providers librdmacm1" in problems[0]
     # Listed but unloadable (a dangling cache entry) is a problem too.
-    assert "does not load" in check_image.library_problems(("libno-such-lib.so.1",), "libno-such-lib.so.1 =>")[0]
+    assert "does not load" in check_image.shared_object_problems(("libno-such-lib.so.1",), "libno-such-lib.so.1 =>")[0]
 
 
 # ------------------------------------------------- patch_flash_attn.py ------------------------------------------------

@@ -89,7 +89,7 @@ def ldconfig_libraries() -> str:
     return subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
 
 
-def library_problems(names: tuple[str, ...], ld_cache: str) -> list[str]:
+def shared_object_problems(names: tuple[str, ...], ld_cache: str) -> list[str]:
     problems = []
     for name in names:
         if name not in ld_cache:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.flash_attention:
         problems += flash_attention_problems(FLASH_ATTENTION)
     if args.infiniband:
-        problems += library_problems(IB_LIBRARIES, ldconfig_libraries())
+        problems += shared_object_problems(IB_LIBRARIES, ldconfig_libraries())
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:
