@@ -9,7 +9,10 @@ is trained on it first. The ceiling is one process encoding all texts with Sente
 added) times the number of workers; preparation is `scripts/prepare_data.py` end to end (reading JSONL, cleaning,
 tokenizing, splitting, writing chunks, indexes and manifests), timed in-process after the imports, and its speed
 is the corpus's tokens (as the ceiling counts them) per second. Peak memory: prepare_data.py in a child process
-(cleaning on), the largest resident set of it and its workers (getrusage of the waited children).
+(cleaning on), the largest resident set of it and its workers (getrusage of the waited children), with the same
+--shard_mb (--memory_shard_mb) for every input size: a task's memory follows the shard size, and by default
+prepare_data.py shrinks shards on small inputs (four per task), so default runs of different sizes would compare
+different shard sizes.
 """
 from __future__ import annotations
 
@@ -68,14 +71,14 @@ def timed_prepare(corpus: Path, tok_dir: Path, out: Path, workers: int, extra: l
     return time.perf_counter() - start
 
 
-def peak_rss_mb(corpus: Path, tok_dir: Path, out: Path, workers: int) -> float:
+def peak_rss_mb(corpus: Path, tok_dir: Path, out: Path, workers: int, shard_mb: float) -> float:
     """Largest resident set (MB) of a prepare_data.py run in a child process, its workers included."""
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     command = [sys.executable, "-c", probe, sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--input",
                str(corpus), "--output_dir", str(out), "--tokenizer", str(tok_dir), "--workers", str(workers),
-               "--val_fraction", "0.001", *CLEANING]
+               "--val_fraction", "0.001", "--shard_mb", str(shard_mb), *CLEANING]
     return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout) / 1024
 
 
@@ -85,6 +88,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--vocab_size", type=int, default=32000)
     p.add_argument("--memory_sizes_mb", default="100,1000", help="input sizes for the peak-memory runs ('' skips)")
+    p.add_argument("--memory_shard_mb", type=float, default=16,
+                   help="--shard_mb of the peak-memory runs: the same for every size (a task's memory follows it)")
     args = p.parse_args()
 
     docs, source = base_documents()
@@ -117,7 +122,8 @@ def main() -> None:
         for size in [float(s) for s in args.memory_sizes_mb.split(",") if s]:
             big = tmp / f"corpus-{size:g}.jsonl"
             write_corpus(big, docs, size)
-            memory[f"{size:g} MB"] = round(peak_rss_mb(big, tok_dir, tmp / f"mem-{size:g}", args.workers))
+            memory[f"{size:g} MB"] = round(peak_rss_mb(big, tok_dir, tmp / f"mem-{size:g}", args.workers,
+                                                       args.memory_shard_mb))
             big.unlink()
 
     ceiling = args.workers * raw
@@ -132,7 +138,7 @@ def main() -> None:
                               "documents_dropped": report["dropped_too_short_after_dedup"]
                               + report["dropped_token_ratio_below"] + report["dropped_token_ratio_above"],
                               "tokens_out": sum(report["tokens"].values())},
-              "peak_rss_mb_cleaning_on": memory}
+              "peak_rss_mb_cleaning_on": memory, "memory_shard_mb": args.memory_shard_mb}
     print(json.dumps(result, indent=1))
 
 

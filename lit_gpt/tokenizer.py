@@ -28,6 +28,8 @@ from pathlib import Path
 
 # Files `AutoTokenizer.from_pretrained(dir)` reads for a tokenizer.json directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# What AutoTokenizer makes of a directory's files, recorded in provenance.json by scripts/train_tokenizer.py.
+PROVEN_ATTRIBUTES = ("vocab_size", "bos_id", "eos_id", "unk_id", "pad_id", "default_bos")
 
 
 class Tokenizer:
@@ -36,9 +38,11 @@ class Tokenizer:
 
     def __init__(self, path) -> None:
         self.path = Path(path)
+        self._hf_directory = None  # set while a proven directory's AutoTokenizer is not loaded yet
         if self.path.is_dir():
             if (self.path / "tokenizer.json").is_file():
-                self._init_transformers(self.path)
+                if not self._init_proven(self.path):
+                    self._init_transformers(self.path)
             elif (self.path / "tokenizer.model").is_file():
                 self._init_sentencepiece(self.path / "tokenizer.model")
             else:
@@ -60,7 +64,7 @@ class Tokenizer:
         from transformers.utils import logging as hf_logging
 
         self.backend = "transformers"
-        self.files = [directory / name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
+        self.files = _hf_files(directory)
         for name in ("config.json", *HF_TOKENIZER_FILES[1:]):  # what AutoTokenizer reads besides tokenizer.json:
             _read_json(directory / name)  # a damaged one is named here, not deep inside transformers
         verbosity = hf_logging.get_verbosity()
@@ -78,7 +82,19 @@ class Tokenizer:
         self._auto = auto
         ids = (auto.bos_token_id, auto.eos_token_id, auto.unk_token_id, auto.pad_token_id)
         self._init_hf(auto.backend_tokenizer, *ids)
-        self._sp = _proven_sentencepiece(directory, self.files)
+        self._sp = None
+
+    def _init_proven(self, directory: Path) -> bool:
+        """A train_tokenizer directory whose files are unchanged: AutoTokenizer's attributes as recorded at training
+        time and SentencePiece to encode, without importing transformers (seconds per data-preparation run)."""
+        proven = _proven_sentencepiece(directory, _hf_files(directory))
+        if proven is None:
+            return False
+        self._sp, recorded = proven
+        self.backend, self.files, self._hf_directory = "transformers", _hf_files(directory), directory
+        for name in PROVEN_ATTRIBUTES:
+            setattr(self, name, recorded[name])
+        return True
 
     def _init_tokenizers(self, json_file: Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -146,7 +162,12 @@ class Tokenizer:
         texts = list(texts)
         prefix, suffix = ([self.bos_id] if add_bos else []), ([self.eos_id] if eos else [])
         if self._sp is not None:  # the SentencePiece backend, or a tokenizer.json proven to give its ids
-            ids = self._sp.encode(texts, num_threads=num_threads, out_type=int)
+            sp = self._sp
+            if (not prefix or sp.bos_id() == self.bos_id) and (not suffix or sp.eos_id() == self.eos_id):
+                # SentencePiece adds them itself, saving a Python list copy per document
+                return sp.encode(texts, num_threads=num_threads, out_type=int, add_bos=bool(prefix),
+                                 add_eos=bool(suffix))
+            ids = sp.encode(texts, num_threads=num_threads, out_type=int)
         elif num_threads > 1:  # tokenizers' own thread pool (all cores)
             ids = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
         else:  # e.g. one of several data-preparation processes: no thread pool of its own
@@ -158,6 +179,10 @@ class Tokenizer:
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         if self.backend == "sentencepiece":
             return self._sp.decode(ids)
+        if self._hf_directory is not None:  # a proven directory: AutoTokenizer decodes, loaded when first needed
+            sp = self._sp
+            self._init_transformers(self._hf_directory)  # the same attributes, as proven at training time
+            self._sp, self._hf_directory = sp, None
         if self._auto is not None:  # AutoTokenizer's own decode: it may clean up spaces after the backend
             return self._auto.decode(ids, skip_special_tokens=True)
         return self._hf.decode(ids, skip_special_tokens=True)
@@ -197,8 +222,13 @@ def tokenizer_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
 
 
+def _hf_files(directory: Path) -> list[Path]:
+    return [directory / name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
+
+
 def _proven_sentencepiece(directory: Path, hf_files: list[Path]):
-    """A SentencePiece encoder for a tokenizer.json directory whose ids it is known to give, else None.
+    """(SentencePiece encoder, recorded attributes) for a tokenizer.json directory whose ids it is known to give,
+    else None.
 
     scripts/train_tokenizer.py converts its SentencePiece model to the Hugging Face files, compares both encoders
     before writing, and records every file's sha256 in provenance.json. While those files are unchanged (and nothing
@@ -206,10 +236,13 @@ def _proven_sentencepiece(directory: Path, hf_files: list[Path]):
     `tokenizers` BPE, which is what data preparation spends its time on. Decoding stays AutoTokenizer's."""
     model = directory / "tokenizer.model"
     try:
-        recorded = json.loads((directory / "provenance.json").read_text(encoding="utf-8"))["files_sha256"]
+        provenance = json.loads((directory / "provenance.json").read_text(encoding="utf-8"))
+        recorded, attributes = provenance["files_sha256"], provenance["attributes"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if (directory / "config.json").exists() or not model.is_file() or not isinstance(recorded, dict):
+        return None
+    if not isinstance(attributes, dict) or set(attributes) != set(PROVEN_ATTRIBUTES):
         return None
     needed = [*hf_files, model]
     if any(recorded.get(p.name) != file_sha256(p) for p in needed):
@@ -217,7 +250,7 @@ def _proven_sentencepiece(directory: Path, hf_files: list[Path]):
     import sentencepiece as spm
 
     try:
-        return spm.SentencePieceProcessor(model_file=str(model))
+        return spm.SentencePieceProcessor(model_file=str(model)), attributes
     except (OSError, RuntimeError):
         return None
 

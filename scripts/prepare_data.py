@@ -215,7 +215,7 @@ def make_plan(args: argparse.Namespace, files: list[Path], fingerprint: str, tok
         "chunk_size": args.chunk_size, "seed": args.seed, "val_fraction": args.val_fraction,
         "dedup": args.dedup_paragraphs, "dedup_min_chars": args.dedup_min_chars,
         "min_token_ratio": args.min_token_ratio, "max_token_ratio": args.max_token_ratio,
-        "buckets": buckets_for(total, args.tasks),
+        "buckets": buckets_for(len(shards), args.tasks),
     }
 
 

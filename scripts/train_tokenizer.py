@@ -202,9 +202,11 @@ def main(argv=None) -> int:
 def write_provenance(args: argparse.Namespace, files: list[Path]) -> None:
     """provenance.json: each tokenizer file's sha256 and the backend `Tokenizer(output_dir)` encodes with (the
     same record prepare_data.py puts in its manifests; the name keeps it out of the hashed tokenizer files)."""
-    from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
+    from lit_gpt.tokenizer import PROVEN_ATTRIBUTES, Tokenizer, file_sha256, tokenizer_files
 
-    provenance = {"backend": Tokenizer(args.output_dir).backend, "vocab_size": args.vocab_size,
+    tokenizer = Tokenizer(args.output_dir)  # through AutoTokenizer: provenance.json is not there yet
+    provenance = {"backend": tokenizer.backend, "vocab_size": args.vocab_size,
+                  "attributes": {name: getattr(tokenizer, name) for name in PROVEN_ATTRIBUTES},
                   "files_sha256": {p.name: file_sha256(p) for p in tokenizer_files(args.output_dir)},
                   "trained_on": [str(p) for p in files]}
     write_atomically(args.output_dir / "provenance.json", json.dumps(provenance, indent=1).encode("utf-8"))

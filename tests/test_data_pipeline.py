@@ -301,7 +301,10 @@ def test_cleaning_helpers_against_hand_computed_values():
     keys = np.array([5, 7, 5, 9, 7, 5], np.uint64)
     positions = np.array([10, 11, 3, 4, 20, 30], np.uint64)
     assert cleaning.first_occurrences_dropped(keys, positions).tolist() == [10, 20, 30]
-    text, removed, end = cleaning.remove_paragraphs("a\nb\nc", 4, np.array([5, 9], np.uint64))
-    assert (text, removed, end) == ("a\nc", 1, 7)
+    texts, removed, end = cleaning.remove_paragraphs(["a\nb\nc", "d", "e\n\nf"], 4, np.array([5, 8], np.uint64))
+    assert (texts, removed.tolist(), end) == (["a\nc", "d", "\nf"], [1, 0, 1], 11)
+    keys, ordinals, end = cleaning.paragraph_hashes(["Grüße  AUS köln\n \nx", "Ab"], 3)
+    assert keys.tolist() == [cleaning.paragraph_key(p) for p in ("grüße aus köln", "x", "ab")]
+    assert (ordinals.tolist(), end) == ([3, 5, 6], 7)
     bins = cleaning.ratio_bins(np.array([0, 3, 10, 5]), np.array([4, 2, 1, 0]))
     assert bins.tolist() == [0, 30, 100, 100]  # 0.0, 1.5, >= 5, no words

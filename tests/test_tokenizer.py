@@ -1,6 +1,7 @@
 """Tokenizer training, the Hugging Face files and `lit_gpt.tokenizer.Tokenizer`."""
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -359,6 +360,12 @@ def test_trained_directory_encodes_with_sentencepiece_while_its_files_are_unchan
         assert [tok.encode(text) for text in documents] == expected
         assert tok.encode_batch(documents, num_threads=2) == expected
     assert_same_ids_as_autotokenizer(tok, proven, documents)  # decoding and the batch form too
+    # Loading and encoding a proven directory needs no transformers (its import costs seconds per worker).
+    probe = ("import json, sys; from lit_gpt.tokenizer import Tokenizer; t = Tokenizer(sys.argv[1]); "
+             "print(json.dumps([t.encode_batch(json.load(sys.stdin), bos=True, eos=True), 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe, str(proven)], input=json.dumps(documents), capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == [[tok.encode(text, bos=True, eos=True) for text in documents], False]
 
     config = json.loads((proven / "tokenizer_config.json").read_text())
     for change in ("edit", "added_tokens", "no_provenance"):
@@ -371,4 +378,7 @@ def test_trained_directory_encodes_with_sentencepiece_while_its_files_are_unchan
             (changed / "provenance.json").unlink()
         fallback = Tokenizer(changed)
         assert fallback._sp is None, change
+        if change == "no_provenance":  # what AutoTokenizer makes of the files is what provenance.json recorded
+            assert repr(fallback).replace("no_provenance", "proven") == repr(tok)
+            assert fallback.describe() == tok.describe()
         assert_same_ids_as_autotokenizer(fallback, changed, documents[:2100])

@@ -21,7 +21,6 @@ STAGING = ".staging"
 PLAN_FILE = "run.json"
 FORMAT_VERSION = 1
 MIN_SHARD_BYTES = 64 << 10
-BUCKET_INPUT_BYTES = 128 << 20  # input per dedup bucket: bounds the memory of a repeats task
 
 
 def stages(plan: dict) -> list[str]:
@@ -33,8 +32,10 @@ def shard_bytes_for(total_bytes: int, tasks: int, shard_mb: float) -> int:
     return int(max(MIN_SHARD_BYTES, min(shard_mb * 2**20, -(-total_bytes // (4 * tasks)))))
 
 
-def buckets_for(total_bytes: int, tasks: int) -> int:
-    return max(tasks, -(-total_bytes // BUCKET_INPUT_BYTES))
+def buckets_for(shards: int, tasks: int) -> int:
+    """Dedup key buckets: one per shard (at least one per task), so that a repeats task holds about as many
+    paragraph records as a hash task does for one shard: memory follows --shard_mb, never the input size."""
+    return max(tasks, shards)
 
 
 def save_plan(work: Path, plan: dict) -> None:
@@ -59,7 +60,7 @@ def validation_mask(ids, seed: int, val_fraction: float) -> np.ndarray:
 
     hash = splitmix64(crc32(id) XOR splitmix64(seed)); validation when hash < val_fraction * 2**64. (CRC32 alone is
     linear; the splitmix64 finalizer makes the result uniform. Cheaper than a cryptographic hash per document.)"""
-    crc = np.fromiter((zlib.crc32(i.encode("utf-8")) for i in ids), np.uint64, len(ids))
+    crc = np.fromiter(map(zlib.crc32, map(str.encode, ids)), np.uint64, len(ids))
     hashes = splitmix64(crc ^ splitmix64(np.array([seed % 2**64], np.uint64))[0])
     return hashes < np.uint64(min(int(val_fraction * 2.0**64), 2**64 - 1))
 

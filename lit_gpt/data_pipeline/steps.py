@@ -23,6 +23,7 @@ from lit_gpt.data_pipeline import packing
 from lit_gpt.data_pipeline.plan import SPLITS, load_plan, shards_of_task, validation_mask
 
 SHOWN_MESSAGES = 10
+RECORD = np.dtype([("key", "<u8"), ("pos", "<u8")])  # a paragraph's key and corpus position
 
 
 def part_meta_path(work: Path, shard: int) -> Path:
@@ -107,19 +108,20 @@ class HashParagraphs(_ShardStep):
         keys, ordinals, ordinal = [], [], 0
         for _, texts in _documents(plan, shard, plan["on_error"] == "stop", work, stats):
             k, o, ordinal = cleaning.paragraph_hashes(texts, ordinal)
-            keys.extend(k)
-            ordinals.extend(o)
+            keys.append(k)
+            ordinals.append(o)
         if stats.get("failed"):
             return False
-        records = np.empty(len(keys), [("key", "<u8"), ("pos", "<u8")])
-        records["key"] = np.asarray(keys, np.uint64)
-        records["pos"] = cleaning.shard_position(shard.index, np.asarray(ordinals, np.uint64))
+        keys = np.concatenate(keys) if keys else np.empty(0, np.uint64)
+        records = np.empty(len(keys), RECORD)
+        records["key"] = keys
+        records["pos"] = cleaning.shard_position(shard.index, np.concatenate(ordinals) if ordinals else 0)
         bucket = records["key"] % np.uint64(plan["buckets"])
         order = np.argsort(bucket, kind="stable")
         records, bucket = records[order], bucket[order]
         offsets = np.searchsorted(bucket, np.arange(plan["buckets"] + 1, dtype=np.uint64)).astype(np.int64)
-        _save_npy(work / "hash" / f"{shard.index:06d}.records.npy", records)
-        _save_npy(work / "hash" / f"{shard.index:06d}.offsets.npy", offsets)
+        write_atomically(work / "hash" / f"{shard.index:06d}.records.bin", records.tobytes())
+        _save_npy(work / "hash" / f"{shard.index:06d}.offsets.npy", offsets)  # last: marks the shard done
         self.stat_update("paragraphs", value=len(keys))
         logger.info(f"hash: shard {shard.index} ({progress}): {len(keys):,} paragraphs")
         return True
@@ -140,9 +142,11 @@ class FindRepeats(_ShardStep):
         parts = []
         for shard in plan["shards"]:
             offsets = np.load(work / "hash" / f"{shard.index:06d}.offsets.npy")
-            records = np.load(work / "hash" / f"{shard.index:06d}.records.npy", mmap_mode="r")
-            parts.append(np.asarray(records[offsets[bucket]:offsets[bucket + 1]]))
-        records = np.concatenate(parts) if parts else np.empty(0, [("key", "<u8"), ("pos", "<u8")])
+            # Read just this bucket's records (a memory map would read ahead and hold far more of every file).
+            start, count = int(offsets[bucket]), int(offsets[bucket + 1] - offsets[bucket])
+            parts.append(np.fromfile(work / "hash" / f"{shard.index:06d}.records.bin", RECORD, count,
+                                     offset=start * RECORD.itemsize))
+        records = np.concatenate(parts) if parts else np.empty(0, RECORD)
         repeats = cleaning.first_occurrences_dropped(records["key"], records["pos"])
         _save_npy(work / "repeats" / f"{bucket:05d}.npy", repeats)
         logger.info(f"repeats: bucket {bucket} ({progress}): {len(repeats):,} of {len(records):,} paragraphs repeat")
@@ -215,26 +219,28 @@ class Tokenize(_ShardStep):
     @staticmethod
     def _clean(plan, ids, texts, removed, ordinal, stats):
         """Documents left after dropping empty ones and repeated paragraphs; and the next paragraph ordinal."""
+        if not plan["dedup"] and all(texts):  # the common case without cleaning: nothing to drop
+            return ids, texts, ordinal
+        repeats = np.zeros(len(texts), np.uint64)
+        if plan["dedup"]:
+            texts, repeats, ordinal = cleaning.remove_paragraphs(texts, ordinal, removed)
+            stats["repeated_paragraphs"] += int(repeats.sum())
+        min_chars = max(1, plan["dedup_min_chars"])
         kept_ids, kept_texts = [], []
-        for doc_id, text in zip(ids, texts):
-            if plan["dedup"]:
-                text, repeats, ordinal = cleaning.remove_paragraphs(text, ordinal, removed)
-                if repeats:
-                    stats["repeated_paragraphs"] += repeats
-                    if len(text.strip()) < max(1, plan["dedup_min_chars"]):
-                        stats["dropped_short"] += 1
-                        continue
-            if not text:
+        for doc_id, text, repeated in zip(ids, texts, repeats.tolist()):
+            if repeated and len(text.strip()) < min_chars:
+                stats["dropped_short"] += 1
+            elif not text:
                 stats["empty"] += 1
-                continue
-            kept_ids.append(doc_id)
-            kept_texts.append(text)
+            else:
+                kept_ids.append(doc_id)
+                kept_texts.append(text)
         return kept_ids, kept_texts, ordinal
 
     def _tokenize(self, plan, ids, texts, writers, stats) -> None:
         encoded = self.tokenizer.encode_batch(texts, bos=plan["bos"], eos=True)
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-        words = np.fromiter((len(t.split()) for t in texts), np.int64, len(texts))
+        words = np.fromiter(map(len, map(str.split, texts)), np.int64, len(texts))
         content = lengths - (1 + bool(plan["bos"]))  # tokens of the text itself, without BOS/EOS
         stats["histogram"] += np.bincount(cleaning.ratio_bins(content, words), minlength=len(stats["histogram"]))
         keep = cleaning.ratio_keep(content, words, plan["min_token_ratio"], plan["max_token_ratio"])
