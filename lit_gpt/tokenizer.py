@@ -41,8 +41,7 @@ class Tokenizer:
         self._hf_directory = None  # set while a proven directory's AutoTokenizer is not loaded yet
         if self.path.is_dir():
             if (self.path / "tokenizer.json").is_file():
-                if not self._init_proven(self.path):
-                    self._init_transformers(self.path)
+                self._init_hf_directory(self.path)
             elif (self.path / "tokenizer.model").is_file():
                 self._init_sentencepiece(self.path / "tokenizer.model")
             else:
@@ -50,7 +49,7 @@ class Tokenizer:
         elif self.path.is_file() and self.path.suffix == ".model":
             self._init_sentencepiece(self.path)
         elif self.path.is_file() and self.path.name == "tokenizer.json":
-            self._init_transformers(self.path.parent)
+            self._init_hf_directory(self.path.parent)
         elif self.path.is_file() and self.path.suffix == ".json":
             self._init_tokenizers(self.path)
         elif self.path.exists():
@@ -59,6 +58,10 @@ class Tokenizer:
             raise ValueError(f"{self.path}: tokenizer path does not exist")
 
     # ------------------------------------------------------------------ backends
+    def _init_hf_directory(self, directory: Path) -> None:
+        if not self._init_proven(directory):
+            self._init_transformers(directory)
+
     def _init_transformers(self, directory: Path) -> None:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -90,10 +93,14 @@ class Tokenizer:
         proven = _proven_sentencepiece(directory, _hf_files(directory))
         if proven is None:
             return False
-        self._sp, recorded = proven
-        self.backend, self.files, self._hf_directory = "transformers", _hf_files(directory), directory
-        for name in PROVEN_ATTRIBUTES:
-            setattr(self, name, recorded[name])
+        sp, recorded = proven
+        if recorded is None:  # written before the attributes were recorded: AutoTokenizer gives them
+            self._init_transformers(directory)
+        else:
+            self.backend, self.files, self._hf_directory = "transformers", _hf_files(directory), directory
+            for name in PROVEN_ATTRIBUTES:
+                setattr(self, name, recorded[name])
+        self._sp = sp
         return True
 
     def _init_tokenizers(self, json_file: Path) -> None:
@@ -227,8 +234,8 @@ def _hf_files(directory: Path) -> list[Path]:
 
 
 def _proven_sentencepiece(directory: Path, hf_files: list[Path]):
-    """(SentencePiece encoder, recorded attributes) for a tokenizer.json directory whose ids it is known to give,
-    else None.
+    """(SentencePiece encoder, recorded attributes or None) for a tokenizer.json directory whose ids it is known to
+    give, else None.
 
     scripts/train_tokenizer.py converts its SentencePiece model to the Hugging Face files, compares both encoders
     before writing, and records every file's sha256 in provenance.json. While those files are unchanged (and nothing
@@ -237,13 +244,13 @@ def _proven_sentencepiece(directory: Path, hf_files: list[Path]):
     model = directory / "tokenizer.model"
     try:
         provenance = json.loads((directory / "provenance.json").read_text(encoding="utf-8"))
-        recorded, attributes = provenance["files_sha256"], provenance["attributes"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded, attributes = provenance["files_sha256"], provenance.get("attributes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if (directory / "config.json").exists() or not model.is_file() or not isinstance(recorded, dict):
         return None
     if not isinstance(attributes, dict) or set(attributes) != set(PROVEN_ATTRIBUTES):
-        return None
+        attributes = None
     needed = [*hf_files, model]
     if any(recorded.get(p.name) != file_sha256(p) for p in needed):
         return None

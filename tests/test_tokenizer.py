@@ -368,6 +368,10 @@ def test_trained_directory_encodes_with_sentencepiece_while_its_files_are_unchan
     assert json.loads(out) == [[tok.encode(text, bos=True, eos=True) for text in documents], False]
 
     config = json.loads((proven / "tokenizer_config.json").read_text())
+    older = shutil.copytree(proven, tmp_path / "older")  # provenance.json of an earlier version: no attributes
+    record = json.loads((older / "provenance.json").read_text())
+    (older / "provenance.json").write_text(json.dumps({k: v for k, v in record.items() if k != "attributes"}))
+    assert Tokenizer(older)._sp is not None and Tokenizer(older).describe() == tok.describe()
     for change in ("edit", "added_tokens", "no_provenance"):
         changed = shutil.copytree(proven, tmp_path / change)
         if change == "edit":  # AutoTokenizer now gives other ids: so must we
