@@ -22,6 +22,7 @@ from typing import Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import library  # custom ops: the flash kernels, opaque to dynamo
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -320,7 +321,7 @@ _FLASH_KERNELS = {"fa3": (_fa3_forward, _fa3_backward), "fa4": (_fa4_forward, _f
 
 # One op pair for FA3 and FA4: opaque to dynamo (no graph break), with fake kernels that give AOTAutograd and inductor
 # the output shapes. Causal, default softmax scale; `cu_seqlens`/`max_seqlen` select varlen ([total, heads, D] inputs).
-@torch.library.custom_op("lit_gpt::flash_attn", mutates_args=())
+@library.custom_op("lit_gpt::flash_attn", mutates_args=())
 def flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
                   max_seqlen: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _FLASH_KERNELS[kernel][0](q, k, v, cu_seqlens, max_seqlen, q.shape[-1] ** -0.5)
@@ -334,7 +335,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, kernel):
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("lit_gpt::flash_attn_backward", mutates_args=())
+@library.custom_op("lit_gpt::flash_attn_backward", mutates_args=())
 def flash_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                            lse: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
                            kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

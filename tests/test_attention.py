@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch import library
 
 import lit_gpt.attention as attn_mod
 from lit_gpt.attention import (
@@ -525,12 +526,12 @@ def test_flash_op_registration_is_consistent(flash_standins):
     # torch's own check of a custom op: schema, fake kernel vs the real one, autograd registration.
     flash_standins(fa3=True)
     q, k, v = qkv(1, 8, 4, 2, requires_grad=True)
-    torch.library.opcheck(attn_mod.flash_attn_op, (q, k, v, None, 8, "fa3"),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    library.opcheck(attn_mod.flash_attn_op, (q, k, v, None, 8, "fa3"),
+                         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     doc_mask = DocumentMask.from_doc_ids(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
     flat = [x.reshape(8, *x.shape[2:]) for x in (q, k, v)]
-    torch.library.opcheck(attn_mod.flash_attn_op, (*flat, doc_mask.cu_seqlens, doc_mask.max_seqlen, "fa3"),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    library.opcheck(attn_mod.flash_attn_op, (*flat, doc_mask.cu_seqlens, doc_mask.max_seqlen, "fa3"),
+                         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # Resolution on a (pretended) GPU: which backend `auto` takes, with which packages installed.
