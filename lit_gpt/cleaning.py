@@ -1,6 +1,6 @@
 """Corpus cleaning as in LLäMmlein: paragraph deduplication and the token-to-word ratio filter.
 
-Paragraphs are the lines of a document (split at "\n"). Their key is the 64-bit XXH3 hash of the paragraph,
+Paragraphs are the lines of a document (split at "\\n"). Their key is the 64-bit XXH3 hash of the paragraph,
 case-folded with runs of whitespace collapsed (XXH3, as datatrove's own dedup uses: a third of BLAKE2b's cost per
 paragraph, and as collision-free at 64 bits); blank paragraphs have no key and are never removed. Over the whole
 corpus in order, the first occurrence of a key stays and every later one (in the same or a later document) is
@@ -32,7 +32,7 @@ def paragraph_hashes(texts: Sequence[str], first_ordinal: int) -> tuple[np.ndarr
     """(keys, ordinals) of the non-blank paragraphs of `texts`, numbered from `first_ordinal`; and the next ordinal.
 
     paragraph_key of every paragraph, batched (it runs on every paragraph of the corpus): the documents joined by
-    "\n" have their paragraphs in order, and case folding commutes with the split and the whitespace collapse."""
+    "\\n" have their paragraphs in order, and case folding commutes with the split and the whitespace collapse."""
     normalized = [" ".join(p.split()) for p in "\n".join(texts).casefold().split("\n")] if texts else []
     keys = np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, filter(None, normalized))), np.uint64)
     present = np.fromiter(map(bool, normalized), bool, len(normalized))
@@ -57,20 +57,20 @@ def remove_paragraphs(texts: Sequence[str], first_ordinal: int, removed: np.ndar
                       ) -> tuple[list[str], np.ndarray, int]:
     """(`texts` without the paragraphs whose ordinals are in `removed` (sorted uint64), paragraphs removed per text,
     next ordinal). One search for the whole batch: most documents lose nothing and are passed through."""
+    base = np.uint64(first_ordinal)
     counts = np.fromiter((text.count("\n") + 1 for text in texts), np.uint64, len(texts))
-    ends = np.uint64(first_ordinal) + np.cumsum(counts, dtype=np.uint64)
+    ends = np.cumsum(counts, dtype=np.uint64)  # paragraph ordinals relative to first_ordinal
     starts = ends - counts
-    lo, hi = np.searchsorted(removed, starts), np.searchsorted(removed, ends)
+    lo, hi = np.searchsorted(removed, starts + base), np.searchsorted(removed, ends + base)
     texts = list(texts)
     changed = np.flatnonzero(hi > lo).tolist()
     if changed:
-        paragraphs = "\n".join(texts).split("\n")  # every paragraph of the batch, at its ordinal - first_ordinal
+        paragraphs = "\n".join(texts).split("\n")  # every paragraph of the batch, at its relative ordinal
         keep = np.ones(len(paragraphs), bool)
-        keep[removed[lo[0]:hi[-1]] - np.uint64(first_ordinal)] = False
+        keep[removed[lo[0]:hi[-1]] - base] = False
         keep = keep.tolist()
-        bounds = (starts - np.uint64(first_ordinal)).tolist(), (ends - np.uint64(first_ordinal)).tolist()
         for i in changed:
-            a, b = bounds[0][i], bounds[1][i]
+            a, b = int(starts[i]), int(ends[i])
             texts[i] = "\n".join(compress(paragraphs[a:b], keep[a:b]))
     return texts, hi - lo, first_ordinal + int(counts.sum())
 

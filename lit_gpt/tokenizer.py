@@ -63,26 +63,9 @@ class Tokenizer:
             self._init_transformers(directory)
 
     def _init_transformers(self, directory: Path) -> None:
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
         self.backend = "transformers"
         self.files = _hf_files(directory)
-        for name in ("config.json", *HF_TOKENIZER_FILES[1:]):  # what AutoTokenizer reads besides tokenizer.json:
-            _read_json(directory / name)  # a damaged one is named here, not deep inside transformers
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its notes on legacy behaviour are not ours to print
-        try:
-            auto = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-        except Exception as e:  # transformers raises many types for files it cannot use
-            raise ValueError(f"{directory}: transformers.AutoTokenizer cannot load this tokenizer "
-                             f"({type(e).__name__}: {str(e).strip()[:300]})") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if not getattr(auto, "is_fast", False):
-            raise ValueError(f"{directory}: AutoTokenizer gives a {type(auto).__name__}, which has no tokenizers "
-                             "backend to encode with")
-        self._auto = auto
+        auto = self._auto = _load_auto_tokenizer(directory)
         ids = (auto.bos_token_id, auto.eos_token_id, auto.unk_token_id, auto.pad_token_id)
         self._init_hf(auto.backend_tokenizer, *ids)
         self._sp = None
@@ -90,14 +73,15 @@ class Tokenizer:
     def _init_proven(self, directory: Path) -> bool:
         """A train_tokenizer directory whose files are unchanged: AutoTokenizer's attributes as recorded at training
         time and SentencePiece to encode, without importing transformers (seconds per data-preparation run)."""
-        proven = _proven_sentencepiece(directory, _hf_files(directory))
+        files = _hf_files(directory)
+        proven = _proven_sentencepiece(directory, files)
         if proven is None:
             return False
         sp, recorded = proven
         if recorded is None:  # written before the attributes were recorded: AutoTokenizer gives them
             self._init_transformers(directory)
         else:
-            self.backend, self.files, self._hf_directory = "transformers", _hf_files(directory), directory
+            self.backend, self.files, self._auto, self._hf_directory = "transformers", files, None, directory
             for name in PROVEN_ATTRIBUTES:
                 setattr(self, name, recorded[name])
         self._sp = sp
@@ -187,9 +171,7 @@ class Tokenizer:
         if self.backend == "sentencepiece":
             return self._sp.decode(ids)
         if self._hf_directory is not None:  # a proven directory: AutoTokenizer decodes, loaded when first needed
-            sp = self._sp
-            self._init_transformers(self._hf_directory)  # the same attributes, as proven at training time
-            self._sp, self._hf_directory = sp, None
+            self._auto, self._hf_directory = _load_auto_tokenizer(self._hf_directory), None
         if self._auto is not None:  # AutoTokenizer's own decode: it may clean up spaces after the backend
             return self._auto.decode(ids, skip_special_tokens=True)
         return self._hf.decode(ids, skip_special_tokens=True)
@@ -227,6 +209,28 @@ def tokenizer_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
+
+
+def _load_auto_tokenizer(directory: Path):
+    """transformers.AutoTokenizer for the directory (a fast one), with one error naming what it cannot use."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    for name in ("config.json", *HF_TOKENIZER_FILES[1:]):  # what AutoTokenizer reads besides tokenizer.json:
+        _read_json(directory / name)  # a damaged one is named here, not deep inside transformers
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes on legacy behaviour are not ours to print
+    try:
+        auto = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for files it cannot use
+        raise ValueError(f"{directory}: transformers.AutoTokenizer cannot load this tokenizer "
+                         f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not getattr(auto, "is_fast", False):
+        raise ValueError(f"{directory}: AutoTokenizer gives a {type(auto).__name__}, which has no tokenizers "
+                         "backend to encode with")
+    return auto
 
 
 def _hf_files(directory: Path) -> list[Path]:

@@ -527,11 +527,11 @@ def test_flash_op_registration_is_consistent(flash_standins):
     flash_standins(fa3=True)
     q, k, v = qkv(1, 8, 4, 2, requires_grad=True)
     library.opcheck(attn_mod.flash_attn_op, (q, k, v, None, 8, "fa3"),
-                         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                    test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     doc_mask = DocumentMask.from_doc_ids(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
     flat = [x.reshape(8, *x.shape[2:]) for x in (q, k, v)]
     library.opcheck(attn_mod.flash_attn_op, (*flat, doc_mask.cu_seqlens, doc_mask.max_seqlen, "fa3"),
-                         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                    test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # Resolution on a (pretended) GPU: which backend `auto` takes, with which packages installed.

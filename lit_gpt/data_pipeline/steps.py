@@ -105,17 +105,17 @@ class HashParagraphs(_ShardStep):
 
     def process(self, work, plan, shard, progress) -> bool:
         stats = {"skipped": 0, "messages": [], "bytes": 0}
-        keys, ordinals, ordinal = [], [], 0
+        keys, ordinals, ordinal = [np.empty(0, np.uint64)], [np.empty(0, np.uint64)], 0
         for _, texts in _documents(plan, shard, plan["on_error"] == "stop", work, stats):
             k, o, ordinal = cleaning.paragraph_hashes(texts, ordinal)
             keys.append(k)
             ordinals.append(o)
         if stats.get("failed"):
             return False
-        keys = np.concatenate(keys) if keys else np.empty(0, np.uint64)
+        keys = np.concatenate(keys)
         records = np.empty(len(keys), RECORD)
         records["key"] = keys
-        records["pos"] = cleaning.shard_position(shard.index, np.concatenate(ordinals) if ordinals else 0)
+        records["pos"] = cleaning.shard_position(shard.index, np.concatenate(ordinals))
         bucket = records["key"] % np.uint64(plan["buckets"])
         order = np.argsort(bucket, kind="stable")
         records, bucket = records[order], bucket[order]
