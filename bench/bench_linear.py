@@ -10,6 +10,7 @@ weights every shape by how often a training step computes it (per layer, once fo
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -17,17 +18,20 @@ import torch
 
 from lit_gpt.config import Config
 from lit_gpt.cpu_linear import ONEDNN_LINEAR, onednn_linear
+from lit_gpt.model import GPT, Linear
 
 PRODUCTS = ("forward", "grad_input", "grad_weight")
 
 
 def linear_shapes(cfg: Config) -> list[tuple[str, int, int, int]]:
-    """(name, in_features, out_features, count per step)."""
-    qkv = (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size
-    return [("attn.attn", cfg.n_embd, qkv, cfg.n_layer), ("attn.proj", cfg.n_head * cfg.head_size, cfg.n_embd,
-            cfg.n_layer), ("mlp.fc_1 + fc_2", cfg.n_embd, cfg.intermediate_size, 2 * cfg.n_layer),
-            ("mlp.proj", cfg.intermediate_size, cfg.n_embd, cfg.n_layer),
-            ("lm_head", cfg.n_embd, cfg.padded_vocab_size, 1)]
+    """(names, in_features, out_features, count per step) of the model's Linear layers, read off a meta-device GPT."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    names: dict[tuple[int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            names.setdefault((module.in_features, module.out_features), []).append(re.sub(r"^transformer\.h\.\d+\.", "", name))
+    return [(", ".join(dict.fromkeys(found)), n_in, n_out, len(found)) for (n_in, n_out), found in names.items()]
 
 
 def product_pairs(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> dict:
