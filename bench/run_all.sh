@@ -17,6 +17,5 @@ run resume .venv/bin/python bench/bench_resume.py
 run prepare .venv/bin/python bench/bench_prepare.py
 run export .venv/bin/python bench/bench_export.py --model_name LLaMmlein_1B --repeats 5
 run verify .venv/bin/python bench/bench_verify.py --model_name LLaMmlein_1B
-run linear .venv/bin/python bench/bench_linear.py --repeats 15
 run train_cpu_fp32 .venv/bin/python bench/train_cpu.py --rounds 5 --contenders ours,litgpt,hf,ours_compile --steps 10 --warmup 3
 run train_cpu_bf16 .venv/bin/python bench/train_cpu.py --rounds 5 --precision bf16-mixed

@@ -15,7 +15,6 @@ import torch.utils.checkpoint
 
 from lit_gpt.attention import DocumentMask, Mask, attention, prepare_mask, resolve_backend
 from lit_gpt.config import Config
-from lit_gpt.cpu_linear import linear
 
 
 class Linear(nn.Linear):
@@ -27,9 +26,6 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
 
 
 class Embedding(nn.Embedding):
