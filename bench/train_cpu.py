@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_gpt.config import Config  # (pure Python: importable from any interpreter with torch)
+from lit_gpt.run_dir import RunDir  # (pure Python too)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,9 +236,9 @@ def run_ours(spec: dict, out: Path, compile_: bool) -> dict:
                           timeout=spec["timeout"])
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunDir(out).metrics_jsonl.read_text().splitlines()]
     steps = [r for r in records if "loss" in r and r.get("time") is not None]
-    hparams = json.loads((out / "hparams.json").read_text())
+    hparams = json.loads(RunDir(out).hparams.read_text())
     return {"log": [{"step": r["step"], "tokens": r["step"] * spec["batch"] * spec["seq_len"], "time": r["time"],
                      "real_tokens": r["tokens"], "window_tps": r.get("tokens_per_sec"), "loss": r["loss"]}
                     for r in steps],

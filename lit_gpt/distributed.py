@@ -181,7 +181,7 @@ def make_strategy(
     return FSDPAnyDeviceStrategy(
         auto_wrap_policy={Block},
         sharding_strategy=sharding_strategy,
-        state_dict_type="sharded",  # checkpoints are written by lit_gpt.checkpoints, not by the strategy
+        state_dict_type="sharded",  # checkpoints are written by lit_gpt.checkpoint, not by the strategy
         use_orig_params=True,
         limit_all_gathers=True,
         hybrid_mesh_shape=hybrid_mesh,

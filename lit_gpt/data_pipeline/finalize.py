@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from lit_gpt import cleaning
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.corpus import InputError
 from lit_gpt.data_pipeline import switch
 from lit_gpt.data_pipeline.packing import DATASET, Layout, pack_result_path

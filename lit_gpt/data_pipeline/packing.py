@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.data_pipeline.plan import SPLITS
 from lit_gpt.litpkds import chunk_name, encode_header
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.corpus import Shard
 from lit_gpt.sample_order import splitmix64
 from lit_gpt.tokenizer import file_sha256, tokenizer_files  # noqa: F401  (re-exported for prepare_data)

@@ -17,7 +17,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
 from lit_gpt import cleaning
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.corpus import parse_unit, shard_units
 from lit_gpt.data_pipeline import packing
 from lit_gpt.data_pipeline.plan import SPLITS, load_plan, shards_of_task, validation_mask
