@@ -5,9 +5,8 @@ the original TinyLlama/LLäMmlein trainer, see `lit_gpt.checkpoint.original`) an
 
 `load_weights(path)` reads weights outside the trainer (export, generation, evaluation, --init_from). It accepts
 both layouts the trainer writes (see `lit_gpt.checkpoint.save`), a bare state dict and the original trainer's
-checkpoints: a full `.pth` file,
-memory-mapped so that nothing is read until used, or a sharded torch-distributed-checkpoint directory, read one
-tensor at a time through torch's own DCP loader without a process group. Either way the model tensors come back
+checkpoints: a full `.pth` file, memory-mapped so that nothing is read until used, or a sharded
+torch-distributed-checkpoint directory, read one tensor at a time through torch's own DCP loader without a process group. Either way the model tensors come back
 behind a lazy mapping with clean lit-gpt keys (wrapper prefixes such as `_forward_module.` stripped), so a
 converter holds about one tensor at a time, not the whole model and never the optimizer state.
 """
