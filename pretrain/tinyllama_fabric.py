@@ -192,6 +192,7 @@ from lit_gpt.checkpoint.find import latest_checkpoint
 from lit_gpt.checkpoint.layout import SaveError
 from lit_gpt.checkpoint.load import load_training_state, load_weights
 from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.checkpoint.save import save_checkpoint
 from lit_gpt.datapoints import DatapointLogger
 from lit_gpt.distributed import make_strategy
@@ -503,11 +504,7 @@ def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data
 def save(fabric: Fabric, hp: dict, config: Config, model, optimizer, progress: Progress,
          train_data: PackedDataset, datapoints: DatapointLogger) -> None:
     datapoints.flush(progress.step)
-    rng = [None] * fabric.world_size
-    if fabric.world_size > 1:
-        torch.distributed.all_gather_object(rng, RNGState().state_dict())
-    else:
-        rng = [RNGState().state_dict()]
+    rng = gather(RNGState().state_dict())  # one state per rank, in rank order
     G = hp["global_batch_size"]
     meta = {"step_count": progress.step, "iter_num": progress.iter_num, "tokens_seen": progress.tokens_seen,
             "skipped_steps": progress.skipped, "world_size": fabric.world_size, "rng": rng, "hparams": hp,

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -81,3 +84,20 @@ def test_run_dir_names_are_spelt_only_by_run_dir():
                         and (node.value in RUN_DIR_NAMES or node.value.endswith("-ckpt.pth")):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_checkpoint_api_resolves_and_light_modules_need_no_torch():
+    """Every name `lit_gpt.checkpoint` exports resolves; publishing, verifying and the run directory's layout import
+    without torch (data preparation and run records use them before torch is needed)."""
+    import lit_gpt.checkpoint as checkpoint
+
+    for name in checkpoint.__all__:
+        assert getattr(checkpoint, name) is not None, name
+    probe = ("import sys\n"
+             "import lit_gpt.checkpoint.publish, lit_gpt.checkpoint.verify, lit_gpt.run_dir, lit_gpt.tokenizer\n"
+             "from lit_gpt.checkpoint import set_aside, sha256_file\n"
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
