@@ -25,7 +25,8 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lit_gpt.checkpoint.verify import sha256_file as file_sha256  # noqa: F401  (the one sha256 helper, by its old name here)
+# The one sha256 helper, under the name the tokenizer provenance and data manifests have always imported it by
+from lit_gpt.checkpoint.verify import sha256_file as file_sha256
 
 # Files `AutoTokenizer.from_pretrained(dir)` reads for a tokenizer.json directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
