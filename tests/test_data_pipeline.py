@@ -14,13 +14,13 @@ from conftest import ROOT, write_corpus
 from test_prepare_data import documents, prepare
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import prepare_data  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 from lit_gpt import cleaning, corpus  # noqa: E402
 from lit_gpt.data_pipeline import switch  # noqa: E402
+from lit_gpt.data_pipeline.plan import STAGING  # noqa: E402
 from lit_gpt.data_pipeline.steps import HashParagraphs, Tokenize  # noqa: E402
-from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_switch_killed_at_every_boundary_ends_complete(tokenizer_dir, tmp_path, 
             assert dataset_bytes_splits(out) in (old_bytes, new_bytes), seen[k - 1]
         assert prepare(*replace, "--output_dir", out) == 0, seen[k - 1]
         assert dataset_bytes_splits(out) == new_bytes, seen[k - 1]
-        assert not (out / prepare_data.STAGING).exists() and not (out / switch.JOURNAL).exists()
+        assert not (out / STAGING).exists() and not (out / switch.JOURNAL).exists()
         assert sorted(p.name for p in (out / "versions").iterdir()) == [switch.current_version(out)]
         shutil.rmtree(out)
 
@@ -289,7 +289,7 @@ def test_manifest_and_tokenizer_dir_record_files_and_backend(prepared_data):
     manifest = json.loads((prepared_data["train"] / "manifest.json").read_text())["tokenizer"]
     backend = Tokenizer(tokenizer).backend
     assert provenance["backend"] == manifest["backend"] == backend
-    expected = {p.name: prepare_data.file_sha256(p) for p in prepare_data.tokenizer_files(tokenizer)}
+    expected = {p.name: file_sha256(p) for p in tokenizer_files(tokenizer)}
     assert {"tokenizer.model", "tokenizer.json"} <= set(expected)
     assert provenance["files_sha256"] == manifest["files_sha256"] == expected
     assert manifest["vocab_size"] == Tokenizer(tokenizer).vocab_size
