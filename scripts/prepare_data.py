@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--tasks", type=int, default=None, help="tasks per stage (default: --workers)")
     run.add_argument("--shard_mb", type=float, default=256.0, help="input per shard, the unit of work and resume")
     run.add_argument("--slurm_args", default="",
-                     help="slurm: extra sbatch options, e.g. '--partition=cpu --time=4:00:00'")
+                     help="slurm: sbatch options in long form, e.g. '--partition=cpu --time=4:00:00 --mem-per-cpu=4G' "
+                          "(defaults: the default partition, 4 hours, datatrove's 2G per CPU)")
     run.add_argument("--slurm_logs", type=Path, default=Path("."), help="slurm: folder for the job logs")
     run.add_argument("--slurm_wait", action="store_true", help="slurm: wait for the last job and report its result")
     return p.parse_args(argv)

@@ -189,6 +189,33 @@ def test_a_run_killed_in_any_stage_restarts_to_the_same_result(tokenizer_dir, cl
         assert dataset_bytes(out) == reference
 
 
+def test_sigkill_of_the_whole_process_group_mid_tokenize_resumes_to_the_same_bytes(tokenizer_dir, cleaning_corpus,
+                                                                                   tmp_path):
+    """SIGKILL the command and its worker processes once tokenize has finished some shards; the re-run skips the
+    finished tasks and pieces and ends with the bytes of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    args = ["--input", cleaning_corpus, "--tokenizer", tokenizer_dir, *CLEANING, "--tasks", "3", "--workers", "2"]
+    assert prepare(*args, "--output_dir", tmp_path / "clean") == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *map(str, args), "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while child.poll() is None and not list((out / STAGING / "parts").glob("*.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(child.pid, signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL  # killed, not finished
+    assert not (out / "train").exists()
+    assert prepare(*args, "--output_dir", out) == 0
+    assert dataset_bytes(out) == dataset_bytes(tmp_path / "clean")
+
+
 def _legacy_layout(out: Path) -> None:
     """Turn a dataset into the layout of earlier versions: real train/val directories."""
     for split in ("train", "val"):

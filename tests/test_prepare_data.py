@@ -330,3 +330,24 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tokenizer
     assert prepare(*base, "--chunk_size", "1000", "--overwrite") == 0
     assert json.loads((out / "train" / "manifest.json").read_text())["chunk_size"] == 1000
     assert not (out / STAGING).exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--output_dir", "x", "--workers", "many"]])
+def test_help_and_bad_flags_load_neither_torch_nor_datatrove(argv):
+    import subprocess
+
+    probe = ("import sys, runpy\n"
+             "class Refuse:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('torch', 'datatrove', 'lit_gpt'):\n"
+             "            raise ImportError(f'{name} imported while parsing flags')\n"
+             "sys.meta_path.insert(0, Refuse())\n"
+             "sys.argv = sys.argv[1:]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(ROOT / "scripts" / "prepare_data.py"), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert "imported while parsing" not in result.stderr
+    if argv == ["--help"]:
+        assert result.returncode == 0 and "--slurm_args" in result.stdout
+    else:
+        assert result.returncode == 2 and "--workers: invalid int value" in result.stderr

@@ -1,15 +1,18 @@
-"""prepare_data.py --executor slurm on a real (one-node, localhost) Slurm cluster: one array job per stage plus the
-finalize job, submitted with dependencies, give the same dataset as the local run. Skips where Slurm cannot be set
-up (bash cluster/install_ci_deps.sh installs slurm-wlm and munge; needs root)."""
+"""prepare_data.py --executor slurm on a real (one-node, localhost) Slurm cluster: one datatrove array job per stage
+plus the finalize job, each depending on the one before, give the same dataset as the local run. Skips where Slurm cannot
+be set up (bash cluster/install_ci_deps.sh installs slurm-wlm and munge; needs root)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
 from test_data_pipeline import CLEANING, cleaning_corpus, dataset_bytes  # noqa: F401 (a fixture)
 from test_prepare_data import prepare
 from test_slurm import slurm  # noqa: F401,E402 (the local cluster fixture)
+
+from lit_gpt.data_pipeline.plan import STAGING
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -31,8 +34,10 @@ def test_slurm_array_jobs_give_the_local_dataset(slurm, prepared_data, cleaning_
     for stage in ("hash", "repeats", "tokenize", "pack", "finalize"):
         assert f"{stage}: job " in printed
     assert "repeated paragraphs removed" in printed  # the finalize job's summary table
-    assert sorted(p.name.split("-")[1] for p in logs.glob("prepare-*.out")).count("tokenize") == 2
+    tokenize_job = re.search(r"^tokenize: job (\d+) \(2 task", printed, re.M).group(1)
+    assert len(list((logs / "prepare-tokenize").glob(f"{tokenize_job}_*.out"))) == 2  # one log per array task
     assert dataset_bytes(out) == dataset_bytes(tmp_path / "local")
+    assert not (out / STAGING).exists()  # datatrove's logs and markers live beside the job logs
     # Submitting again finds the dataset complete and submits nothing.
     assert prepare(*args, "--output_dir", out, "--executor", "slurm", "--slurm_logs", logs) == 0
     assert "nothing to do" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The datatrove pipeline steps of data preparation (see the package docstring for the stages).
+"""The datatrove pipeline steps of data preparation (see the package docstring for the stages and why they
+exchange files rather than documents).
 
 Each step works on whole shards (or key buckets, or chunk ranges) and writes its output under OUTPUT/.staging
 atomically, a small "done" file last; a re-run skips finished pieces, so a task killed half-way loses only the
