@@ -335,3 +335,14 @@ def test_cleaning_helpers_against_hand_computed_values():
     assert (ordinals.tolist(), end) == ([3, 5, 6], 7)
     bins = cleaning.ratio_bins(np.array([0, 3, 10, 5]), np.array([4, 2, 1, 0]))
     assert bins.tolist() == [0, 30, 100, 100]  # 0.0, 1.5, >= 5, no words
+
+
+def test_the_pipeline_imports_neither_torch_nor_the_model_layer():
+    import subprocess
+
+    probe = ("import sys, lit_gpt.data_pipeline.prepare, lit_gpt.data_pipeline.executor\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in "
+             "('lit_gpt.model', 'lit_gpt.packed_dataset', 'lit_gpt.attention')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import pytest
 from test_data_pipeline import CLEANING, cleaning_corpus, dataset_bytes  # noqa: F401 (a fixture)
@@ -24,8 +23,7 @@ def test_slurm_array_jobs_give_the_local_dataset(slurm, prepared_data, cleaning_
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "SRUN_", "SBATCH_"))]:
         monkeypatch.delenv(key)  # pytest itself may run inside a Slurm job
-    for key, value in {**slurm.env, "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable,
-                       "OMP_NUM_THREADS": "1"}.items():
+    for key, value in {**slurm.env, "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
     out, logs = tmp_path / "slurm", tmp_path / "logs"
     assert prepare(*args, "--output_dir", out, "--executor", "slurm", "--slurm_logs", logs, "--slurm_wait",

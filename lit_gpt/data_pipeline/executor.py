@@ -15,6 +15,7 @@ import multiprocessing
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from datatrove.executor.local import LocalPipelineExecutor
@@ -87,7 +88,9 @@ def submit_slurm(out: Path, plan: Plan, tasks: int, slurm_args: str, logs: Path)
     options = sbatch_options(slurm_args)
     common = {"time": options.pop("time", "04:00:00"), "cpus_per_task": int(options.pop("cpus-per-task", 1)),
               "partition": options.pop("partition", None) or default_partition(), "qos": options.pop("qos", None),
-              "sbatch_args": options, "env_command": f"source {shlex.quote(str(JOB_ENV))}", "with_srun": False}
+              "sbatch_args": options, "with_srun": False,
+              # The tasks run in this Python environment (its bin folder holds datatrove's launch command).
+              "env_command": f"source {shlex.quote(str(JOB_ENV))} {shlex.quote(str(Path(sys.executable).parent))}"}
     logs = logs.resolve()
     folder = logs / plan.run_id
     executors, last = {}, None
