@@ -106,7 +106,7 @@ class HashParagraphs(_ShardStep):
     def done(self, work, shard) -> bool:
         return (work / "hash" / f"{shard.index:06d}.offsets.npy").is_file()
 
-    def process(self, work, plan, shard, progress) -> bool:
+    def process(self, work, plan, shard, progress) -> None:
         stats = {"skipped": 0, "messages": [], "bytes": 0}
         keys, ordinals, ordinal = [np.empty(0, np.uint64)], [np.empty(0, np.uint64)], 0
         for _, texts in _documents(plan, shard, work, stats):
@@ -138,7 +138,7 @@ class FindRepeats(_ShardStep):
     def done(self, work, bucket) -> bool:
         return (work / "repeats" / f"{bucket:05d}.npy").is_file()
 
-    def process(self, work, plan, bucket, progress) -> bool:
+    def process(self, work, plan, bucket, progress) -> None:
         parts = []
         for shard in plan.shards:
             offsets = np.load(work / "hash" / f"{shard.index:06d}.offsets.npy")
@@ -180,7 +180,7 @@ class Tokenize(_ShardStep):
             found.append(np.asarray(positions[a:b]) - low)
         return np.sort(np.concatenate(found)) if found else np.empty(0, np.uint64)
 
-    def process(self, work, plan, shard, progress) -> bool:
+    def process(self, work, plan, shard, progress) -> None:
         start = time.perf_counter()
         stats = {"skipped": 0, "messages": [], "bytes": 0, "documents_in": 0, "empty": 0,
                  "repeated_paragraphs": 0, "dropped_short": 0, "dropped_ratio_low": 0, "dropped_ratio_high": 0,
@@ -269,7 +269,7 @@ class Pack(_ShardStep):
     def done(self, work, piece) -> bool:
         return False  # the executor's completion marker skips a finished task; a killed one redoes its range
 
-    def process(self, work, plan, piece, progress) -> bool:
+    def process(self, work, plan, piece, progress) -> None:
         rank, tasks = piece
         layout = packing.Layout(work, plan)
         jobs = layout.chunks()
