@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import pytest
 from test_data_pipeline import CLEANING, cleaning_corpus, dataset_bytes  # noqa: F401 (a fixture)
@@ -16,15 +17,19 @@ from lit_gpt.data_pipeline.plan import STAGING
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
+def _submit_from_here(cluster, monkeypatch) -> None:
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SRUN_", "SBATCH_"))]:
+        monkeypatch.delenv(key)  # pytest itself may run inside a Slurm job
+    for key, value in {**cluster.env, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+
 def test_slurm_array_jobs_give_the_local_dataset(slurm, prepared_data, cleaning_corpus, tmp_path,  # noqa: F811
                                                  monkeypatch, capsys):
     args = ["--input", cleaning_corpus, "--tokenizer", prepared_data["tokenizer"], *CLEANING, "--tasks", "2"]
     assert prepare(*args, "--output_dir", tmp_path / "local", "--workers", "2") == 0
 
-    for key in [k for k in os.environ if k.startswith(("SLURM_", "SRUN_", "SBATCH_"))]:
-        monkeypatch.delenv(key)  # pytest itself may run inside a Slurm job
-    for key, value in {**slurm.env, "OMP_NUM_THREADS": "1"}.items():
-        monkeypatch.setenv(key, value)
+    _submit_from_here(slurm, monkeypatch)
     out, logs = tmp_path / "slurm", tmp_path / "logs"
     assert prepare(*args, "--output_dir", out, "--executor", "slurm", "--slurm_logs", logs, "--slurm_wait",
                    "--slurm_args", "--time=10 --cpus-per-task=1") == 0, slurm.logs()
@@ -39,3 +44,19 @@ def test_slurm_array_jobs_give_the_local_dataset(slurm, prepared_data, cleaning_
     # Submitting again finds the dataset complete and submits nothing.
     assert prepare(*args, "--output_dir", out, "--executor", "slurm", "--slurm_logs", logs) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_malformed_record_fails_its_job_cancels_the_rest_and_is_one_line(slurm, prepared_data, tmp_path,  # noqa: F811
+                                                                           monkeypatch, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "gut"}\n{"text": kaputt}\n' + '{"text": "mehr"}\n' * 50, encoding="utf-8")
+    _submit_from_here(slurm, monkeypatch)
+    logs = tmp_path / "logs"
+    assert prepare("--input", bad, "--tokenizer", prepared_data["tokenizer"], "--output_dir", tmp_path / "out",
+                   "--tasks", "2", "--executor", "slurm", "--slurm_logs", logs, "--slurm_wait",
+                   "--slurm_args", "--time=10 --cpus-per-task=1") == 2, slurm.logs()
+    err = capsys.readouterr().err
+    assert f"error: {bad}:2: invalid JSON" in err and "--on_error skip" in err
+    queue = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True, env=os.environ).stdout
+    assert "prepare-" not in queue.replace("COMPLETING", ""), queue  # the later stages were cancelled
+    assert not (tmp_path / "out" / "train").exists()

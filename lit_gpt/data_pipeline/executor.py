@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from datatrove.executor.local import LocalPipelineExecutor
@@ -54,7 +55,11 @@ def run_local(work: Path, plan: Plan, tasks: int, workers: int) -> None:
         failed = failures(work)
         if not failed:
             raise
-        raise InputError(f"{failed[0]} (use --on_error skip to skip malformed records)") from None
+        raise InputError(record_error_message(failed[0])) from None
+
+
+def record_error_message(failure: str) -> str:
+    return f"{failure} (use --on_error skip to skip malformed records)"
 
 
 def sbatch_options(text: str) -> dict[str, str]:
@@ -80,6 +85,11 @@ def default_partition() -> str:
     return marked[0]
 
 
+def job_name(plan: Plan, stage: str) -> str:
+    """The Slurm job name of a stage of this run (datatrove's stats merge job after it has the same name)."""
+    return f"prepare-{stage}-{plan.run_id}"
+
+
 def submit_slurm(out: Path, plan: Plan, tasks: int, slurm_args: str, logs: Path) -> dict[str, int | str]:
     """One Slurm array job per stage (its unfinished tasks), each depending on the one before, then the finalize
     job; the job id per stage (-1 for a stage with nothing left to do)."""
@@ -96,10 +106,10 @@ def submit_slurm(out: Path, plan: Plan, tasks: int, slurm_args: str, logs: Path)
     executors, last = {}, None
     for stage in plan.stages:
         last = executors[stage] = SlurmPipelineExecutor(
-            [STEPS[stage](out / STAGING)], tasks=tasks, job_name=f"prepare-{stage}", depends=last,
+            [STEPS[stage](out / STAGING)], tasks=tasks, job_name=job_name(plan, stage), depends=last,
             logging_dir=str(folder / f"{stage}-{tasks}"), slurm_logs_folder=str(logs / f"prepare-{stage}"), **common)
     executors["finalize"] = SlurmPipelineExecutor(
-        [Finalize(out, tasks)], tasks=1, job_name="prepare-finalize", depends=last, skip_completed=False,
+        [Finalize(out, tasks)], tasks=1, job_name=job_name(plan, "finalize"), depends=last, skip_completed=False,
         logging_dir=str(folder / "finalize"), slurm_logs_folder=str(logs / "prepare-finalize"), **common)
     left = {stage: len(e.get_incomplete_ranks()) for stage, e in executors.items()}
     try:
@@ -114,3 +124,19 @@ def submit_slurm(out: Path, plan: Plan, tasks: int, slurm_args: str, logs: Path)
 
 def finalize_log(logs: Path, job: str) -> Path:
     return logs.resolve() / "prepare-finalize" / f"{job}_0.out"
+
+
+def wait_for_slurm(plan: Plan, finalize_job: str) -> bool:
+    """Wait until the finalize job has left the queue: True; False when a stage failed (a job that waits for it
+    can never start), after cancelling this run's remaining jobs."""
+    names = ",".join(job_name(plan, stage) for stage in [*plan.stages, "finalize"])
+    while True:
+        queue = subprocess.run(["squeue", "-h", f"--name={names}", "-o", "%F %r"], capture_output=True,
+                               text=True).stdout
+        if "DependencyNeverSatisfied" in queue:
+            for name in names.split(","):
+                subprocess.run(["scancel", f"--name={name}"], capture_output=True)
+            return False
+        if not any(line.split()[0] == finalize_job for line in queue.splitlines() if line.strip()):
+            return True
+        time.sleep(2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from lit_gpt.data_pipeline.plan import (
     save_plan,
     shard_bytes_for,
 )
+from lit_gpt.data_pipeline.steps import failures
 from lit_gpt.litpkds import token_dtype
 from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
 
@@ -217,15 +217,18 @@ def _submit_slurm(options: PrepareOptions) -> None:
     log = executor.finalize_log(options.slurm_logs, jobs["finalize"])
     print(f"submitted; the summary will be in {log}")
     if options.slurm_wait:
-        _wait_for(options, plan, str(jobs["finalize"]), log)
+        _wait_for(options, plan, jobs, log)
 
 
-def _wait_for(options: PrepareOptions, plan: Plan, job: str, log: Path) -> None:
-    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
-        time.sleep(2)
+def _wait_for(options: PrepareOptions, plan: Plan, jobs: dict, log: Path) -> None:
+    if not executor.wait_for_slurm(plan, str(jobs["finalize"])):
+        failed = failures(options.output_dir / STAGING)
+        if failed:
+            raise InputError(executor.record_error_message(failed[0]))
+        raise InputError(f"--executor slurm: a job failed and the later ones were cancelled; see the logs in "
+                         f"{options.slurm_logs.resolve()}")
     if log.is_file():
         print(log.read_text(encoding="utf-8", errors="replace")[-4000:])
     if not is_complete(options.output_dir, plan.fingerprint):
         raise InputError(f"--executor slurm: the jobs ended without a complete dataset; see the logs in "
                          f"{options.slurm_logs.resolve()}")
-
