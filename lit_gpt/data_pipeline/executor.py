@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.executor.slurm import SlurmPipelineExecutor
-from datatrove.utils.logging import logger
+from datatrove.utils.logging import logger, setup_default_logger
 
 from lit_gpt.corpus import InputError
 from lit_gpt.data_pipeline.finalize import Finalize
@@ -44,6 +44,7 @@ def run_local(work: Path, plan: Plan, tasks: int, workers: int) -> None:
     """All stages but finalize on this machine, `workers` tasks at a time; the first failure in corpus order as
     one InputError."""
     logger.configure(patcher=_one_line_record_errors)
+    setup_default_logger()  # datatrove's console log goes to sys.stderr as it is now (a caller may have replaced it)
     last = None
     for stage in plan.stages:
         last = LocalPipelineExecutor([STEPS[stage](work)], tasks=tasks, workers=max(1, min(workers, tasks)),
