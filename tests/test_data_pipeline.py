@@ -346,3 +346,12 @@ def test_the_pipeline_imports_neither_torch_nor_the_model_layer():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_slurm_args_become_datatrove_sbatch_args():
+    from lit_gpt.data_pipeline.executor import sbatch_options
+
+    assert sbatch_options("--partition=cpu --time 4:00:00 --exclusive --mem-per-cpu=4G") == {
+        "partition": "cpu", "time": "4:00:00", "exclusive": "", "mem-per-cpu": "4G"}
+    with pytest.raises(corpus.InputError, match="long form"):
+        sbatch_options("-p cpu")

@@ -12,6 +12,7 @@ finalize job has removed the staging area.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shlex
 import shutil
 import subprocess
@@ -96,8 +97,13 @@ def submit_slurm(out: Path, plan: Plan, tasks: int, slurm_args: str, logs: Path)
     job; the job id per stage (-1 for a stage with nothing left to do)."""
     if shutil.which("sbatch") is None:
         raise InputError("--executor slurm: sbatch is not on PATH (run this on a Slurm login node)")
+    if "SLURM_ARRAY_TASK_ID" in os.environ:  # datatrove's executor would run as one of its own tasks
+        raise InputError("--executor slurm: submit from a login node, not from inside a Slurm array job")
     options = sbatch_options(slurm_args)
-    common = {"time": options.pop("time", "04:00:00"), "cpus_per_task": int(options.pop("cpus-per-task", 1)),
+    cpus = options.pop("cpus-per-task", "1")
+    if not cpus.isdigit() or int(cpus) < 1:
+        raise InputError(f"--slurm_args: --cpus-per-task={cpus}: must be a positive whole number")
+    common = {"time": options.pop("time", "04:00:00"), "cpus_per_task": int(cpus),
               "partition": options.pop("partition", None) or default_partition(), "qos": options.pop("qos", None),
               "sbatch_args": options, "with_srun": False,
               # The tasks run in this Python environment (its bin folder holds datatrove's launch command).
