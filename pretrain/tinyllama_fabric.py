@@ -521,8 +521,8 @@ class RunLog:
     def __init__(self, fabric: Fabric, hp: dict, monitor: SpeedMonitor, metrics: MetricsLog,
                  loggers: RunLoggers, start: Progress) -> None:
         self.fabric, self.hp, self.monitor, self.metrics, self.loggers = fabric, hp, monitor, metrics, loggers
-        self.start_time, self.start_step = time.perf_counter(), start.step
-        monitor.update(start.tokens_seen)
+        self.start_time = time.perf_counter()
+        monitor.update(start.step, start.tokens_seen)
 
     def step(self, progress: Progress, result: StepResult, lr: float) -> None:
         hp, fabric = self.hp, self.fabric
@@ -532,22 +532,24 @@ class RunLog:
                 if not math.isfinite(value)))
         if progress.step % hp["log_interval"] and progress.step != hp["max_steps"]:
             return
-        self.monitor.update(progress.tokens_seen)
+        self.monitor.update(progress.step, progress.tokens_seen)
         elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / (progress.step - self.start_step) * (hp["max_steps"] - progress.step)
+        eta = self.monitor.eta_seconds(hp["max_steps"])
         memory = (torch.cuda.max_memory_allocated() if fabric.device.type == "cuda" else _rss_bytes()) / 2**30
-        tps, mfu = self.monitor.tokens_per_sec(), self.monitor.mfu()
+        tps, smoothed, mfu = self.monitor.tokens_per_sec(), self.monitor.smoothed_tokens_per_sec(), self.monitor.mfu()
         record = {"iter": progress.iter_num, "step": progress.step,
                   "loss": result.loss if math.isfinite(result.loss) else None, "lr": lr,
                   "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
-                  "tokens": progress.tokens_seen, "tokens_per_sec": tps, "mfu": mfu, "skipped_steps": progress.skipped,
+                  "tokens": progress.tokens_seen, "tokens_per_sec": tps,
+                  "tokens_per_sec_smoothed": smoothed, "mfu": mfu, "skipped_steps": progress.skipped,
                   "memory_gb": memory, "time": elapsed}
         self.metrics.write(record)
         self.loggers.log({k: v for k, v in record.items() if v is not None and k not in ("step", "time")},
                          progress.step)
         fabric.print(f"step {progress.step}/{hp['max_steps']} | loss {result.loss:.4f} | lr {lr:.2e} | "
-                     f"grad {result.grad_norm:.3f}" + (f" | {tps:,.0f} tok/s" if tps else "")
-                     + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
+                     f"grad {result.grad_norm:.3f}" + (f" | {tps:,.0f} tok/s ({smoothed:,.0f} smoothed)" if tps else "")
+                     + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB"
+                     + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""))
 
     def validation(self, model, val_data: PackedDataset, progress: Progress) -> None:
         val_loss = validate(self.fabric, model, val_data, self.hp)
