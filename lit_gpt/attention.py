@@ -399,6 +399,8 @@ def _unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, hea
     if impl == "fa3":
         if major != 9:
             return f"FlashAttention-3 needs a Hopper GPU (compute capability 9.x), this one is {major}.x"
+        if dtype != torch.bfloat16:
+            return f"dtype {dtype}: the image builds FlashAttention-3 for bf16 only (llammlein.def)"
         head_ok &= head_size <= 128  # the image's build: head dims up to 128
     elif impl == "fa4":
         if major not in (9, 10):
