@@ -226,7 +226,7 @@ def phase_components(s: TrainingSetup) -> dict[str, dict[str, int]]:
     n = s.micro_batch_size * c.block_size
     static = {"parameters": p.total * s.master_bytes // s.shards,
               "optimizer state": 2 * p.total * s.master_bytes // s.shards}
-    if s.strategy == "ddp" and s.world_size > 1:
+    if s.strategy == "ddp":  # on one device too: `ddp` is DDP there (lit_gpt.distributed.make_strategy)
         static["gradient buckets (DDP)"] = p.total * s.master_bytes
     grads_name, grads = _accumulated_gradients(s, p)
     forward = {**static, "compute copies": _compute_copies(s, p), grads_name: grads, "activations": activation_bytes(s)}
