@@ -24,7 +24,8 @@ litgpt is not a dependency of this project; `bash bench/setup_env.sh` installs i
 default (or pass another interpreter with --litgpt_python or $LITGPT_PYTHON).
 
 GPU mode (--device cuda) runs our `GPT` in-process for LLaMmlein_120M and LLaMmlein_1B with each attention
-backend (a backend that cannot run is skipped with the reason) under bf16-mixed autocast (or --precision
+backend (a backend that cannot run is skipped with the reason; `auto` is the trainer's pick there), the model built on
+the meta device and materialised and initialised on the GPU (fp32, then cast for bf16-true) under bf16-mixed autocast (or --precision
 bf16-true), fused AdamW, the trainer's chunked cross-entropy, grad clipping, and prints tokens/s and
 MFU = tokens/s * flops_per_token (the PaLM convention, lit_gpt.speed_monitor) / device peak as a markdown table.
 Data loading is not part of GPU mode.
