@@ -59,8 +59,18 @@ def extra_wheel_packages(root: Path) -> list[str]:
 
 
 def copy_checkout(target: Path) -> Path:
-    ignore = shutil.ignore_patterns(".venv*", ".git", "__pycache__", ".pytest_cache", "*.egg-info", "out", "gpu_check",
-                                    "wheels", "data", "demo")
+    """The checkout's files without environments, caches and the outputs of runs (what .gitignore names)."""
+    anywhere = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info")
+    at_root = {"out", "data", "demo", "gpu_check"}
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set(anywhere(directory, names))
+        if Path(directory) == ROOT:
+            skipped |= {n for n in names if n in at_root or n.startswith(".venv")}
+        elif Path(directory) == ROOT / "bench":
+            skipped |= {"wheels"} & set(names)
+        return skipped
+
     shutil.copytree(ROOT, target, ignore=ignore)
     return target
 
