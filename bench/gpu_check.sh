@@ -67,8 +67,11 @@ if [ ${#extras[@]} -gt 0 ]; then
     export PYTHONPATH="$ROOT:$OUT/site${PYTHONPATH#"$ROOT"}"
 fi
 
+# The limits are the GPU's; a CPU smoke run (on a shared CI machine) gets four times as long.
+LIMIT_SCALE=1
+[ "$GPU_CHECK_DEVICE" = cuda ] || LIMIT_SCALE=4
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, remember failures
-    local name=$1 limit=$2
+    local name=$1 limit=$(( $2 * LIMIT_SCALE ))
     shift 2
     echo "== $name (limit ${limit}s)"
     local t0
