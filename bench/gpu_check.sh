@@ -51,7 +51,7 @@ while read -r requirement; do
         continue
     fi
     version=${requirement#*==}
-    wheel=$(ls bench/wheels/"${module}"-"${version}"-*.whl 2>/dev/null | head -n 1)
+    wheel=$(ls bench/wheels/"${module,,}"-"${version}"-*.whl 2>/dev/null | head -n 1)  # wheel names: lower case
     if [ -z "$wheel" ]; then
         echo "error: $WHEELS_LIST: $requirement is not importable and bench/wheels/ has no wheel of it; fetch it first: pip download --no-deps -d bench/wheels -r $WHEELS_LIST" >&2
         exit 2
