@@ -26,16 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
-
-from lit_gpt.attention import (  # noqa: E402
+from lit_gpt.attention import (
     DocumentMask,
     attention,
     flash_backend_problem,
     prepare_mask,
     resolve_backend,
 )
-from lit_gpt.config import Config  # noqa: E402
+from lit_gpt.config import Config
 
 FLOP_CONVENTION = ("unmasked query-key pairs only: forward 4*D*H*pairs, forward+backward 3.5x the forward "
                    "(FlashAttention's convention)")

@@ -20,14 +20,20 @@ from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
-
-from lit_gpt.atomic_write import write_atomically  # noqa: E402
-from lit_gpt.data_pipeline.packing import Layout, PartWriter  # noqa: E402
-from lit_gpt.data_pipeline.plan import SPLITS  # noqa: E402
-from lit_gpt.litpkds import token_dtype  # noqa: E402
+from lit_gpt.atomic_write import write_atomically
+from lit_gpt.data_pipeline.packing import Layout, PartWriter
+from lit_gpt.data_pipeline.plan import SPLITS
+from lit_gpt.litpkds import token_dtype
 
 PAD_ID = 0
+
+
+class _PackingPlan(SimpleNamespace):
+    """The fields of a preparation plan that `Layout` reads (dtype, chunk_size, pad_id, shards), by attribute as from
+    the pipeline's Plan dataclass or by key as from a plan dict: the rest of a plan describes a corpus this has not."""
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
 
 
 def synthetic_documents(n_tokens: int, vocab_size: int, seed: int) -> list[np.ndarray]:
@@ -65,7 +71,7 @@ def write_dataset(out: Path, vocab_size: int = 512, n_tokens: int = 400_000, chu
         writer.close()
         meta[split] = {"tokens": writer.tokens, "documents": len(split_docs)}
     (work / "parts" / "000000.json").write_text(json.dumps(meta))
-    plan = {"dtype": dtype.name, "chunk_size": chunk_size, "pad_id": PAD_ID, "shards": [SimpleNamespace(index=0)]}
+    plan = _PackingPlan(dtype=dtype.name, chunk_size=chunk_size, pad_id=PAD_ID, shards=[SimpleNamespace(index=0)])
     layout = Layout(work, plan)
     files = {split: [] for split in SPLITS}
     for split, c in layout.chunks():
