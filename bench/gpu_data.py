@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.data_pipeline.packing import Layout, PartWriter
 from lit_gpt.data_pipeline.plan import SPLITS
 from lit_gpt.litpkds import token_dtype
@@ -29,11 +29,8 @@ PAD_ID = 0
 
 
 class _PackingPlan(SimpleNamespace):
-    """The fields of a preparation plan that `Layout` reads (dtype, chunk_size, pad_id, shards), by attribute as from
-    the pipeline's Plan dataclass or by key as from a plan dict: the rest of a plan describes a corpus this has not."""
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
+    """The fields of a preparation plan that `Layout` reads (dtype, chunk_size, pad_id, shards): the rest of a plan
+    describes a corpus, which this data has not."""
 
 
 def synthetic_documents(n_tokens: int, vocab_size: int, seed: int) -> list[np.ndarray]:
