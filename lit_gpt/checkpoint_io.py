@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lit_gpt.config import Config
+from lit_gpt.errors import InputError
 from lit_gpt.integrity import DamagedError, verify_checkpoint
 from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 
@@ -39,7 +40,7 @@ ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_query_groups", "head_size", "in
                "padded_vocab_size", "norm_eps", "rope_base")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """Bad input to a conversion/generation script; the message names the file or flag."""
 
 

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lit_gpt import integrity
+from lit_gpt.errors import InputError
 from lit_gpt.integrity import DamagedError
 from lit_gpt.original_checkpoint import is_original_state, load_optimizer_state, load_original_checkpoint
 
@@ -330,7 +331,7 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint")
     if path.is_dir() and not _is_complete(path):
-        raise ValueError(f"--resume {path}: incomplete sharded checkpoint (missing {META_FILE} or .metadata)")
+        raise InputError(f"--resume {path}: incomplete sharded checkpoint (missing {META_FILE} or .metadata)")
     verify_checkpoint(path)
     model, optimizer = _unwrap(model, optimizer)
     if path.is_file():

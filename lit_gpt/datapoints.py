@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lit_gpt.atomic_write import set_aside, write_atomically
+from lit_gpt.errors import InputError
 from lit_gpt.packed_dataset import PackedDataset
 
 LOG_DIR = "datapoints"
@@ -44,7 +45,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable datapoint log segment ({e})") from None
+        raise InputError(f"{path}: unreadable datapoint log segment ({e})") from None
 
 
 class DatapointLogger:
@@ -66,7 +67,7 @@ class DatapointLogger:
         if resume_step > 0 and path.is_file():
             logged = json.loads(path.read_text(encoding="utf-8"))
             if logged.get("fingerprint") != manifest["fingerprint"]:
-                raise ValueError(f"{path}: the run was logged with other training data or order settings "
+                raise InputError(f"{path}: the run was logged with other training data or order settings "
                                  f"(fingerprint {logged.get('fingerprint')}, now {manifest['fingerprint']}); "
                                  f"resuming would mix two sample orders")
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lit_gpt.errors import InputError
+
 CHECKSUM_FILE = "checksums.sha256"
 THREADS = max(1, min(8, os.cpu_count() or 1))
 _BLOCK = 64 << 20
@@ -40,7 +42,7 @@ _verified: dict[tuple, bool] = {}
 _verified_lock = threading.Lock()
 
 
-class DamagedError(ValueError):
+class DamagedError(InputError, ValueError):
     """A checkpoint or chunk whose bytes are not those that were written; the message names the file."""
 
 

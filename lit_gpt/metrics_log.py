@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from lit_gpt.atomic_write import set_aside, write_atomically
+from lit_gpt.errors import InputError
 
 
 class MetricsLog:
@@ -70,6 +71,6 @@ def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:
             if number == len(lines):
                 log(f"warning: {path}: dropped a torn last line (the run was killed while writing it)")
                 return records, True
-            raise ValueError(f"{path}: line {number} is not a metrics record (move the file aside)") from None
+            raise InputError(f"{path}: line {number} is not a metrics record (move the file aside)") from None
         records.append(record)
     return records, False
