@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 AttnImpl = Literal["auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager"]
 ATTN_IMPLS = ("auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager")  # lit_gpt.attention.BACKENDS and auto
+# The scripts' --dtype values, listed here so that --help needs no torch; lit_gpt.hf_convert.TORCH_DTYPES maps them.
+DTYPE_NAMES = ("bf16", "fp32", "bfloat16", "float32")
 
 
 def find_multiple(n: int, k: int) -> int:

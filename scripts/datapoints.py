@@ -17,9 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-from lit_gpt.checkpoints import checkpoint_step
-from lit_gpt.datapoints import DatapointLog
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if getattr(args, "checkpoint", None) is not None:
+        from lit_gpt.checkpoints import checkpoint_step  # imports torch: only once the flags are parsed
+
         if not args.checkpoint.exists():
             p.error(f"--checkpoint {args.checkpoint}: no such checkpoint")
         try:
@@ -51,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
+    from lit_gpt.datapoints import DatapointLog
+
     try:
         log = DatapointLog(args.run, args.data_dir)
         if args.command == "summary":
