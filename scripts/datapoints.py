@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from lit_gpt.errors import InputError
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
                     print(f"step {step} rank {rank} sample {sample}")
                 if not hits:
                     print(f"document {args.document!r} was not trained on in the logged steps", file=sys.stderr)
-    except ValueError as e:
+    except InputError as e:  # a run, data folder or document that does not fit; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lit_gpt.config import DTYPE_NAMES
+from lit_gpt.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -42,18 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    from lit_gpt.checkpoint_io import CheckpointError
-
     if args.max_new_tokens < 1:
-        raise CheckpointError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+        raise InputError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0:
-        raise CheckpointError(f"--temperature {args.temperature}: must be >= 0")
+        raise InputError(f"--temperature {args.temperature}: must be >= 0")
     if args.top_k is not None and args.top_k < 1:
-        raise CheckpointError(f"--top_k {args.top_k}: must be at least 1")
+        raise InputError(f"--top_k {args.top_k}: must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise CheckpointError(f"--top_p {args.top_p}: must be in (0, 1]")
+        raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.num_samples < 1:
-        raise CheckpointError(f"--num_samples {args.num_samples}: must be at least 1")
+        raise InputError(f"--num_samples {args.num_samples}: must be at least 1")
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -87,11 +86,11 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     with torch.no_grad():
         T = prompt.numel()
         if T == 0:
-            raise ValueError("the prompt is empty (the tokenizer adds no BOS): give some text")
+            raise InputError("--prompt: empty (the tokenizer adds no BOS): give some text")
         total = T + max_new_tokens
         if total > model.config.block_size:
-            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's block_size "
-                             f"({model.config.block_size})")
+            raise InputError(f"--prompt ({T} tokens) + --max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"block_size ({model.config.block_size})")
         device = prompt.device
         model.set_kv_cache(batch_size=1, max_seq_length=total, device=device)
         try:
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
     import torch
 
-    from lit_gpt.checkpoint_io import CheckpointError, load_gpt
+    from lit_gpt.checkpoint_io import load_gpt
     from lit_gpt.hf_convert import TORCH_DTYPES
     from lit_gpt.tokenizer import Tokenizer
 
@@ -131,7 +130,7 @@ def main(argv=None) -> int:
             if args.num_samples > 1:
                 print(f"--- sample {i + 1}")
             print(tokenizer.decode(ids.tolist()), flush=True)
-    except (CheckpointError, ValueError) as e:
+    except InputError as e:  # a bad flag, checkpoint or prompt (CheckpointError is one)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
