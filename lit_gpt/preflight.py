@@ -49,14 +49,16 @@ def dry_run(cfg: TrainConfig, config: Config, accelerator: str, devices: int, no
     setup = TrainingSetup(config, cfg.micro_batch_size, cfg.global_batch_size // (W * cfg.micro_batch_size),
                           cfg.precision, cfg.strategy, cfg.sharding_strategy, W, devices,
                           cfg.activation_checkpointing, attn_impl, cfg.document_masking, device.type)
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # under srun every task runs this
+    first = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0  # under srun every task runs this
+    if first:
         print(report(cfg, setup, samples_per_epoch, start_step), flush=True)
     needed = estimate_memory(setup).total
-    if needed > cfg.gpu_memory_gb * GiB:
+    if needed <= cfg.gpu_memory_gb * GiB:
+        return 0
+    if first:
         print(f"error: the run needs {_size(needed)} per {'GPU' if device.type == 'cuda' else 'process'}, more than "
               f"--gpu_memory_gb {cfg.gpu_memory_gb:g}", file=sys.stderr)
-        return 1
-    return 0
+    return 1
 
 
 def _check_data(cfg: TrainConfig, config: Config) -> int:
