@@ -401,7 +401,6 @@ def check_inputs(cfg: TrainConfig, config: Config, world_size: int) -> None:
             f"--micro_batch_size {b} does not divide the per-device batch "
             f"(--global_batch_size {G} / {world_size} devices = {G // world_size})"
         )
-    check_data_paths(cfg)  # again: main(argv) in-process skips cli()'s exit paths only, not this
     if cfg.tokenizer_path:
         try:
             vocab = Tokenizer(cfg.tokenizer_path).vocab_size
