@@ -11,14 +11,25 @@
 #   bash bench/gpu_check.sh [OUT]                # default OUT: gpu_check/
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash bench/gpu_check.sh OUT    # a CPU smoke run (no kernels, no compile)
 #
-# Needs only torch (CUDA), lightning, transformers, sentencepiece, tokenizers, pyyaml, numpy, zstandard, pytest:
-# no network. Each part has its own time limit, so a slow part cannot eat the others' time.
+# Needs only torch (CUDA), lightning, transformers, sentencepiece, tokenizers, pyyaml, numpy, zstandard, pytest and
+# jsonargparse: no network. jsonargparse (the trainer's flags) is pure Python: where it is not installed, carry its
+# wheel (178 KB; `pip download jsonargparse==4.53.0 --no-deps -d shared/wheels`) and it is imported from the wheel.
+# Each part has its own time limit, so a slow part cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 export GPU_CHECK_DEVICE=${GPU_CHECK_DEVICE:-cuda} GPU_CHECK_OUT=$OUT PYTHONUNBUFFERED=1
 QUICK=${GPU_CHECK_QUICK:-0}
+if ! "$PY" -c "import jsonargparse" 2>/dev/null; then  # a wheel of pure Python imports as it is (zipimport)
+    for wheel in shared/wheels/jsonargparse-*.whl; do
+        [ -e "$wheel" ] && export PYTHONPATH="$PWD/$wheel${PYTHONPATH:+:$PYTHONPATH}"
+    done
+    "$PY" -c "import jsonargparse" || {
+        echo "error: jsonargparse is not installed and shared/wheels/ holds no wheel of it (see the header)" >&2
+        exit 2
+    }
+fi
 mkdir -p "$OUT"
 started=$(date +%s)
 status=0
