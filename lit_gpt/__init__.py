@@ -5,7 +5,7 @@ __all__ = ["Config", "GPT"]
 
 
 def __getattr__(name: str):
-    # The model (and torch) load on first use: `lit_gpt.config` and `lit_gpt.hparams` must stay cheap to import,
+    # The model (and torch) load on first use: `lit_gpt.config` and `lit_gpt.errors` must stay cheap to import,
     # so that the trainer answers --help and flag errors without importing torch.
     if name == "GPT":
         from lit_gpt.model import GPT

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import library  # custom ops: the flash kernels, opaque to dynamo
 
+from lit_gpt.errors import InputError
+
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover
@@ -34,7 +36,7 @@ BACKENDS = ("fa3", "fa4", "fa2", "flex", "sdpa", "eager")
 FLASH_BACKENDS = ("fa3", "fa4", "fa2")
 
 
-class AttentionUnavailable(ValueError):
+class AttentionUnavailable(InputError, ValueError):
     """An explicitly requested attention backend cannot run the given inputs."""
 
 
@@ -435,8 +437,8 @@ def resolve_backend(impl: str, device, dtype: torch.dtype, head_size: int, docum
                 return candidate
         return "sdpa"
     if impl not in BACKENDS:
-        raise ValueError(f"Unknown attn_impl {impl!r} (set via config or ${ENV_VAR}); use auto or one of "
-                         f"{', '.join(BACKENDS)}")
+        raise AttentionUnavailable(f"Unknown attn_impl {impl!r} (set via config or ${ENV_VAR}); use auto or one "
+                                   f"of {', '.join(BACKENDS)}")
     reason = _unavailable_reason(impl, device, dtype, head_size, needs_grad)
     if reason is not None:
         raise AttentionUnavailable(f"attn_impl={impl!r} was requested but cannot run: {reason}")

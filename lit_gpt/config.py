@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 AttnImpl = Literal["auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager"]
 ATTN_IMPLS = ("auto", "fa3", "fa4", "fa2", "flex", "sdpa", "eager")  # lit_gpt.attention.BACKENDS and auto
+# The scripts' --dtype values, listed here so that --help needs no torch; lit_gpt.hf_convert.TORCH_DTYPES maps them.
+DTYPE_NAMES = ("bf16", "fp32", "bfloat16", "float32")
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -18,27 +20,28 @@ def find_multiple(n: int, k: int) -> int:
 
 
 def _arch(help_text: str, default: Any = None):
-    """A Config field with its `--help` text (markers as in lit_gpt.hparams: `[>= 1]` bounds are enforced)."""
+    """A Config field with its `--help` text; the trainer overrides it from the command line (every size here is
+    positive, which the trainer's parser enforces)."""
     return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class Config:
     name: str = ""
-    block_size: int = _arch("tokens per training sample (context length) [>= 1]", 2048)
-    vocab_size: int = _arch("tokenizer vocabulary size [>= 1]", 32000)
+    block_size: int = _arch("tokens per training sample (context length)", 2048)
+    vocab_size: int = _arch("tokenizer vocabulary size", 32000)
     # The embedding and lm_head are padded to a multiple of this for fast matmuls.
-    padding_multiple: int = _arch("pad the embedding and lm_head rows to a multiple of this [>= 1]", 64)
-    padded_vocab_size: int | None = _arch("rows of the embedding and lm_head (default: vocab_size padded) [>= 1]")
-    n_layer: int = _arch("transformer blocks [>= 1]", 12)
-    n_head: int = _arch("attention (query) heads [>= 1]", 12)
-    n_embd: int = _arch("hidden size [>= 1]", 768)
+    padding_multiple: int = _arch("pad the embedding and lm_head rows to a multiple of this", 64)
+    padded_vocab_size: int | None = _arch("rows of the embedding and lm_head (default: vocab_size padded)")
+    n_layer: int = _arch("transformer blocks", 12)
+    n_head: int = _arch("attention (query) heads", 12)
+    n_embd: int = _arch("hidden size", 768)
     # n_query_groups == n_head is MHA, 1 is MQA, anything between is GQA.
-    n_query_groups: int | None = _arch("key/value heads (GQA; default: n_head, i.e. MHA) [>= 1]")
-    head_size: int | None = _arch("size of one attention head (default: n_embd / n_head) [>= 1]")
-    intermediate_size: int = _arch("hidden size of the SwiGLU MLP [>= 1]", 2048)
-    norm_eps: float = _arch("RMSNorm epsilon [> 0]", 1e-5)
-    rope_base: int = _arch("RoPE base (theta) [>= 1]", 10000)
+    n_query_groups: int | None = _arch("key/value heads (GQA; default: n_head, i.e. MHA)")
+    head_size: int | None = _arch("size of one attention head (default: n_embd / n_head)")
+    intermediate_size: int = _arch("hidden size of the SwiGLU MLP", 2048)
+    norm_eps: float = _arch("RMSNorm epsilon", 1e-5)
+    rope_base: int = _arch("RoPE base (theta)", 10000)
     # Runtime choice of attention kernel; not part of the architecture.
     attn_impl: AttnImpl = "auto"
 

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
+from lit_gpt import errors
+
 FORMATS = ("jsonl.zst", "jsonl", "txt", "parquet")
 UNIT_BYTES = 1 << 20
 
 
-class InputError(ValueError):
-    """Bad input; the message names the file (and line) or the flag and what is wrong."""
+class InputError(errors.InputError, ValueError):
+    """Bad input; the message names the file (and line) or the flag. Also a ValueError for the callers that
+    catch those."""
 
 
 def file_format(path: Path) -> str | None:

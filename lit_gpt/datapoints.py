@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lit_gpt.checkpoint.publish import set_aside, write_atomically
+from lit_gpt.errors import InputError
 from lit_gpt.packed_dataset import PackedDataset
 from lit_gpt.run_dir import RunDir
 
@@ -44,7 +45,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable datapoint log segment ({e})") from None
+        raise InputError(f"{path}: unreadable datapoint log segment ({e})") from None
 
 
 class DatapointLogger:
@@ -66,7 +67,7 @@ class DatapointLogger:
         if resume_step > 0 and path.is_file():
             logged = json.loads(path.read_text(encoding="utf-8"))
             if logged.get("fingerprint") != manifest["fingerprint"]:
-                raise ValueError(f"{path}: the run was logged with other training data or order settings "
+                raise InputError(f"{path}: the run was logged with other training data or order settings "
                                  f"(fingerprint {logged.get('fingerprint')}, now {manifest['fingerprint']}); "
                                  f"resuming would mix two sample orders")
 
@@ -118,11 +119,11 @@ class DatapointLog:
         self.dir = RunDir(run_dir).datapoints
         manifest_path = self.dir / DATASET_FILE
         if not manifest_path.is_file():
-            raise ValueError(f"{run_dir}: no datapoint log ({manifest_path} is missing)")
+            raise InputError(f"{run_dir}: no datapoint log ({manifest_path} is missing)")
         self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         self.data_dirs = list(data_dirs) if data_dirs else [s["path"] for s in self.manifest["sources"]]
         if len(self.data_dirs) != len(self.manifest["sources"]):
-            raise ValueError(f"--data_dir: {len(self.data_dirs)} directories for {len(self.manifest['sources'])} "
+            raise InputError(f"--data_dir: {len(self.data_dirs)} directories for {len(self.manifest['sources'])} "
                              f"logged sources")
         columns: dict[str, list[np.ndarray]] = {"step": [], "world": [], "rank": [], "slot": [], "sample": []}
         step_rows: list[tuple[np.ndarray, int, int]] = []
@@ -161,7 +162,7 @@ class DatapointLog:
         bad |= np.logical_or.reduceat(ranks != expected_rank, first)
         if bad.any():
             step = int(steps[first[np.argmax(bad)]])
-            raise ValueError(f"{self.dir}: step {step} is logged inconsistently (overlapping runs or missing ranks)")
+            raise InputError(f"{self.dir}: step {step} is logged inconsistently (overlapping runs or missing ranks)")
         return dict(zip(steps[first].tolist(), worlds[first].tolist()))
 
     @property
@@ -174,7 +175,7 @@ class DatapointLog:
             m = self.manifest
             self._dataset = PackedDataset(self.data_dirs, m["weights"], block_size=m["block_size"], seed=m["seed"])
             if self._dataset.manifest["fingerprint"] != m["fingerprint"]:
-                raise ValueError(f"data in {', '.join(map(str, self.data_dirs))} differs from the logged training "
+                raise InputError(f"data in {', '.join(map(str, self.data_dirs))} differs from the logged training "
                                  f"data (fingerprint mismatch); pass the original folders with --data_dir")
         return self._dataset
 
@@ -197,7 +198,7 @@ class DatapointLog:
         for s in np.unique(sources):
             source = ds.sources[int(s)]
             if not source.has_index:
-                raise ValueError(f"{source.directory}: no document index, documents cannot be named")
+                raise InputError(f"{source.directory}: no document index, documents cannot be named")
             first = starts[sources == s]
             last = np.minimum(first + ds.sample_tokens, source.tokens) - 1
             lo, hi = source.doc_numbers(first), source.doc_numbers(last)
@@ -221,7 +222,7 @@ class DatapointLog:
                 first, last = start // ds.sample_tokens, (end - 1) // ds.sample_tokens
                 wanted.update(int(ds.sample_offsets[s]) + j for j in range(first, last + 1))
         if not found:
-            raise ValueError(f"no document with id {doc_id!r} in {', '.join(map(str, self.data_dirs))}")
+            raise InputError(f"no document with id {doc_id!r} in {', '.join(map(str, self.data_dirs))}")
         at = np.nonzero(np.isin(self.sample_col, list(wanted)))[0]
         at = at[np.lexsort((self.slot_col[at], self.step_col[at]))]
         return list(zip(self.step_col[at].tolist(), self.rank_col[at].tolist(), self.sample_col[at].tolist()))

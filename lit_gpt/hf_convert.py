@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.config import Config, name_to_config
+from lit_gpt.config import DTYPE_NAMES, Config, name_to_config
 
 # lit name -> HF name for the tensors outside the blocks, and per block (after the `transformer.h.{i}.` prefix).
 GLOBAL_NAMES = {
@@ -36,6 +36,7 @@ _BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 # --dtype values: short and torch spellings.
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, **{v: k for k, v in _DTYPE_NAMES.items()}}
+assert tuple(TORCH_DTYPES) == DTYPE_NAMES, "lit_gpt.config.DTYPE_NAMES lists the --dtype values"
 
 
 # ------------------------------------------------------------------ fused QKV

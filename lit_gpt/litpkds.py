@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lit_gpt.errors import InputError
+
 MAGIC = b"LITPKDS"
 VERSION = 1
 HEADER_SIZE = 24
@@ -19,7 +21,7 @@ _INTEGER_CODES = {1, 2, 3, 4, 5, 8}
 assert _HEADER.size == HEADER_SIZE
 
 
-class ChunkFormatError(ValueError):
+class ChunkFormatError(InputError, ValueError):
     """A chunk file that is not a valid LITPKDS file; the message names the file."""
 
 

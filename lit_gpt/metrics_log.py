@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from lit_gpt.checkpoint.publish import set_aside, write_atomically
+from lit_gpt.errors import InputError
 from lit_gpt.run_dir import REPLACED, RunDir
 
 
@@ -71,6 +72,6 @@ def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:
             if number == len(lines):
                 log(f"warning: {path}: dropped a torn last line (the run was killed while writing it)")
                 return records, True
-            raise ValueError(f"{path}: line {number} is not a metrics record (move the file aside)") from None
+            raise InputError(f"{path}: line {number} is not a metrics record (move the file aside)") from None
         records.append(record)
     return records, False

@@ -30,6 +30,7 @@ import torch
 
 from lit_gpt.attention import DocumentMask
 from lit_gpt.checkpoint import ranks, verify
+from lit_gpt.errors import InputError
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 from lit_gpt.node_cache import NodeCache
 from lit_gpt.sample_order import SampleOrder
@@ -46,6 +47,11 @@ _WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else
 GROUP_TOKENS = 1 << 20  # tokens StepLoader reads per array (see StepLoader.__iter__)
 
 
+class DataError(InputError, ValueError):
+    """A prepared data directory, manifest, chunk or index that cannot be used; the message names the file. (Also a
+    ValueError for the callers that catch those.)"""
+
+
 class DataSource:
     """One directory of chunk files as a single token stream.
 
@@ -57,7 +63,7 @@ class DataSource:
         self.directory = Path(directory)
         self.cache = cache
         if not self.directory.is_dir():
-            raise ValueError(f"{self.directory}: data directory does not exist")
+            raise DataError(f"{self.directory}: data directory does not exist")
         manifest = self.directory / "manifest.json"
         self.vocab_size, self.vocab_source = vocab_size, "the model's"
         if manifest.is_file():
@@ -84,25 +90,25 @@ class DataSource:
             data_vocab = manifest.get("tokenizer", {}).get("vocab_size")
             data_vocab = None if data_vocab is None else int(data_vocab)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: unreadable dataset manifest ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path}: unreadable dataset manifest ({type(e).__name__}: {e})") from None
         if not entries:
-            raise ValueError(f"{self.directory}: the manifest lists no chunk files (empty split)")
+            raise DataError(f"{self.directory}: the manifest lists no chunk files (empty split)")
         if data_vocab is not None:
             if self.vocab_size is not None and data_vocab > self.vocab_size:
-                raise ValueError(f"{path}: the data was made with a tokenizer of {data_vocab} tokens, more than the "
+                raise DataError(f"{path}: the data was made with a tokenizer of {data_vocab} tokens, more than the "
                                  f"model's vocab_size {self.vocab_size}: data made with another tokenizer?")
             self.vocab_size, self.vocab_source = data_vocab, f"the tokenizer's, says {path.name}"
         if self.vocab_size is not None and not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"{path}: pad_id {self.pad_id} is not a token id of vocab_size {self.vocab_size}")
+            raise DataError(f"{path}: pad_id {self.pad_id} is not a token id of vocab_size {self.vocab_size}")
         self.chunks = []
         for name, tokens, first_doc, sha256 in entries:
             chunk = self._chunk(self.directory / name)
             if not 0 < tokens <= chunk["chunk_size"]:
-                raise ValueError(f"{chunk['path']}: the manifest says {tokens} real tokens, the header holds "
+                raise DataError(f"{chunk['path']}: the manifest says {tokens} real tokens, the header holds "
                                  f"{chunk['chunk_size']}")
             index = self.directory / INDEX_DIR / (chunk["path"].stem + ".json")
             if not index.is_file():
-                raise ValueError(f"{index}: document index of {name} is missing")
+                raise DataError(f"{index}: document index of {name} is missing")
             chunk.update(tokens=tokens, index=index, first_doc=first_doc, sha256=sha256)
             self.chunks.append(chunk)
         self.fingerprint = _sha256([(name, tokens, sha) for name, tokens, _, sha in entries])
@@ -110,10 +116,10 @@ class DataSource:
     def _from_files(self) -> None:
         paths = sorted(self.directory.glob("*.bin"))
         if (self.directory / INDEX_DIR).is_dir():
-            raise ValueError(f"{self.directory}: chunk indexes but no manifest.json; the preparation did not finish "
+            raise DataError(f"{self.directory}: chunk indexes but no manifest.json; the preparation did not finish "
                              f"(re-run scripts/prepare_data.py)")
         if not paths:
-            raise ValueError(f"{self.directory}: no chunk files (*.bin) and no manifest.json")
+            raise DataError(f"{self.directory}: no chunk files (*.bin) and no manifest.json")
         self.chunks = [self._chunk(p) for p in paths]
         for chunk in self.chunks:
             chunk.update(tokens=chunk["chunk_size"], index=None, first_doc=-1, sha256=None)
@@ -226,7 +232,7 @@ class DataSource:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable chunk index ({e})") from None
+            raise DataError(f"{path}: unreadable chunk index ({e})") from None
 
     def _index(self, c: int) -> np.ndarray:
         if c in self._indexes:
@@ -269,9 +275,9 @@ class PackedDataset:
         sizes = [s.samples(self.sample_tokens) for s in self.sources]
         for source, size in zip(self.sources, sizes):
             if size == 0:
-                raise ValueError(f"{source.directory}: holds only {source.tokens} token(s), not one sample")
+                raise DataError(f"{source.directory}: holds only {source.tokens} token(s), not one sample")
             if with_doc_ids and not source.has_index:
-                raise ValueError(f"{source.directory}: no document index (not written by prepare_data.py), "
+                raise DataError(f"{source.directory}: no document index (not written by prepare_data.py), "
                                  f"so doc_ids cannot be produced")
         self.order = SampleOrder(sizes, weights, seed, **SHUFFLE)
         self.sample_offsets = self.order.offsets

@@ -5,15 +5,31 @@ Every check here runs before anything in the run directory changes, so a refusal
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from lit_gpt.checkpoint.find import latest_checkpoint, list_checkpoints, verify_checkpoint
 from lit_gpt.checkpoint.publish import set_aside
-from lit_gpt.hparams import InputError
+from lit_gpt.errors import InputError
 from lit_gpt.run_dir import ABANDONED, checkpoint_step
 
 # What a checkpoint of this trainer records besides the weights and optimizer state
 TRAINING_STATE_KEYS = ("step_count", "iter_num", "tokens_seen", "world_size", "rng", "data")
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint carries besides model, optimizer and RNG states."""
+
+    step: int = 0  # optimizer steps taken
+    iter_num: int = 0  # micro-batches per rank so far
+    tokens_seen: int = 0  # real (non-padding) tokens of all ranks
+    skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+
+    def state_dict(self) -> dict:
+        """The checkpoint's keys for it (those the original TinyLlama trainer used, where it had them)."""
+        return {"step_count": self.step, "iter_num": self.iter_num, "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped}
 
 
 def check_out_dir(out_dir: Path, resume: str) -> None:
@@ -35,7 +51,7 @@ def resume_checkpoint(resume: str, out_dir: Path, verify: bool = True) -> Path |
     if path is not None and verify:
         try:
             verify_checkpoint(path)
-        except ValueError as e:  # damaged
+        except InputError as e:  # damaged: the message names the file
             raise InputError(f"--resume: {e}") from None
     return path
 

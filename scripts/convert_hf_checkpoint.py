@@ -15,12 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from lit_gpt.checkpoint.layout import CheckpointError
-from lit_gpt.checkpoint.load import check_tokenizer_dir, copy_tokenizer_files
-from lit_gpt.checkpoint.publish import atomic_output_dir
-from lit_gpt.hf_convert import TORCH_DTYPES, is_hf_dir, read_hf_checkpoint
+from lit_gpt.config import DTYPE_NAMES
 from lit_gpt.run_dir import RunDir
 from lit_gpt.tokenizer import Tokenizer
 
@@ -32,13 +28,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf_dir", type=Path, required=True, help="directory with config.json and *.safetensors")
     p.add_argument("--out_dir", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --hf_dir)")
-    p.add_argument("--dtype", choices=["auto", *TORCH_DTYPES], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="dtype of the written weights (auto: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out_dir")
     return p.parse_args(argv)
 
 
 def convert(args: argparse.Namespace) -> Path:
+    import torch
+
+    from lit_gpt.checkpoint.load import check_tokenizer_dir, copy_tokenizer_files
+    from lit_gpt.checkpoint.publish import atomic_output_dir
+    from lit_gpt.hf_convert import TORCH_DTYPES, is_hf_dir, read_hf_checkpoint
+
     if not is_hf_dir(args.hf_dir):
         raise CheckpointError(f"--hf_dir {args.hf_dir}: not a Hugging Face model directory "
                               "(needs config.json and *.safetensors)")
@@ -66,7 +68,8 @@ def convert(args: argparse.Namespace) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
+
     try:
         convert(args)
     except CheckpointError as e:

@@ -22,15 +22,16 @@ import json
 import re
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lit_gpt.checkpoint.layout import CheckpointError
-from lit_gpt.checkpoint.load import LazyStateDict, copy_tokenizer_files, find_tokenizer, load_weights, resolve_config
-from lit_gpt.checkpoint.publish import atomic_output_dir
-from lit_gpt.config import Config
-from lit_gpt.hf_convert import TORCH_DTYPES, hf_config, lit_model_shapes, lit_to_hf
+from lit_gpt.config import DTYPE_NAMES, Config
 from lit_gpt.run_dir import RunDir
+
+if TYPE_CHECKING:
+    import torch
+
+    from lit_gpt.checkpoint.load import LazyStateDict
 
 VERIFY_TOLERANCE = 1e-4
 GERMAN_SAMPLES = (
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's out_dir/tokenizer)")
     p.add_argument("--model_name", help="registry config to use; must match the checkpoint (default: its own config, "
                    "model_config.json beside it, or an original checkpoint's hparams model_name)")
-    p.add_argument("--dtype", choices=list(TORCH_DTYPES), default="bf16", help="dtype of the exported weights")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bf16", help="dtype of the exported weights")
     p.add_argument("--max_shard_size", default="5GB", help="split model.safetensors above this size (e.g. 2GB, 500MiB)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                    help="compare the export's logits and tokenizer with ours (needs two fp32 copies, one at a time)")
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_size(text: str) -> int:
     """Bytes in '5GB' (decimal units, as Hugging Face), '512MiB' (binary) or a plain integer."""
+
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), flags=re.IGNORECASE)
     if not match:
         raise CheckpointError(f"--max_shard_size {text!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes")
@@ -70,6 +72,10 @@ def parse_size(text: str) -> int:
 # ------------------------------------------------------------------ weights
 def plan_shards(config: Config, dtype: torch.dtype, max_shard_size: int) -> list[list[str]]:
     """Lit keys per shard, in order; a lit tensor's HF parts (q/k/v) always share a shard."""
+    import torch
+
+    from lit_gpt.hf_convert import lit_model_shapes
+
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
     used = 0
@@ -86,6 +92,8 @@ def plan_shards(config: Config, dtype: torch.dtype, max_shard_size: int) -> list
 def write_weights(model: LazyStateDict, config: Config, out: Path, dtype: torch.dtype, max_shard_size: int) -> int:
     """Write the safetensors file(s); holds one shard's converted tensors at a time. Returns the bytes written."""
     from safetensors.torch import save_file
+
+    from lit_gpt.hf_convert import lit_to_hf
 
     shards = plan_shards(config, dtype, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else
@@ -110,6 +118,8 @@ def write_weights(model: LazyStateDict, config: Config, out: Path, dtype: torch.
 
 # ------------------------------------------------------------------ config, tokenizer, model card
 def write_configs_and_tokenizer(out: Path, config: Config, dtype: torch.dtype, tokenizer_dir: Path) -> None:
+    from lit_gpt.checkpoint.load import copy_tokenizer_files
+    from lit_gpt.hf_convert import hf_config
     from lit_gpt.tokenizer import Tokenizer
 
     try:
@@ -133,6 +143,10 @@ def write_configs_and_tokenizer(out: Path, config: Config, dtype: torch.dtype, t
 
 def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dtype: str, verified: str | None,
                      title: str = "model") -> None:
+    import torch
+
+    from lit_gpt.hf_convert import lit_model_shapes
+
     def fmt(value) -> str:
         return f"{value:,}" if isinstance(value, int) else ("unknown" if value is None else str(value))
 
@@ -166,55 +180,62 @@ def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dt
 
 
 # ------------------------------------------------------------------ verification
-@torch.no_grad()
 def verify_export(export_dir: Path, model: LazyStateDict, config: Config, tokenizer_dir: Path,
                   dtype: torch.dtype, seed: int = 0) -> float:
     """Max abs logit difference between the export (via transformers) and our model; raises above tolerance."""
     import os
 
-    os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory only: never reach for the Hub
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    import torch
 
-    from lit_gpt.model import GPT
 
-    hf_logging.disable_progress_bar()
-    from lit_gpt.tokenizer import Tokenizer
+    with torch.no_grad():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory only: never reach for the Hub
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, config.vocab_size, (2, min(64, config.block_size)), generator=generator)
-    with torch.device("meta"):
-        ours = GPT(config)
-    # Our model with exactly the exported values (rounded to the export dtype), computed in fp32 like theirs.
-    # One fp32 model in memory at a time: ours is freed (and its source pages dropped) before theirs loads.
-    ours.load_state_dict({k: model.as_dtype(k, dtype).float() for k in model}, assign=True)
-    expected = ours.eval()(idx)
-    del ours
-    for key in model:
-        model.release(key)
-    hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, local_files_only=True).eval()
-    got = hf(idx).logits
-    del hf
-    if got.shape != expected.shape:
-        raise CheckpointError(f"--verify: {export_dir} gives logits of shape {list(got.shape)}, ours {list(expected.shape)}")
-    diff = (got - expected).abs().max().item()
-    if not diff <= VERIFY_TOLERANCE:
-        raise CheckpointError(f"--verify: logits of the export differ from ours by {diff:.3g} (> {VERIFY_TOLERANCE})")
+        from lit_gpt.model import GPT
 
-    ours_tok = Tokenizer(tokenizer_dir)
-    hf_tok = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-    for text in GERMAN_SAMPLES:
-        ids, hf_ids = ours_tok.encode(text), hf_tok(text)["input_ids"]
-        if ids != hf_ids:
-            raise CheckpointError(f"--verify: the exported tokenizer encodes {text[:40]!r}... as {hf_ids[:8]}..., "
-                                  f"ours as {ids[:8]}...")
-        if hf_tok.decode(hf_ids, skip_special_tokens=True) != ours_tok.decode(ids):
-            raise CheckpointError(f"--verify: the exported tokenizer decodes {text[:40]!r}... differently from ours")
-    return diff
+        hf_logging.disable_progress_bar()
+        from lit_gpt.tokenizer import Tokenizer
+
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, config.vocab_size, (2, min(64, config.block_size)), generator=generator)
+        with torch.device("meta"):
+            ours = GPT(config)
+        # Our model with exactly the exported values (rounded to the export dtype), computed in fp32 like theirs.
+        # One fp32 model in memory at a time: ours is freed (and its source pages dropped) before theirs loads.
+        ours.load_state_dict({k: model.as_dtype(k, dtype).float() for k in model}, assign=True)
+        expected = ours.eval()(idx)
+        del ours
+        for key in model:
+            model.release(key)
+        hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, local_files_only=True).eval()
+        got = hf(idx).logits
+        del hf
+        if got.shape != expected.shape:
+            raise CheckpointError(f"--verify: {export_dir} gives logits of shape {list(got.shape)}, ours {list(expected.shape)}")
+        diff = (got - expected).abs().max().item()
+        if not diff <= VERIFY_TOLERANCE:
+            raise CheckpointError(f"--verify: logits of the export differ from ours by {diff:.3g} (> {VERIFY_TOLERANCE})")
+
+        ours_tok = Tokenizer(tokenizer_dir)
+        hf_tok = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
+        for text in GERMAN_SAMPLES:
+            ids, hf_ids = ours_tok.encode(text), hf_tok(text)["input_ids"]
+            if ids != hf_ids:
+                raise CheckpointError(f"--verify: the exported tokenizer encodes {text[:40]!r}... as {hf_ids[:8]}..., "
+                                      f"ours as {ids[:8]}...")
+            if hf_tok.decode(hf_ids, skip_special_tokens=True) != ours_tok.decode(ids):
+                raise CheckpointError(f"--verify: the exported tokenizer decodes {text[:40]!r}... differently from ours")
+        return diff
 
 
 # ------------------------------------------------------------------ main
 def export(args: argparse.Namespace) -> Path:
+    from lit_gpt.checkpoint.load import find_tokenizer, load_weights, resolve_config
+    from lit_gpt.checkpoint.publish import atomic_output_dir
+    from lit_gpt.hf_convert import TORCH_DTYPES
+
     dtype = TORCH_DTYPES[args.dtype]
     max_shard_size = parse_size(args.max_shard_size)
     inputs = {"--checkpoint": args.checkpoint,
@@ -238,7 +259,8 @@ def export(args: argparse.Namespace) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
+
     try:
         export(args)
     except CheckpointError as e:

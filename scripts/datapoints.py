@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from lit_gpt.datapoints import DatapointLog
-from lit_gpt.run_dir import checkpoint_step
+from lit_gpt.errors import InputError
+from lit_gpt.run_dir import RunDir, checkpoint_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,14 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.until_step = checkpoint_step(args.checkpoint)
         except ValueError as e:
             p.error(f"--checkpoint {e}")
-        args.run = args.run or args.checkpoint.parent
+        args.run = args.run or RunDir.of_checkpoint(args.checkpoint).path
     if args.run is None:
         p.error("--run is required (or --checkpoint for 'documents')")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
+    from lit_gpt.datapoints import DatapointLog
+
     try:
         log = DatapointLog(args.run, args.data_dir)
         if args.command == "summary":
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
                     print(f"step {step} rank {rank} sample {sample}")
                 if not hits:
                     print(f"document {args.document!r} was not trained on in the logged steps", file=sys.stderr)
-    except ValueError as e:
+    except InputError as e:  # a run, data folder or document that does not fit; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,12 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
-from lit_gpt.checkpoint.layout import CheckpointError
-from lit_gpt.checkpoint.load import load_gpt
-from lit_gpt.hf_convert import TORCH_DTYPES
-from lit_gpt.loss import token_losses
+from lit_gpt.config import DTYPE_NAMES
+from lit_gpt.errors import InputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,52 +31,61 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--document_masking", action=argparse.BooleanOptionalAction, default=None,
                    help="attend within documents only (default: as the checkpoint was trained)")
     p.add_argument("--model_name", help="config for checkpoints that record none")
-    p.add_argument("--dtype", choices=list(TORCH_DTYPES), default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking: bool, device) -> dict:
-    n = dataset.samples_per_epoch if max_samples <= 0 else min(max_samples, dataset.samples_per_epoch)
-    vocab = model.config.padded_vocab_size
-    loss_sum, tokens = 0.0, 0
-    for start in range(0, n, batch_size):
-        batch = dataset.get_batch(range(start, min(start + batch_size, n)))
-        idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        top = max(idx.max().item(), labels.max().item())
-        if top >= vocab:
-            raise CheckpointError(f"--data_dir {dataset.sources[0].directory}: token id {top} is outside "
-                                  f"the model's vocabulary ({vocab}); prepared with another tokenizer?")
-        doc_ids = batch["doc_ids"].to(device) if document_masking else None
-        loss_sum += token_losses(model(idx, doc_ids=doc_ids), labels)[0].item()
-        tokens += int((labels != -100).sum())
-    loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "samples": n}
+    import torch
+
+    from lit_gpt.loss import token_losses
+
+    with torch.no_grad():
+        n = dataset.samples_per_epoch if max_samples <= 0 else min(max_samples, dataset.samples_per_epoch)
+        vocab = model.config.padded_vocab_size
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, n, batch_size):
+            batch = dataset.get_batch(range(start, min(start + batch_size, n)))
+            idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            top = max(idx.max().item(), labels.max().item())
+            if top >= vocab:
+                raise InputError(f"--data_dir {dataset.sources[0].directory}: token id {top} is outside "
+                                 f"the model's vocabulary ({vocab}); prepared with another tokenizer?")
+            doc_ids = batch["doc_ids"].to(device) if document_masking else None
+            loss_sum += token_losses(model(idx, doc_ids=doc_ids), labels)[0].item()
+            tokens += int((labels != -100).sum())
+        loss = loss_sum / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "samples": n}
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
+    import torch
+
+    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.hf_convert import TORCH_DTYPES
     from lit_gpt.packed_dataset import PackedDataset
 
-    args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.batch_size < 1:
-            raise CheckpointError(f"--batch_size {args.batch_size}: must be at least 1")
+            raise InputError(f"--batch_size {args.batch_size}: must be at least 1")
         model, config, _, meta = load_gpt(args.checkpoint, args.model_name, dtype=TORCH_DTYPES[args.dtype],
                                           with_tokenizer=False)
         block_size = args.block_size or config.block_size
         if not 0 < block_size <= config.block_size:
-            raise CheckpointError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
+            raise InputError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
         masking = args.document_masking
         if masking is None:
             hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
             masking = bool(hparams.get("document_masking", False))
         try:
             dataset = PackedDataset([args.data_dir], block_size=block_size, with_doc_ids=masking)
-        except ValueError as e:
-            raise CheckpointError(f"--data_dir {args.data_dir}: {e}") from None
+        except InputError as e:  # names the file
+            raise InputError(f"--data_dir {args.data_dir}: {e}") from None
         result = evaluate(model.to(args.device), dataset, args.batch_size, args.max_samples, masking, args.device)
-    except CheckpointError as e:
+    except InputError as e:  # a bad flag, checkpoint or data directory (CheckpointError is one)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({**result, "checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir),

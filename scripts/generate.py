@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from lit_gpt.config import DTYPE_NAMES
+from lit_gpt.errors import InputError
 
-from lit_gpt.checkpoint.layout import CheckpointError
-from lit_gpt.checkpoint.load import load_gpt
-from lit_gpt.hf_convert import TORCH_DTYPES
-from lit_gpt.model import GPT
+if TYPE_CHECKING:
+    import torch
+
+    from lit_gpt.model import GPT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,27 +37,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tokenizer", type=Path)
     p.add_argument("--model_name", help="config for checkpoints that record none")
-    p.add_argument("--dtype", choices=list(TORCH_DTYPES), default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     return p.parse_args(argv)
 
 
 def validate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
-        raise CheckpointError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+        raise InputError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0:
-        raise CheckpointError(f"--temperature {args.temperature}: must be >= 0")
+        raise InputError(f"--temperature {args.temperature}: must be >= 0")
     if args.top_k is not None and args.top_k < 1:
-        raise CheckpointError(f"--top_k {args.top_k}: must be at least 1")
+        raise InputError(f"--top_k {args.top_k}: must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise CheckpointError(f"--top_p {args.top_p}: must be in (0, 1]")
+        raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.num_samples < 1:
-        raise CheckpointError(f"--num_samples {args.num_samples}: must be at least 1")
+        raise InputError(f"--num_samples {args.num_samples}: must be at least 1")
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id from 1-D logits."""
+    import torch
+
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
@@ -70,7 +74,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
-@torch.no_grad()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,33 +81,41 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
 
     Only ids below `vocab_size` are sampled (the lm_head may have padding rows beyond the tokenizer).
     """
-    T = prompt.numel()
-    if T == 0:
-        raise ValueError("the prompt is empty (the tokenizer adds no BOS): give some text")
-    total = T + max_new_tokens
-    if total > model.config.block_size:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's block_size "
-                         f"({model.config.block_size})")
-    device = prompt.device
-    model.set_kv_cache(batch_size=1, max_seq_length=total, device=device)
-    try:
-        tokens = [prompt]
-        logits = model(prompt.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
-        for pos in range(T, total):
-            token = next_token(logits[:vocab_size], temperature, top_k, top_p, generator)
-            tokens.append(token)
-            if eos_id is not None and token.item() == eos_id or pos == total - 1:
-                break
-            logits = model(token.view(1, 1), input_pos=torch.tensor([pos], device=device))[0, -1]
-    finally:
-        model.clear_kv_cache()
-    return torch.cat(tokens)
+    import torch
+
+    with torch.no_grad():
+        T = prompt.numel()
+        if T == 0:
+            raise InputError("--prompt: empty (the tokenizer adds no BOS): give some text")
+        total = T + max_new_tokens
+        if total > model.config.block_size:
+            raise InputError(f"--prompt ({T} tokens) + --max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"block_size ({model.config.block_size})")
+        device = prompt.device
+        model.set_kv_cache(batch_size=1, max_seq_length=total, device=device)
+        try:
+            tokens = [prompt]
+            logits = model(prompt.view(1, -1), input_pos=torch.arange(T, device=device))[0, -1]
+            for pos in range(T, total):
+                token = next_token(logits[:vocab_size], temperature, top_k, top_p, generator)
+                tokens.append(token)
+                if eos_id is not None and token.item() == eos_id or pos == total - 1:
+                    break
+                logits = model(token.view(1, 1), input_pos=torch.tensor([pos], device=device))[0, -1]
+        finally:
+            model.clear_kv_cache()
+        return torch.cat(tokens)
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
+    import torch
+
+    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.hf_convert import TORCH_DTYPES
     from lit_gpt.tokenizer import Tokenizer
 
-    args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         validate(args)
         model, config, tokenizer_dir, _ = load_gpt(args.checkpoint, args.model_name, args.tokenizer,
@@ -119,7 +130,7 @@ def main(argv=None) -> int:
             if args.num_samples > 1:
                 print(f"--- sample {i + 1}")
             print(tokenizer.decode(ids.tolist()), flush=True)
-    except (CheckpointError, ValueError) as e:
+    except InputError as e:  # a bad flag, checkpoint or prompt (CheckpointError is one)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

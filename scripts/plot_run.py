@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.errors import InputError
 from lit_gpt.metrics_log import read_metrics
 from lit_gpt.run_dir import RunDir
 
@@ -46,7 +47,7 @@ def load_run(out_dir: Path, name: str | None = None) -> Run:
         raise RunError(f"{path}: no metrics (did the run start?)")
     try:
         records, _ = read_metrics(path, log=lambda message: print(message, file=sys.stderr))
-    except ValueError as e:
+    except InputError as e:  # a line that is not a metrics record
         raise RunError(str(e)) from None
     train = [r for r in records if "loss" in r]
     if not train:

@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lit_gpt.errors import InputError
 from lit_gpt.metrics_log import read_metrics
 from lit_gpt.run_dir import RunDir
 
@@ -19,7 +20,7 @@ def main() -> int:
         return 2
     try:
         records, _ = read_metrics(path, log=lambda message: print(message, file=sys.stderr))
-    except ValueError as e:
+    except InputError as e:  # a line that is not a metrics record
         print(f"error: {e}", file=sys.stderr)
         return 2
     train = [r for r in records if r.get("loss") is not None]

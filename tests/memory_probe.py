@@ -105,7 +105,7 @@ def train_steps(fabric, config, spec: dict, meter: PeakMeter | None) -> dict:
 
     from lit_gpt.loss import token_losses
     from lit_gpt.model import GPT
-    from pretrain.tinyllama_fabric import HPARAMS, make_optimizer
+    from pretrain.tinyllama_fabric import TrainConfig, make_optimizer
 
     b, k = spec["micro_batch_size"], spec.get("micro_batches", 1)
     # The step's inputs exist before the baseline, as the data loader's batches do in the trainer.
@@ -116,7 +116,7 @@ def train_steps(fabric, config, spec: dict, meter: PeakMeter | None) -> dict:
         model = GPT(config)
     model.activation_checkpointing = spec.get("activation_checkpointing", False)
     model = fabric.setup_module(model)
-    optimizer = fabric.setup_optimizers(make_optimizer(model, HPARAMS))
+    optimizer = fabric.setup_optimizers(make_optimizer(model, TrainConfig()))
     phases = {}
     for _ in range(spec.get("steps", 2)):
         for i in range(k):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lit_gpt.checkpoint.publish import open_atomically, point_symlink, replace_path, roll_forward, temporary_name
-from lit_gpt.hparams import InputError
+from lit_gpt.errors import InputError
 from lit_gpt.resume import (
     check_out_dir,
     check_resumable,

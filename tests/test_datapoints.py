@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import datapoints as datapoints_cli  # noqa: E402
 
 from lit_gpt.datapoints import DatapointLog, DatapointLogger  # noqa: E402
+from lit_gpt.errors import InputError  # noqa: E402
 from lit_gpt.packed_dataset import PackedDataset, StepLoader  # noqa: E402
 
 G, B, T = 8, 2, 31
@@ -120,7 +121,7 @@ def test_resuming_with_other_data_is_refused(prepared_data, tmp_path):
     ds = PackedDataset([prepared_data["train"]], block_size=T, seed=1)
     DatapointLogger(tmp_path, rank=0, world_size=1, dataset=ds)
     other = PackedDataset([prepared_data["train"]], block_size=T, seed=2)
-    with pytest.raises(ValueError, match="other training data or order settings"):
+    with pytest.raises(InputError, match="other training data or order settings"):
         DatapointLogger(tmp_path, rank=0, world_size=1, dataset=other, resume_step=5)
 
 

@@ -208,6 +208,37 @@ def test_dry_run_reports_and_writes_nothing(prepared_data, tmp_path, capsys):
     assert f"{flops / (0.4 * 989e12 * 2) / 3600:.1f} h at 40% MFU on 2 x H100 SXM" in out
 
 
+def test_dry_run_exits_1_when_the_run_does_not_fit(prepared_data, tmp_path, capsys):
+    """Scripts gate on the exit code; `--dry_run` works as a bare switch."""
+    setup = TrainingSetup(Config.from_name("micro"), 4, micro_batches=2, strategy="fsdp",
+                          sharding_strategy="FULL_SHARD", world_size=2, devices_per_node=2, device_type="cpu")
+    needed = estimate_memory(setup).total / GiB
+    assert dry_run(prepared_data, tmp_path, "--dry_run", "--gpu_memory_gb", f"{needed * 0.99}") == 1
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out and not (tmp_path / "out").exists()
+    assert captured.err.strip().splitlines() == [
+        f"error: the run needs {needed * 2**10:.1f} MiB per process, more than --gpu_memory_gb {needed * 0.99:g}"]
+    assert dry_run(prepared_data, tmp_path, "--dry_run", "--gpu_memory_gb", f"{needed * 1.01}") == 0
+    assert "DOES NOT FIT" not in capsys.readouterr().out
+
+
+def test_dry_run_checks_the_data_paths_before_torch(tmp_path):
+    """A missing data directory is reported before torch, the tokenizer or any dataset is touched."""
+    from conftest import run_script
+
+    result = run_script("-c", "import sys, runpy\n"
+                        "class NoTorch:\n"
+                        "    def find_spec(self, name, path=None, target=None):\n"
+                        "        if name.split('.')[0] == 'torch': raise ImportError('torch imported')\n"
+                        "sys.meta_path.insert(0, NoTorch())\n"
+                        "sys.argv = sys.argv[1:]\n"
+                        "runpy.run_path(sys.argv[0], run_name='__main__')\n",
+                        "pretrain/tinyllama_fabric.py", "--dry_run", "--model_name", "micro",
+                        "--train_data_dir", str(tmp_path / "nope"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --train_data_dir {tmp_path / 'nope'}: directory does not exist"
+
+
 def test_dry_run_still_checks_the_data(prepared_data, tmp_path, capsys):
     # A damaged manifest passes check_inputs (the chunk files are there) and is found when the dataset is opened.
     train = tmp_path / "train"

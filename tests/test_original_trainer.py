@@ -44,7 +44,7 @@ def test_resume_takes_the_first_step_the_original_optimizer_state_implies(prepar
     from lit_gpt.model import GPT
     from lit_gpt.packed_dataset import PackedDataset, StepLoader
     from lit_gpt.schedule import LRSchedule
-    from pretrain.tinyllama_fabric import make_optimizer, parse_hparams
+    from pretrain.tinyllama_fabric import make_optimizer, parse_args
 
     overrides = dict(max_steps=4, grad_clip=0, warmup_steps=0, learning_rate=1e-3)
     result = train(prepared_data, tmp_path, resume=original, **overrides)
@@ -53,18 +53,18 @@ def test_resume_takes_the_first_step_the_original_optimizer_state_implies(prepar
 
     # The reference: our model with the converted weights, our optimizer groups with the converted AdamW state, one
     # step on the trainer's batch of step 3 (sum of token losses over the global batch's real tokens).
-    hp, _, _ = parse_hparams([f"--{k}={v}" for k, v in (
+    cfg, _, _ = parse_args([f"--{k}={v}" for k, v in (
         arg[2:].split("=", 1) for arg in trainer_args(prepared_data, tmp_path, **overrides)[1:])])
     converted = load_original_checkpoint(original)
     model = GPT(Config.from_name("micro"))
     model.load_state_dict(converted.model)
-    optimizer = make_optimizer(model, hp)
+    optimizer = make_optimizer(model, cfg)
     load_optimizer_state(model, optimizer, converted.optimizer)
     for group in optimizer.param_groups:
-        group["lr"] = LRSchedule(hp["learning_rate"], hp["min_lr"], hp["warmup_steps"], hp["max_steps"],
-                                 hp["lr_schedule"], hp["decay_fraction"])(3)
-    data = PackedDataset([prepared_data["train"]], block_size=128, seed=hp["seed"])
-    step, micro_batches = next(iter(StepLoader(data, hp["global_batch_size"], hp["micro_batch_size"], start_step=3)))
+        group["lr"] = LRSchedule(cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule,
+                                 cfg.decay_fraction)(3)
+    data = PackedDataset([prepared_data["train"]], block_size=128, seed=cfg.seed)
+    step, micro_batches = next(iter(StepLoader(data, cfg.global_batch_size, cfg.micro_batch_size, start_step=3)))
     assert step == 3
     real = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
     for mb in micro_batches:

@@ -102,7 +102,7 @@ def test_flags_are_checked_before_torch_is_imported(prepared_data, tmp_path):
     )
     base = trainer_args(prepared_data, tmp_path / "out")
     for extra, code, expected in ((["--learning_rate", "inf"], 2, "error: --learning_rate must be a finite number"),
-                                  (["--block_size", "0"], 2, "error: --block_size must be >= 1, got 0"),
+                                  (["--block_size", "0"], 2, "error: --block_size must be > 0, got 0"),
                                   (["--help"], 0, "--warmup_steps INT"),
                                   (["--print_config"], 0, "max_steps: 5")):
         result = run_script(str(wrapper), *base, *extra, check=False)
@@ -119,5 +119,6 @@ def test_print_config_is_read_back_by_config(prepared_data, tmp_path):
     again = run_script(args[0], "--config", str(tmp_path / "run.yaml"), "--print_config").stdout
     assert again == printed
     values = __import__("yaml").safe_load(printed)
-    assert values["n_layer"] == 3 and values["n_embd"] == 64 and values["max_steps"] == 98  # resolved from micro
-    assert len(values) > STEPS
+    # What was set, nothing the model name or max_tokens imply (n_embd is micro's, max_steps 98 follows from max_tokens).
+    assert values["n_layer"] == 3 and values["max_tokens"] == 100_000 and values["max_steps"] == STEPS
+    assert "n_embd" not in values and values["model_name"] == "micro"

@@ -1,5 +1,6 @@
 """The trainer end to end on CPU: strategies against one process, exact/elastic resume, crash safety, pre-emption,
 the LR schedule, non-finite steps and input errors. Every run is a real subprocess of pretrain/tinyllama_fabric.py."""
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, run_script
 
 TRAINER = "pretrain/tinyllama_fabric.py"
@@ -167,17 +169,19 @@ def test_lr_is_set_per_optimizer_step_not_micro_step(prepared_data, tmp_path):
 def test_nonfinite_step_is_skipped_on_the_device_and_a_finite_one_is_plain_adamw():
     """The loop queues optimizer.step() before it reads the loss, with `found_inf` telling the fused AdamW to skip."""
     sys.path.insert(0, str(ROOT))
-    from pretrain.tinyllama_fabric import HPARAMS, make_optimizer
+    from pretrain.tinyllama_fabric import TrainConfig, make_optimizer
+
+    defaults = TrainConfig()
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     reference.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(model, HPARAMS)
+    optimizer = make_optimizer(model, defaults)
     twin = dict(zip(model.parameters(), reference.parameters()))
     plain = torch.optim.AdamW([{"params": [twin[p] for p in group["params"]], "weight_decay": group["weight_decay"]}
                                for group in optimizer.param_groups],
-                              lr=HPARAMS["learning_rate"], betas=(HPARAMS["beta1"], HPARAMS["beta2"]), foreach=False)
+                              lr=defaults.learning_rate, betas=(defaults.beta1, defaults.beta2), foreach=False)
     for found_inf in (0.0, 1.0, 0.0):
         for net in (model, reference):
             net.zero_grad()
@@ -212,20 +216,70 @@ def test_nonfinite_steps_are_skipped_then_run_stops(prepared_data, tmp_path):
 
 def test_yaml_config_then_command_line(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from pretrain.tinyllama_fabric import InputError, parse_hparams
+    from pretrain.tinyllama_fabric import InputError, parse_args
 
     config = tmp_path / "run.yaml"
-    # YAML reads 1e-3 as a string and `yes` as a bool: values go through the command line's conversions.
+    # YAML reads 1e-3 as a string and `yes` as a bool: the parser's types convert them.
     config.write_text("learning_rate: 1e-3\nmax_steps: 10\nactivation_checkpointing: yes\nn_layer: 2\n")
-    hp, overrides, _ = parse_hparams(["--config", str(config), "--max_steps", "20", "--n_embd", "64"])
-    assert hp["learning_rate"] == 1e-3 and isinstance(hp["learning_rate"], float)
-    assert hp["max_steps"] == 20 and hp["activation_checkpointing"] is True  # the command line wins
-    assert overrides == {"n_layer": 2, "n_embd": 64}
-    for text, message in [("max_stepz: 3", "unknown keys ['max_stepz']"), ("max_steps: lots", "max_steps: expected int"),
-                          ("compile: maybe", "compile: expected true/false"), ("- 1", "expected a mapping")]:
+    cfg, overrides, _ = parse_args(["--config", str(config), "--max_steps", "20", "--n_embd", "64"])
+    assert cfg.learning_rate == 1e-3 and type(cfg.learning_rate) is float
+    assert cfg.max_steps == 20 and type(cfg.max_steps) is int and cfg.activation_checkpointing is True  # CLI wins
+    assert overrides == {"n_layer": 2, "n_embd": 64} and all(type(v) is int for v in overrides.values())
+    name = f"--config {config}: "
+    for text, message in [("max_stepz: 3", name + "Option 'max_stepz' is not accepted"),
+                          ("max_steps: lots", name + "max_steps: Not of type NonNegativeInt"),
+                          ("compile: maybe", name + "compile: Expected a <class 'bool'>"),
+                          ("- 1", name + "Unexpected config"),
+                          # Values of the wrong shape or an absurd size are one error, never stringified.
+                          ("out_dir: [1, 2]", name + "out_dir: Expected a <class 'str'>. Got value: [1, 2]"),
+                          ("max_steps: 1e400", name + "max_steps: Not of type NonNegativeInt: inf not an integer"),
+                          ("learning_rate: 1e400", "--learning_rate must be a finite number, got inf"),
+                          ("1: 2", name + "Key must be a string"),
+                          ("n_layer: 0", name + "n_layer must be > 0, got 0")]:
         config.write_text(text + "\n")
         with pytest.raises(InputError, match=re.escape(message)):
-            parse_hparams(["--config", str(config)])
+            parse_args(["--config", str(config)])
+
+
+def test_boolean_flags_work_bare_and_with_a_value():
+    sys.path.insert(0, str(ROOT))
+    from pretrain.tinyllama_fabric import InputError, parse_args
+
+    assert parse_args([])[0].compile is False
+    for argv, expected in ((["--compile"], True), (["--compile", "true"], True), (["--compile", "false"], False),
+                           (["--compile=no"], False), (["--compile", "--dry_run"], True)):
+        assert parse_args(argv)[0].compile is expected, argv
+    cfg = parse_args(["--dry_run", "--verify_data", "--document_masking", "yes", "--max_steps", "3"])[0]
+    assert (cfg.dry_run, cfg.verify_data, cfg.document_masking, cfg.max_steps) == (True, True, True, 3)
+    with pytest.raises(InputError, match=re.escape("--dry_run: Expected a <class 'bool'>. Got value: maybe")):
+        parse_args(["--dry_run", "maybe"])
+
+
+def test_print_config_prints_what_was_set_and_follows_another_model_name(tmp_path):
+    """A config printed from a 120M run, fed back with --model_name LLaMmlein_1B, gives the 1B model: nothing the
+    model name implies (its dimensions, out_dir) is pinned in the YAML."""
+    sys.path.insert(0, str(ROOT))
+    from lit_gpt.config import Config
+    from pretrain.tinyllama_fabric import resolve
+
+    def resolved(argv):
+        cfg, config, printed, _ = resolve(argv)
+        return cfg, config, printed
+
+    cfg, config, printed = resolved(["--model_name", "LLaMmlein_120M", "--max_tokens", "1000000", "--n_layer", "12",
+                                     "--n_head", "16", "--compile", "--devices", "2"])
+    # Set and different from the defaults / the named model: printed; n_layer 12 is the 120M's own: not printed.
+    assert yaml.safe_load(printed) == {"model_name": "LLaMmlein_120M", "max_tokens": 1000000, "devices": 2,
+                                       "compile": True, "n_head": 16}
+    assert (cfg.out_dir, cfg.max_steps) == ("out/LLaMmlein_120M", 1)  # derived, after printing
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(printed)
+    again_cfg, again_config, again = resolved(["--config", str(run_yaml)])
+    assert again == printed and again_cfg == cfg and again_config == config  # the same run
+    big_cfg, big, _ = resolved(["--config", str(run_yaml), "--model_name", "LLaMmlein_1B"])
+    assert big == Config.from_name("LLaMmlein_1B", n_head=16)  # the YAML's own override stays, the rest is 1B's
+    assert big_cfg.out_dir == "out/LLaMmlein_1B" and big_cfg.compile is True
+    assert (big.n_layer, big.n_embd) == (22, 2048)
 
 
 @pytest.mark.parametrize(
@@ -407,18 +461,37 @@ def test_validation_loss_is_the_same_on_one_and_two_ranks(prepared_data, tmp_pat
 
 
 def test_every_flag_is_documented_and_its_choices_match_the_code():
-    """--help has a description for every flag, and the {choices} in the comments are the ones the code accepts."""
+    """--help has a description for every flag, and the choices of the annotations are the ones the code accepts."""
     sys.path.insert(0, str(ROOT))
+    import typing
+
     from lit_gpt.config import ATTN_IMPLS
     from lit_gpt.distributed import SHARDING_STRATEGIES, STRATEGIES
-    from pretrain.tinyllama_fabric import HYPERPARAMETERS, MODEL_FIELDS
+    from pretrain.tinyllama_fabric import MODEL_FIELDS, TrainConfig
 
-    assert set(HYPERPARAMETERS["attn_impl"].choices) == set(ATTN_IMPLS)
-    assert set(HYPERPARAMETERS["strategy"].choices) == set(STRATEGIES)
-    assert set(HYPERPARAMETERS["sharding_strategy"].choices) == set(SHARDING_STRATEGIES)
+    hints = typing.get_type_hints(TrainConfig)
+    assert set(typing.get_args(hints["attn_impl"])) == set(ATTN_IMPLS)
+    assert set(typing.get_args(hints["strategy"])) == set(STRATEGIES)
+    assert set(typing.get_args(hints["sharding_strategy"])) == set(SHARDING_STRATEGIES)
     help_text = run_script(TRAINER, "--help").stdout
     flags = re.findall(r"^  (--\w+)(?: (\S+))?\s*(.*)$", help_text, flags=re.M)
     documented = {flag for flag, _, text in flags}
-    assert documented >= {f"--{name}" for name in [*HYPERPARAMETERS, *MODEL_FIELDS, "config", "print_config"]}
-    for name, hp in {**HYPERPARAMETERS, **MODEL_FIELDS}.items():
-        assert len(hp.help.split()) >= 2, f"--{name} has no description"
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert documented >= {f"--{name}" for name in [*names, *MODEL_FIELDS, "config", "print_config"]}
+    for f in [*dataclasses.fields(TrainConfig), *(f for _, f in MODEL_FIELDS.values())]:
+        assert len(f.metadata["help"].split()) >= 2, f"--{f.name} has no description"
+
+
+def test_resume_says_how_the_lr_schedule_changes():
+    """Resuming with another --max_steps re-stretches the cosine decay: the run says so, with the step and the rates."""
+    from pretrain.tinyllama_fabric import TrainConfig, lr_schedule, schedule_change
+
+    saved = dataclasses.asdict(TrainConfig(max_steps=100, warmup_steps=10))
+    lines = []
+    schedule_change(saved, TrainConfig(max_steps=100, warmup_steps=10), 40, lines.append)
+    assert lines == []  # same schedule: nothing to say
+    schedule_change(saved, TrainConfig(max_steps=200, warmup_steps=10), 40, lines.append)
+    before, after = lr_schedule(saved)(40), lr_schedule({**saved, "max_steps": 200})(40)
+    assert after > before  # a longer decay: a higher rate at the same step
+    assert lines == [f"The LR schedule changes from step 40 on: --max_steps 100 -> 200 (learning rate at step 40: "
+                     f"{before:.3g} -> {after:.3g})"]

@@ -1,6 +1,8 @@
 """What every checkpoint module shares: the files inside a sharded checkpoint, the wrapper prefixes stripped from
-parameter names, and the errors. Imports nothing of the project, so every module of the package can use it."""
+parameter names, and the errors. Imports nothing of the project but its error base, so every module of the package can use it."""
 from __future__ import annotations
+
+from lit_gpt.errors import InputError
 
 META_FILE = "meta.pt"  # a sharded checkpoint's non-tensor training state
 DCP_METADATA_FILE = ".metadata"  # torch distributed checkpoint's own index
@@ -9,11 +11,11 @@ CHECKSUM_FILE = "checksums.sha256"  # sha256sum's format, over the sharded check
 WRAPPER_PARTS = {"_forward_module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """Bad input to a conversion/generation script; the message names the file or flag."""
 
 
-class DamagedError(ValueError):
+class DamagedError(InputError, ValueError):
     """A checkpoint or chunk whose bytes are not those that were written; the message names the file."""
 
 

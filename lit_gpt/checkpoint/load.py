@@ -41,6 +41,7 @@ from lit_gpt.checkpoint.original import (
 )
 from lit_gpt.checkpoint.verify import check_checkpoint
 from lit_gpt.config import Config
+from lit_gpt.errors import InputError
 from lit_gpt.run_dir import RunDir
 from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 
@@ -349,7 +350,7 @@ def load_training_state(path: Path, model, optimizer=None) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint")
     if path.is_dir() and not is_complete(path):
-        raise ValueError(f"--resume {path}: incomplete sharded checkpoint (missing {META_FILE} or {DCP_METADATA_FILE})")
+        raise InputError(f"--resume {path}: incomplete sharded checkpoint (missing {META_FILE} or {DCP_METADATA_FILE})")
     verify_checkpoint(path)
     model, optimizer = unwrap(model, optimizer)
     if path.is_file():

@@ -1,0 +1,76 @@
+"""What a run records besides checkpoints: its settings beside the checkpoints, and per logged step the metrics
+(metrics.jsonl/.csv, TensorBoard/W&B) and the console line with tokens/s, MFU, memory and ETA."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.config import Config
+from lit_gpt.loggers import RunLoggers
+from lit_gpt.metrics_log import MetricsLog
+from lit_gpt.resume import Progress
+from lit_gpt.run_dir import RunDir
+from lit_gpt.speed_monitor import SpeedMonitor
+
+
+def write_run_files(run: RunDir, hparams: dict, config: Config, tokenizer_path: str) -> None:
+    """Beside the checkpoints: resolved hyperparameters, model config and the tokenizer (what an export needs)."""
+    write_atomically(run.hparams, json.dumps(hparams, indent=2).encode())
+    write_atomically(run.model_config, json.dumps(config.to_dict(), indent=2).encode())
+    src = Path(tokenizer_path) if tokenizer_path else None
+    if src is not None and src.exists():
+        run.tokenizer.mkdir(exist_ok=True)
+        files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file()]
+        for f in files:
+            write_atomically(run.tokenizer / ("tokenizer.model" if f.suffix == ".model" else f.name), f.read_bytes())
+
+
+class RunLog:
+    """Reports the run's steps and validations to metrics.jsonl/.csv, the loggers and the console (rank 0 writes)."""
+
+    def __init__(self, monitor: SpeedMonitor, metrics: MetricsLog, loggers: RunLoggers, start: Progress,
+                 log_interval: int, max_steps: int, device: torch.device, print_fn: Callable[..., None]) -> None:
+        self.monitor, self.metrics, self.loggers = monitor, metrics, loggers
+        self.log_interval, self.max_steps, self.device, self.print = log_interval, max_steps, device, print_fn
+        self.start_time = time.perf_counter()
+        monitor.update(start.step, start.tokens_seen)
+
+    def step(self, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.print(f"step {progress.step}: update skipped: non-finite " + " and ".join(
+                f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+                if not math.isfinite(value)))
+        if progress.step % self.log_interval and progress.step != self.max_steps:
+            return
+        self.monitor.update(progress.step, progress.tokens_seen)
+        eta = self.monitor.eta_seconds(self.max_steps)
+        memory = (torch.cuda.max_memory_allocated() if self.device.type == "cuda" else _peak_rss_bytes()) / 2**30
+        tps, smoothed, mfu = self.monitor.tokens_per_sec(), self.monitor.smoothed_tokens_per_sec(), self.monitor.mfu()
+        record = {"iter": progress.iter_num, "step": progress.step, "loss": loss if math.isfinite(loss) else None,
+                  "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                  "tokens": progress.tokens_seen, "tokens_per_sec": tps, "tokens_per_sec_smoothed": smoothed,
+                  "mfu": mfu, "skipped_steps": progress.skipped, "memory_gb": memory,
+                  "time": time.perf_counter() - self.start_time}
+        self.metrics.write(record)
+        self.loggers.log({k: v for k, v in record.items() if v is not None and k not in ("step", "time")},
+                         progress.step)
+        self.print(f"step {progress.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f}"
+                   + (f" | {tps:,.0f} tok/s ({smoothed:,.0f} smoothed)" if tps else "")
+                   + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB"
+                   + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""))
+
+    def validation(self, progress: Progress, val_loss: float) -> None:
+        self.metrics.write({"iter": progress.iter_num, "step": progress.step, "val_loss": val_loss})
+        self.loggers.log({"val_loss": val_loss}, progress.step)
+        self.print(f"step {progress.step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
