@@ -16,7 +16,6 @@ from dataclasses import Field, field, fields
 from typing import Any, Literal, get_type_hints
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from lit_gpt.errors import InputError
 
@@ -26,15 +25,28 @@ def arg(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The description as written; jsonargparse's type and default after each flag's help."""
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """For the plain argparse scripts: the description as written, and each flag's default after its help (where it
+    has one worth saying: not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def make_parser(settings: type, description: str, extra_fields: dict[str, tuple[Any, Field]] | None = None,
-                extra_title: str = "") -> ArgumentParser:
-    """`--config`, `--print_config` and a flag per field of the dataclass `settings`; `extra_fields` (name: (type,
-    field)) are optional flags of their own group whose default is None (e.g. model config overrides)."""
-    parser = ArgumentParser(description=description, formatter_class=_HelpFormatter, exit_on_error=False,
+                extra_title: str = ""):
+    """A jsonargparse parser: `--config`, `--print_config` and a flag per field of the dataclass `settings`;
+    `extra_fields` (name: (type, field)) are optional flags of their own group whose default is None (e.g. model config
+    overrides)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """The description as written; jsonargparse's type and default after each flag's help."""
+
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter, exit_on_error=False,
                             print_config=None, usage="%(prog)s [--config YAML] [--print_config] [--NAME VALUE ...]")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings; the command line wins")
     parser.add_argument("--print_config", action="store_true", help="print the settings that differ from the "
@@ -52,7 +64,7 @@ def make_parser(settings: type, description: str, extra_fields: dict[str, tuple[
     return parser
 
 
-def parse(parser: ArgumentParser, settings: type, argv: list[str] | None,
+def parse(parser, settings: type, argv: list[str] | None,
           extra_names: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any], bool]:
     """(settings, the extra flags that were given, --print_config): defaults < YAML file(s) < command line."""
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -15,29 +15,31 @@ import math
 import sys
 from pathlib import Path
 
+from lit_gpt.cli import DefaultsHelpFormatter
 from lit_gpt.config import DTYPE_NAMES
 from lit_gpt.errors import InputError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="checkpoint file (ours or the original TinyLlama/LLäMmlein trainer's), sharded dir or HF "
                    "export dir")
     p.add_argument("--data_dir", type=Path, required=True, help="a prepared split, e.g. data/val")
     p.add_argument("--block_size", type=int, help="tokens per sample (default: the model's block_size)")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
     p.add_argument("--max_samples", type=int, default=0, help="score only the first N samples (0: all)")
     p.add_argument("--document_masking", action=argparse.BooleanOptionalAction, default=None,
                    help="attend within documents only (default: as the checkpoint was trained)")
     p.add_argument("--model_name", help="config for checkpoints that record none")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weights and compute dtype")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     return p.parse_args(argv)
 
 
 def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking: bool, device) -> dict:
     import torch
+    from tqdm import tqdm
 
     from lit_gpt.loss import token_losses
 
@@ -45,7 +47,7 @@ def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking
         n = dataset.samples_per_epoch if max_samples <= 0 else min(max_samples, dataset.samples_per_epoch)
         vocab = model.config.padded_vocab_size
         loss_sum, tokens = 0.0, 0
-        for start in range(0, n, batch_size):
+        for start in tqdm(range(0, n, batch_size), desc="evaluating", unit="batch", total=-(-n // batch_size)):
             batch = dataset.get_batch(range(start, min(start + batch_size, n)))
             idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             top = max(idx.max().item(), labels.max().item())

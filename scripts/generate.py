@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lit_gpt.cli import DefaultsHelpFormatter
 from lit_gpt.config import DTYPE_NAMES
 from lit_gpt.errors import InputError
 
@@ -24,20 +25,20 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="checkpoint file (ours or the original TinyLlama/LLäMmlein trainer's), sharded dir or HF "
                    "export dir")
     p.add_argument("--prompt", default="", help="text to continue (BOS is added as the tokenizer's policy says)")
-    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set with this mass")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--tokenizer", type=Path)
+    p.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the one beside the checkpoint)")
     p.add_argument("--model_name", help="config for checkpoints that record none")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weights and compute dtype")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     return p.parse_args(argv)
 

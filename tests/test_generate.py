@@ -148,3 +148,11 @@ def test_original_checkpoint_generates_and_evaluates_like_its_export(prepared_da
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["tokens"] == results[1]["tokens"] > 0
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-5)
+
+
+def test_generate_and_evaluate_help_show_their_defaults():
+    generate = run_script("scripts/generate.py", "--help").stdout
+    evaluate = run_script("scripts/evaluate.py", "--help").stdout
+    for text, default in ((generate, "tokens to generate per sample (default: 100)"), (generate, "(default: 1234)"),
+                          (evaluate, "samples per forward pass (default: 4)"), (evaluate, "(default: fp32)")):
+        assert default in " ".join(text.split()), default
