@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,9 +86,12 @@ def main(argv=None) -> int:
                     print(f"step {step} rank {rank} sample {sample}")
                 if not hits:
                     print(f"document {args.document!r} was not trained on in the logged steps", file=sys.stderr)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then the BrokenPipeError handled below
     except InputError as e:  # a run, data folder or document that does not fit; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error; nothing more goes to the pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -1,5 +1,6 @@
 """Datapoint logging and scripts/datapoints.py on a simulated run (ranks simulated in-process, no Fabric)."""
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -133,3 +134,15 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         datapoints_cli.main(["documents", "--checkpoint", str(bad)])
     assert "iter-XXXXXXXX-ckpt.pth" in capsys.readouterr().err
+
+
+def test_output_into_a_pipe_that_closes_early_is_no_error(run):
+    """`llammlein-datapoints documents ... | head`: a reader that stops reading ends the command quietly, status 0."""
+    out, _, _ = run
+    command = [sys.executable, str(ROOT / "scripts" / "datapoints.py"), "documents", "--run", str(out), "--until_step",
+               "20"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.close()  # closed before the command writes its first line: every write meets a broken pipe
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
