@@ -398,13 +398,18 @@ def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data
     return loss_total / tokens, norm, int(tokens), stop > 0
 
 
+def validation_batches(val_data: PackedDataset, cfg: TrainConfig) -> int:
+    """Whole batches of global_batch_size samples in the validation split (at least one, padded)."""
+    return max(1, val_data.samples_per_epoch // cfg.global_batch_size)
+
+
 @torch.no_grad()
 def validate(fabric: Fabric, model, val_data: PackedDataset, cfg: TrainConfig) -> float:
     """Token-weighted mean validation loss over all ranks, on the first eval_iters batches of global_batch_size
     samples of the validation order: the same samples whatever the world size (fewer when the split is smaller)."""
     model.eval()
     W, G = fabric.world_size, cfg.global_batch_size
-    iters = min(cfg.eval_iters, max(1, val_data.samples_per_epoch // G))
+    iters = min(cfg.eval_iters, validation_batches(val_data, cfg))
     loader = StepLoader(val_data, global_batch_size=G, micro_batch_size=cfg.micro_batch_size,
                         rank=fabric.global_rank, world_size=W, start_step=0, num_workers=0)
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
@@ -439,6 +444,9 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     fabric.seed_everything(cfg.seed)  # identical initial weights on every rank
     preemption = Preemption()  # before the (possibly long) set-up: a signal would otherwise kill the job unsaved
     train_data, val_data = load_data(fabric, cfg, config)
+    if val_data is not None and validation_batches(val_data, cfg) < cfg.eval_iters:
+        fabric.print(f"--eval_iters {cfg.eval_iters}: the validation split holds {validation_batches(val_data, cfg)} "
+                     f"batches of --global_batch_size {cfg.global_batch_size} samples; each validation uses those")
     model, optimizer, n_params = build_model(fabric, cfg, config)
     resume_path, progress = restore(fabric, cfg, config, model, optimizer, train_data)
     if progress.step >= cfg.max_steps:  # a finished run started again (e.g. a requeued job): nothing to add

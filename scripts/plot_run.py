@@ -4,13 +4,15 @@ and against tokens seen, several runs overlaid in one PNG.
     python scripts/plot_run.py out/run                           # -> out/run/loss.png
     python scripts/plot_run.py out/a out/b --output compare.png  # runs overlaid, one colour each
 
-Reads each OUT_DIR/metrics.jsonl as the trainer writes it. A panel that no run has data for (MFU on CPU, validation
-loss without a validation set) says n/a; a step whose loss was not finite is a gap in its line.
+Reads each OUT_DIR/metrics.jsonl as the trainer writes it; runs are named by their hparams.json (W&B name, else
+model name). A panel that no run has data for (MFU on CPU) is left out; a step whose loss was not finite is a gap in
+its line.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -83,10 +85,13 @@ def build_figure(runs: list[Run]):
 
     # one formatter per axis: matplotlib binds each to the axis it formats
     formatters = {"tokens_per_sec": EngFormatter, "mfu": lambda: PercentFormatter(1.0), "tokens": EngFormatter}
-    fig = Figure(figsize=(11, 12), layout="constrained")
-    grid = fig.subplots(len(PANELS), len(X_AXES), sharex="col")
+    # A panel no run logged (MFU on a CPU) is left out rather than drawn empty; the loss is always there.
+    panels = [(field, ylabel) for field, ylabel in PANELS
+              if field == "loss" or any(r.get(field) is not None for run in runs for r in run.train)]
+    fig = Figure(figsize=(11, 3 * len(panels)), layout="constrained")
+    grid = fig.subplots(len(panels), len(X_AXES), sharex="col", squeeze=False)
     axes = {}
-    for row, (field, ylabel) in enumerate(PANELS):
+    for row, (field, ylabel) in enumerate(panels):
         for col, (x_field, xlabel) in enumerate(X_AXES):
             ax = axes[field, x_field] = grid[row][col]
             for i, run in enumerate(runs):
@@ -97,17 +102,13 @@ def build_figure(runs: list[Run]):
                 if field == "loss" and run.val:
                     ax.plot(_values(run.val, x_field), _values(run.val, "val_loss"), color=color, linestyle="--",
                             marker="o", markersize=4, label=f"{run.name}: validation")
-            if not ax.lines:
-                ax.text(0.5, 0.5, f"n/a: no run logged {ylabel}", transform=ax.transAxes, ha="center",
-                        va="center", color="gray")
-                ax.set_yticks([])  # no scale to read where nothing is drawn
             if field in formatters:
                 ax.yaxis.set_major_formatter(formatters[field]())
             if x_field in formatters:
                 ax.xaxis.set_major_formatter(formatters[x_field]())
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if row == len(PANELS) - 1:
+            if row == len(panels) - 1:
                 ax.set_xlabel(xlabel)
     for x_field, _ in X_AXES:
         if axes["loss", x_field].lines:
@@ -117,9 +118,18 @@ def build_figure(runs: list[Run]):
 
 
 def _names(out_dirs: list[Path]) -> list[str]:
-    """Each run's folder name, or the path as given where two runs share a folder name."""
-    names = [d.resolve().name for d in out_dirs]
+    """Each run's name: its W&B name or model name from hparams.json (the folder's name where it has none, e.g. the
+    demo's "out" says nothing), or the path as given where two runs share a name."""
+    names = [_run_name(d) for d in out_dirs]
     return names if len(set(names)) == len(names) else [str(d) for d in out_dirs]
+
+
+def _run_name(out_dir: Path) -> str:
+    try:
+        hparams = json.loads(RunDir(out_dir).hparams.read_text(encoding="utf-8"))
+        return str(hparams.get("wandb_name") or hparams["model_name"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no (readable) hparams.json: the folder
+        return out_dir.resolve().name
 
 
 def parse_args(argv=None) -> argparse.Namespace:

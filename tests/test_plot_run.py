@@ -1,5 +1,6 @@
 """scripts/plot_run.py: the plotted lines are the runs' metrics (read back from the figure), validation points sit at
-the tokens seen at their step, missing data is a gap or an n/a panel, and bad input is one error line."""
+the tokens seen at their step, missing data is a gap or a panel left out, runs are named by their hparams, and bad input
+is one error line."""
 from __future__ import annotations
 
 import json
@@ -75,12 +76,12 @@ def test_validation_after_the_last_logged_step_extrapolates(tmp_path):
     assert line(axes["loss", "tokens"], "killed: validation")[0].tolist() == [50 * 2100 / 40]
 
 
-def test_panels_without_data_say_na(runs):
+def test_panels_without_data_are_left_out(runs):
     fig, axes = build_figure([load_run(runs[0])])
-    for x_field in ("step", "tokens"):
-        assert not axes["mfu", x_field].get_lines()
-        assert [t.get_text() for t in axes["mfu", x_field].texts] == ["n/a: no run logged MFU"]
-        assert not axes["loss", x_field].texts
+    assert {field for field, _ in axes} == {"loss", "lr", "tokens_per_sec"}  # no MFU on a CPU run
+    assert len(fig.axes) == 6
+    _, both = build_figure([load_run(run) for run in runs])
+    assert {field for field, _ in both} == {"loss", "lr", "tokens_per_sec", "mfu"}
 
 
 def test_writes_png(runs, tmp_path, capsys):
@@ -89,16 +90,20 @@ def test_writes_png(runs, tmp_path, capsys):
     cpu, gpu = runs
     assert main([str(cpu)]) == 0
     image = matplotlib.image.imread(cpu / "loss.png")
-    assert image.shape[:2] == (1200, 1100)  # figsize 11x12 inches at 100 dpi
+    assert image.shape[:2] == (900, 1100)  # figsize 11x9 inches at 100 dpi: three panels (no MFU on CPU)
     assert main([str(cpu), str(gpu), "--output", str(tmp_path / "both.png")]) == 0
     both = matplotlib.image.imread(tmp_path / "both.png")
-    assert both.shape == image.shape and not np.array_equal(both, image)  # the second run is drawn
+    assert both.shape[:2] == (1200, 1100)  # the GPU run brings the MFU panel
     assert not [p for p in tmp_path.rglob(".*")]  # no temporary file left beside the plots
 
-    # Two runs in folders of the same name are told apart by their paths.
+    # Two runs in folders of the same name are told apart by their paths; a run's hparams name it.
     other = write_run(tmp_path / "b" / "cpu", GPU_TRAIN)
     from scripts.plot_run import _names
     assert _names([cpu, other]) == [str(cpu), str(other)]
+    (gpu / "hparams.json").write_text(json.dumps({"model_name": "demo_5M", "wandb_name": ""}))
+    assert _names([cpu, gpu]) == ["cpu", "demo_5M"]
+    (gpu / "hparams.json").write_text(json.dumps({"model_name": "demo_5M", "wandb_name": "first try"}))
+    assert _names([cpu, gpu]) == ["cpu", "first try"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_train", "corrupt", "several_without_output"])

@@ -452,8 +452,10 @@ def test_preemption_signal_during_setup_checkpoints_instead_of_killing(prepared_
 @pytest.mark.slow
 def test_validation_loss_is_the_same_on_one_and_two_ranks(prepared_data, tmp_path):
     # eval_iters batches of global_batch_size samples: the same samples (and loss) whatever the world size.
-    common = dict(val_data_dir=prepared_data["val"], max_steps=2, eval_interval=1, eval_iters=1)
-    train(prepared_data, tmp_path / "one", **common)  # micro batch 2 on 1 rank, 2 x 2 on 2 ranks
+    # More eval_iters than the split holds: all of it, said once.
+    common = dict(val_data_dir=prepared_data["val"], max_steps=2, eval_interval=1, eval_iters=1000)
+    one = train(prepared_data, tmp_path / "one", **common)  # micro batch 2 on 1 rank, 2 x 2 on 2 ranks
+    assert one.stdout.count("--eval_iters 1000: the validation split holds ") == 1
     train(prepared_data, tmp_path / "two", devices=2, strategy="ddp", **common)
     val = {run: {r["step"]: r["val_loss"] for r in metrics(tmp_path / run) if "val_loss" in r} for run in ("one", "two")}
     assert sorted(val["one"]) == [0, 1, 2]
