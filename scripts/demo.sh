@@ -13,7 +13,7 @@ PY=.venv/bin/python
 DEMO_DIR=${DEMO_DIR:-demo}
 CORPUS_DIR=${1:-/usr/share/games/fortunes/de}
 MODEL=${DEMO_MODEL:-demo_5M}
-STEPS=${DEMO_STEPS:-600}
+STEPS=${DEMO_STEPS:-250}
 mkdir -p "$DEMO_DIR"
 
 echo "== 1/6 corpus from $CORPUS_DIR"
@@ -36,7 +36,7 @@ $PY pretrain/tinyllama_fabric.py --model_name "$MODEL" --out_dir "$DEMO_DIR/out"
     --train_data_dir "$DEMO_DIR/data/train" --val_data_dir "$DEMO_DIR/data/val" --tokenizer_path "$DEMO_DIR/tokenizer" \
     --accelerator cpu --devices 1 --strategy auto --precision 32-true \
     --global_batch_size 16 --micro_batch_size 16 --max_steps "$STEPS" --learning_rate 3e-3 --min_lr 3e-4 \
-    --warmup_steps 30 --log_interval 20 --eval_interval 200 --eval_iters 20 --save_interval "$STEPS" \
+    --warmup_steps 20 --log_interval 10 --eval_interval 100 --eval_iters 10 --save_interval "$STEPS" \
     --num_workers 1 --resume auto
 
 echo "== 5/6 loss report and plot ($DEMO_DIR/out/loss.png)"
