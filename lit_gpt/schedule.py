@@ -28,6 +28,27 @@ class LRSchedule:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"lr schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
+    # The trainer's settings (TrainConfig fields) that make a schedule, in the order of the fields above.
+    SETTINGS = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_fraction")
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> LRSchedule:
+        """The schedule of a run's settings (a TrainConfig as a dict, or the hparams a checkpoint recorded)."""
+        return cls(*(settings[key] for key in cls.SETTINGS))
+
+    @classmethod
+    def describe_change(cls, saved: dict, now: dict, step: int) -> str | None:
+        """What changes from `step` on when a run recorded with settings `saved` resumes with `now` (the schedule
+        is a function of them: a longer max_steps stretches the decay, say); None when nothing does."""
+        before = {**now, **{key: saved[key] for key in cls.SETTINGS if key in saved}}
+        changed = [key for key in cls.SETTINGS if before[key] != now[key]]
+        if not changed:
+            return None
+        return (f"The LR schedule changes from step {step} on: "
+                + ", ".join(f"--{key} {before[key]} -> {now[key]}" for key in changed)
+                + f" (learning rate at step {step}: {cls.from_settings(before)(step):.3g} -> "
+                  f"{cls.from_settings(now)(step):.3g})")
+
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based)."""
         lr, min_lr, warmup, total = self.learning_rate, self.min_lr, self.warmup_steps, self.max_steps

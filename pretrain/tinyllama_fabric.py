@@ -325,28 +325,9 @@ def restore(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer,
     fabric.print(f"Resumed from {path} at step {progress.step} (" + (
         f"written by {writers} rank{'s' if writers != 1 else ''}, now {fabric.world_size})" if writers else
         f"world size not recorded, now {fabric.world_size})"))
-    schedule_change(ckpt.get("hparams", {}), cfg, progress.step, fabric.print)
+    if change := LRSchedule.describe_change(ckpt.get("hparams", {}), asdict(cfg), progress.step):
+        fabric.print(change)
     return path, progress
-
-
-SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_fraction")
-
-
-def lr_schedule(settings: dict) -> LRSchedule:
-    """The learning rate per optimizer step, from a TrainConfig's settings (as a dict)."""
-    return LRSchedule(*(settings[key] for key in SCHEDULE_KEYS))
-
-
-def schedule_change(saved: dict, cfg: TrainConfig, step: int, log) -> None:
-    """Say which settings of the LR schedule differ from those the checkpoint's run had: the schedule is a function
-    of them, so from `step` on it follows the new ones (a longer --max_steps stretches the decay, say)."""
-    now = asdict(cfg)
-    before = {**now, **{key: saved[key] for key in SCHEDULE_KEYS if key in saved}}
-    changed = [key for key in SCHEDULE_KEYS if before[key] != now[key]]
-    if changed:
-        log(f"The LR schedule changes from step {step} on: "
-            + ", ".join(f"--{key} {before[key]} -> {now[key]}" for key in changed)
-            + f" (learning rate at step {step}: {lr_schedule(before)(step):.3g} -> {lr_schedule(now)(step):.3g})")
 
 
 # ------------------------------------------------- one step, validation, checkpoint ----------------------------
@@ -483,7 +464,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                      f"{peak / 1e12:.0f} TFLOP/s dense bf16 per {torch.cuda.get_device_name(fabric.device)}")
     profile = ProfileWindow(cfg.profile_steps, run.path, rank, fabric.device)
     closing.append(profile)  # a run that stops inside the window keeps what was recorded
-    lr_at = lr_schedule(asdict(cfg))
+    lr_at = LRSchedule.from_settings(asdict(cfg))
 
     if val_data is not None and progress.step == 0:
         log.validation(progress, validate(fabric, model, val_data, cfg))  # the untrained baseline

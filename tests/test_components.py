@@ -199,3 +199,16 @@ def test_point_symlink_repoints_in_one_rename(tmp_path):
     assert point_symlink(link, "versions/a") is False
     assert point_symlink(link, "versions/b") is True
     assert os.readlink(link) == "versions/b" and sorted(os.listdir(tmp_path)) == ["current"]
+
+
+def test_resume_says_how_the_lr_schedule_changes():
+    """Resuming with another --max_steps re-stretches the cosine decay: the run says so, with the step and the rates."""
+    saved = dict(learning_rate=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=100, lr_schedule="cosine",
+                 decay_fraction=0.2, seed=1)
+    assert LRSchedule.describe_change(saved, saved, 40) is None  # same schedule: nothing to say
+    longer = {**saved, "max_steps": 200}
+    before, after = LRSchedule(3e-3, 3e-4, 10, 100)(40), LRSchedule(3e-3, 3e-4, 10, 200)(40)
+    assert after > before  # a longer decay: a higher rate at the same step
+    assert LRSchedule.describe_change(saved, longer, 40) == (
+        f"The LR schedule changes from step 40 on: --max_steps 100 -> 200 (learning rate at step 40: "
+        f"{before:.3g} -> {after:.3g})")

@@ -482,18 +482,3 @@ def test_every_flag_is_documented_and_its_choices_match_the_code():
     assert documented >= {f"--{name}" for name in [*names, *MODEL_FIELDS, "config", "print_config"]}
     for f in [*dataclasses.fields(TrainConfig), *(f for _, f in MODEL_FIELDS.values())]:
         assert len(f.metadata["help"].split()) >= 2, f"--{f.name} has no description"
-
-
-def test_resume_says_how_the_lr_schedule_changes():
-    """Resuming with another --max_steps re-stretches the cosine decay: the run says so, with the step and the rates."""
-    from pretrain.tinyllama_fabric import TrainConfig, lr_schedule, schedule_change
-
-    saved = dataclasses.asdict(TrainConfig(max_steps=100, warmup_steps=10))
-    lines = []
-    schedule_change(saved, TrainConfig(max_steps=100, warmup_steps=10), 40, lines.append)
-    assert lines == []  # same schedule: nothing to say
-    schedule_change(saved, TrainConfig(max_steps=200, warmup_steps=10), 40, lines.append)
-    before, after = lr_schedule(saved)(40), lr_schedule({**saved, "max_steps": 200})(40)
-    assert after > before  # a longer decay: a higher rate at the same step
-    assert lines == [f"The LR schedule changes from step 40 on: --max_steps 100 -> 200 (learning rate at step 40: "
-                     f"{before:.3g} -> {after:.3g})"]
