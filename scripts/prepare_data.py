@@ -210,6 +210,7 @@ def make_plan(args: argparse.Namespace, files: list[Path], fingerprint: str, tok
         "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in files], "shards": shards,
         "text_field": args.text_field, "id_field": args.id_field, "on_error": args.on_error,
         "tokenizer": str(args.tokenizer), "tokenizer_backend": tokenizer.backend, "tokenizer_files_sha256": tok_hashes,
+        "tokenizer_encoder": tokenizer.encoder,
         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "bos": args.bos,
         "dtype": token_dtype(tokenizer.vocab_size).name, "pad_id": pad_id_for(tokenizer),
         "chunk_size": args.chunk_size, "seed": args.seed, "val_fraction": args.val_fraction,
