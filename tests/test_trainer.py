@@ -91,10 +91,12 @@ def test_exact_resume_matches_uninterrupted(prepared_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,state_dict_type", [("fsdp", "sharded"), ("ddp", "full")])
-def test_elastic_resume_two_ranks_to_one(prepared_data, tmp_path, strategy, state_dict_type):
-    reference, elastic = tmp_path / "reference", tmp_path / "elastic"
+def test_elastic_resume_two_ranks_to_one(prepared_data, single_process_ten_steps, tmp_path, strategy,
+                                        state_dict_type):
+    # The reference is one process (test_two_ranks_match_one_process shows 2 ranks give its losses), shared.
+    reference, elastic = single_process_ten_steps, tmp_path / "elastic"
+    assert 2 * STEPS == 10
     common = dict(max_steps=2 * STEPS, strategy=strategy, state_dict_type=state_dict_type)
-    train(prepared_data, reference, devices=2, **common)
     train(prepared_data, elastic, devices=2, stop_at_step=STEPS, **common)
     ckpt = elastic / f"iter-{STEPS:08d}-ckpt.pth"
     assert ckpt.is_dir() if state_dict_type == "sharded" else ckpt.is_file()
