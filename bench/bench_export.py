@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lit_gpt.run_dir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,10 +56,10 @@ def make_checkpoint(args: argparse.Namespace, work: Path) -> dict:
     model = model.to_empty(device="cpu").to(TORCH_DTYPES[args.ckpt_dtype])
     model.init_weights()
     run = work / "run"
-    (run / "model_config.json").write_text(json.dumps(config.to_dict()))
+    RunDir(run).model_config.write_text(json.dumps(config.to_dict()))
     state = model.state_dict()
     torch.save({"model": state, "config": config.to_dict(), "step_count": 0, "iter_num": 0, "tokens_seen": 0,
-                "hparams": {"benchmark": True}}, run / "iter-00000000-ckpt.pth")
+                "hparams": {"benchmark": True}}, RunDir(run).checkpoint(0))
     return {"checkpoint_model_bytes": sum(t.nbytes for t in state.values()),
             "parameters": sum(t.numel() for t in state.values())}
 
@@ -65,11 +67,11 @@ def make_checkpoint(args: argparse.Namespace, work: Path) -> dict:
 def baseline(args: argparse.Namespace, work: Path) -> dict:
     from safetensors.torch import save_file
 
-    from lit_gpt.checkpoint_io import load_checkpoint, resolve_config
+    from lit_gpt.checkpoint.load import load_weights, resolve_config
     from lit_gpt.hf_convert import TORCH_DTYPES, lit_to_hf
 
-    path = work / "run" / "iter-00000000-ckpt.pth"
-    ckpt = load_checkpoint(path)
+    path = RunDir(work / "run").checkpoint(0)
+    ckpt = load_weights(path)
     config = resolve_config(ckpt, path)
     dtype = TORCH_DTYPES[args.dtype]
     tensors = {}
@@ -91,7 +93,7 @@ def baseline(args: argparse.Namespace, work: Path) -> dict:
 def export(args: argparse.Namespace, work: Path) -> dict:
     from scripts.convert_lit_checkpoint import main
 
-    argv = ["--checkpoint", str(work / "run" / "iter-00000000-ckpt.pth"), "--out_dir", str(work / "hf"),
+    argv = ["--checkpoint", str(RunDir(work / "run").checkpoint(0)), "--out_dir", str(work / "hf"),
             "--dtype", args.dtype, "--overwrite", "--no-verify"]
     start = time.perf_counter()
     if main(argv) != 0:
@@ -124,7 +126,7 @@ def write_tokenizer(work: Path) -> None:
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)), encoding="utf-8")
     subprocess.run([sys.executable, "scripts/train_tokenizer.py", "--input", str(corpus), "--output_dir",
-                    str(work / "run" / "tokenizer"), "--vocab_size", "400", "--num_threads", "1"],
+                    str(RunDir(work / "run").tokenizer), "--vocab_size", "400", "--num_threads", "1"],
                    cwd=ROOT, check=True, capture_output=True)
 
 

@@ -6,8 +6,8 @@ Builds the full checkpoint the trainer writes for --model_name (fp32 weights plu
 its tensors backed by a memory-mapped file of random bytes so that the benchmark needs no RAM of that size, then
 times, on the same file:
 1. save: `torch.save` of the state (what a full save costs anyway; the CRC-32s it writes are what is verified);
-2. crc: `lit_gpt.integrity.verify_checkpoint` (every record's CRC-32; before a load and before rotation);
-3. sha256: `lit_gpt.integrity.sha256_file` (what a sharded save hashes; per rank, only its own shards).
+2. crc: `lit_gpt.checkpoint.verify.check_checkpoint` (every record's CRC-32; before a load and before rotation);
+3. sha256: `lit_gpt.checkpoint.verify.sha256_file` (what a sharded save hashes; per rank, only its own shards).
 Each check runs with the file's pages in the page cache ("warm", right after the save) and evicted ("cold",
 posix_fadvise DONTNEED on this file only: reads come from the disk).
 """
@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lit_gpt import integrity
+from lit_gpt.checkpoint import verify
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
+from lit_gpt.run_dir import RunDir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="LLaMmlein_1B")
-    p.add_argument("--threads", type=int, default=integrity.THREADS, help="verification threads")
+    p.add_argument("--threads", type=int, default=verify.THREADS, help="verification threads")
     p.add_argument("--workdir", type=Path, help="where to write (default: a temp dir, removed afterwards)")
     return p.parse_args(argv)
 
@@ -73,24 +74,24 @@ def timed(label: str, fn, gigabytes: float) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    integrity.THREADS = args.threads
+    verify.THREADS = args.threads
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
         config = Config.from_name(args.model_name)
         state = state_on_disk(config, work / "backing.bin")
-        ckpt = work / "iter-00000001-ckpt.pth"
+        ckpt = RunDir(work).checkpoint(1)
         timed("save", lambda state=state: (torch.save(state, ckpt), evict(ckpt)), (work / "backing.bin").stat().st_size / 1e9)
         del state
         (work / "backing.bin").unlink()
         gigabytes = ckpt.stat().st_size / 1e9
         print(f"{args.model_name}: full checkpoint of {gigabytes:.2f} GB, {args.threads} verification threads, "
               f"{os.cpu_count()} CPUs")
-        for check, fn in (("crc", lambda: integrity.verify_checkpoint(ckpt)),
-                          ("sha256", lambda: integrity.sha256_file(ckpt))):
+        for check, fn in (("crc", lambda: verify.check_checkpoint(ckpt)),
+                          ("sha256", lambda: verify.sha256_file(ckpt))):
             for cache in ("cold", "warm"):
                 if cache == "cold":
                     evict(ckpt)
-                integrity._verified.clear()  # measure the reading, not the memo
+                verify._verified.clear()  # measure the reading, not the memo
                 timed(f"{check} {cache}", fn, gigabytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)

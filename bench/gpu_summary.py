@@ -2,9 +2,9 @@
 
     python bench/gpu_summary.py OUT [--seconds N]
 
-Reads the parts' status files, the pytest JUnit reports, the figures the GPU tests recorded (attention.json,
-trainer.json, memory.json) and the MFU tables (mfu_eager.json, mfu_compile.json). Exits 1 when a part failed or a
-test failed.
+Reads the parts' status files, the pytest JUnit reports, the figures the GPU tests recorded (attention_gpu.json,
+trainer.json, memory.json), the MFU tables (mfu_1b_eager.json, mfu_1b_compile.json, mfu_rest.json) and the attention
+microbenchmark (attention_bench.json). Exits 1 when a part failed or a test failed.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-PARTS = ("attention", "trainer", "memory", "mfu_eager", "mfu_compile")
+PARTS = ("mfu_1b_eager", "mfu_1b_compile", "attention_bench", "trainer", "memory", "mfu_rest", "attention")
+MFU_PARTS = {"mfu_1b_eager": "LLaMmlein_1B, eager", "mfu_1b_compile": "LLaMmlein_1B, torch.compile per Block",
+             "mfu_rest": "the other models and backends, eager"}
 
 
 def _json(path: Path):
@@ -47,8 +49,13 @@ def collect(out: Path, seconds: int) -> dict:
     summary["attention"] = _json(out / "attention_gpu.json") or {}  # written by tests/gpu/test_attention_gpu.py
     summary["trainer"] = _json(out / "trainer.json") or {}  # written by tests/gpu/test_trainer_gpu.py
     summary["memory"] = _json(out / "memory.json") or {}  # written by tests/gpu/test_memory_gpu.py
-    for part in ("mfu_eager", "mfu_compile"):
-        summary[part] = (_json(out / f"{part}.json") or {}).get("rows", [])
+    for part in MFU_PARTS:
+        table = _json(out / f"{part}.json") or {}
+        summary[part] = table.get("rows", [])
+        for key in ("device", "torch", "peak_tflops", "mfu_convention"):
+            if table.get(key) is not None:
+                summary.setdefault("mfu_setup", {})[key] = table[key]
+    summary["attention_bench"] = _json(out / "attention_bench.json") or {}
     return summary
 
 
@@ -84,7 +91,14 @@ def markdown(s: dict) -> str:
             lines.append(f"| {name} | {r['micro_batch_size']} x {r['seq_len']} | {r['estimate_gib']:.2f} | "
                          f"{r['measured_gib']:.2f} | {r['ratio']:.3f} | {_fmt(r.get('reserved_gib'), '.2f')} | "
                          f"{_fmt(r.get('device_used_gib'), '.2f')} |")
-    for part, title in (("mfu_eager", "eager"), ("mfu_compile", "torch.compile per Block")):
+    setup = s.get("mfu_setup", {})
+    if setup:
+        peak = setup.get("peak_tflops")
+        peak_text = f"{peak:.0f} TFLOP/s" if peak else "unknown here: MFU n/a"
+        lines += ["", f"MFU on {setup.get('device')} (torch {setup.get('torch')}): tokens/s x FLOPs per token "
+                  f"({setup.get('mfu_convention')}) / the device's peak dense bf16 FLOP/s "
+                  f"({peak_text})."]
+    for part, title in MFU_PARTS.items():
         rows = s[part]
         if not rows:
             continue
@@ -98,7 +112,26 @@ def markdown(s: dict) -> str:
                 lines.append(f"| {r['model']} | {r['attn']} | {r['batch']} x {r['seq_len']} | "
                              f"{r['tokens_per_sec']:,.0f} | {r['tflops']:.1f} | {_fmt(r['mfu'], '.1%')} | "
                              f"{_fmt(r['memory_gb'], '.1f')} |")
+    lines += attention_bench_lines(s["attention_bench"])
     return "\n".join(lines) + "\n"
+
+
+def attention_bench_lines(bench: dict) -> list[str]:
+    if not bench.get("rows"):
+        return []
+    lines = ["", f"## Attention kernels alone ({bench['device']}, {bench['dtype']}, torch {bench['torch']})", "",
+             f"TFLOP/s count {bench['flop_convention']}.", "",
+             "| model heads (q/kv x D) | seq | mask | backend | forward TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd ms |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    skipped = {}
+    for r in bench["rows"]:
+        if "skipped" in r:
+            skipped.setdefault(r["backend"], r["skipped"])
+            continue
+        lines.append(f"| {r['model']} {r['heads']} | {r['seq_len']} | {r['mask']} | {r['backend']} | "
+                     f"{r['forward_tflops']:.3g} | {r['fwd_bwd_tflops']:.3g} | {r['fwd_bwd_ms']:.2f} |")
+    lines += [f"- {backend} skipped (first reason): {reason}" for backend, reason in skipped.items()]
+    return lines
 
 
 def _fmt(value, spec: str) -> str:

@@ -24,7 +24,8 @@ litgpt is not a dependency of this project; `bash bench/setup_env.sh` installs i
 default (or pass another interpreter with --litgpt_python or $LITGPT_PYTHON).
 
 GPU mode (--device cuda) runs our `GPT` in-process for LLaMmlein_120M and LLaMmlein_1B with each attention
-backend (a backend that cannot run is skipped with the reason) under bf16-mixed autocast (or --precision
+backend (a backend that cannot run is skipped with the reason; `auto` is the trainer's pick there), the model built on
+the meta device and materialised and initialised on the GPU (fp32, then cast for bf16-true) under bf16-mixed autocast (or --precision
 bf16-true), fused AdamW, the trainer's chunked cross-entropy, grad clipping, and prints tokens/s and
 MFU = tokens/s * flops_per_token (the PaLM convention, lit_gpt.speed_monitor) / device peak as a markdown table.
 Data loading is not part of GPU mode.
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_gpt.config import Config  # (pure Python: importable from any interpreter with torch)
+from lit_gpt.run_dir import RunDir  # (pure Python too)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,9 +237,9 @@ def run_ours(spec: dict, out: Path, compile_: bool) -> dict:
                           timeout=spec["timeout"])
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunDir(out).metrics_jsonl.read_text().splitlines()]
     steps = [r for r in records if "loss" in r and r.get("time") is not None]
-    hparams = json.loads((out / "hparams.json").read_text())
+    hparams = json.loads(RunDir(out).hparams.read_text())
     return {"log": [{"step": r["step"], "tokens": r["step"] * spec["batch"] * spec["seq_len"], "time": r["time"],
                      "real_tokens": r["tokens"], "window_tps": r.get("tokens_per_sec"), "loss": r["loss"]}
                     for r in steps],
@@ -695,7 +697,10 @@ def measure_model(cfg: Config, batch: int, seq_len: int, args, device) -> dict:
     cuda = device.type == "cuda"
     mixed = args.precision == "bf16-mixed"
     torch.manual_seed(args.seed)
-    model = GPT(cfg).to(device)
+    with torch.device("meta"):  # built on the device itself: no host copy of a 1B model per backend
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()  # fp32, then cast for bf16-true: the weights do not depend on torch's bf16 random stream
     if args.precision == "bf16-true":
         model = model.to(torch.bfloat16)
     if args.compile:
@@ -743,6 +748,7 @@ def measure_model(cfg: Config, batch: int, seq_len: int, args, device) -> dict:
 def mfu_report(args) -> int:
     import torch
 
+    from lit_gpt.attention import resolve_backend
     from lit_gpt.speed_monitor import MFU_CONVENTION, device_peak_flops
 
     device = torch.device(args.device)
@@ -760,8 +766,11 @@ def mfu_report(args) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     rows = []
     for model_name in models:
-        for impl in backends:
-            reason = backend_unavailable(impl, device, dtype, Config.from_name(model_name).head_size)
+        head_size = Config.from_name(model_name).head_size
+        # auto: the backend the trainer would pick here (the fastest available), named in the table
+        for impl in dict.fromkeys(resolve_backend(b, device, dtype, head_size, needs_grad=True) if b == "auto" else b
+                                  for b in backends):
+            reason = backend_unavailable(impl, device, dtype, head_size)
             if reason:
                 print(f"skip {model_name} / {impl}: {reason}", flush=True)
                 rows.append({"model": model_name, "attn": impl, "skipped": reason})
@@ -789,7 +798,7 @@ def mfu_report(args) -> int:
             res.update(model=model_name, attn=impl, seq_len=seq_len, compile=args.compile)
             rows.append(res)
             if args.json_out:  # after every row: a run stopped by a time limit keeps what it measured
-                Path(args.json_out).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+                Path(args.json_out).write_text(json.dumps(mfu_json(name, peak, rows, torch), indent=1))
             print(f"{model_name} / {impl}: {res['tokens_per_sec']:,.0f} tok/s, "
                   f"MFU {'%.1f%%' % (100 * res['mfu']) if res['mfu'] is not None else 'n/a'}", flush=True)
     print("\n| model | attention | params | micro batch x seq | tokens/s | step ms | TFLOP/s | MFU | peak mem GiB |")
@@ -805,8 +814,15 @@ def mfu_report(args) -> int:
     print(f"\nMFU = tokens/s x flops_per_token ({MFU_CONVENTION}) / peak dense bf16 FLOP/s; "
           f"{args.gpu_warmup} warm-up + {args.gpu_steps} timed steps on random tokens (no data loading).")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+        Path(args.json_out).write_text(json.dumps(mfu_json(name, peak, rows, torch), indent=1))
     return 0 if any("skipped" not in r for r in rows) else 1
+
+
+def mfu_json(device_name: str, peak: float | None, rows: list[dict], torch) -> dict:
+    from lit_gpt.speed_monitor import MFU_CONVENTION
+
+    return {"device": device_name, "torch": torch.__version__, "peak_tflops": peak / 1e12 if peak else None,
+            "mfu_convention": MFU_CONVENTION, "rows": rows}
 
 
 # ================================================================================================================
@@ -846,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
                         "bf16-mixed, for every contender)")
     g = p.add_argument_group("GPU / MFU mode")
     g.add_argument("--models", default="LLaMmlein_120M,LLaMmlein_1B")
-    g.add_argument("--backends", default=",".join(GPU_BACKENDS))
+    g.add_argument("--backends", default=",".join(GPU_BACKENDS), help="comma-separated; auto: the trainer's pick")
     g.add_argument("--compile", action="store_true", help="torch.compile each Block (as the trainer's --compile)")
     g.add_argument("--gpu_batch", type=int, default=0, help=f"micro batch (default {GPU_DEFAULT_BATCH}, else 4)")
     g.add_argument("--gpu_seq_len", type=int, default=0, help="default: the model's block_size")

@@ -50,6 +50,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+
+
 class LocalSlurm:
     """munged + slurmctld + slurmd for NodeName=localhost. Use as a context manager or call start()/stop()."""
 
@@ -121,7 +125,8 @@ class LocalSlurm:
             "MinJobAge=600",  # keep finished jobs visible to scontrol for the test's checks
             # A node with fewer real CPUs than configured (small CI runners) must not be drained.
             "SlurmdParameters=config_overrides",
-            f"NodeName=localhost CPUs={self.cpus} State=UNKNOWN",
+            # The machine's memory (Slurm's default is 1 MB): jobs that request memory, as datatrove's do, must fit.
+            f"NodeName=localhost CPUs={self.cpus} RealMemory={_memory_mb()} State=UNKNOWN",
             "PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")

@@ -138,6 +138,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, mask
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(qt.dtype)
+        if mask is not None and gqa:
+            # On CUDA only SDPA's flash kernel takes enable_gqa, and it takes no mask: a masked GQA call would fall
+            # back to the math kernel (the [B, H, T, T] scores in fp32, ~4 GiB per layer at 1B, micro batch 8).
+            # Expanded keys and values keep the memory-efficient kernel (lit_gpt.memory_estimate counts them).
+            kt, vt = expand_kv_heads(kt, qt.shape[1]), expand_kv_heads(vt, qt.shape[1])
+            gqa = False
         y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     elif impl == "eager":
         y = _eager(qt, kt, vt, mask)
@@ -146,11 +152,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, mask
     return y.transpose(1, 2)
 
 
+def expand_kv_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """[B, n_kv, S, D] -> [B, n_head, S, D] (a copy): query head i reads key/value head i // (n_head // n_kv)."""
+    B, n_kv, S, D = x.shape
+    return x[:, :, None].expand(B, n_kv, n_head // n_kv, S, D).reshape(B, n_head, S, D)
+
+
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Reference implementation: explicit softmax(QK^T / sqrt(D)) V in fp32 accumulation."""
-    repeats = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(repeats, dim=1)
-    v = v.repeat_interleave(repeats, dim=1)
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
     if mask is None:
         T, S = q.shape[2], k.shape[2]
@@ -389,6 +399,8 @@ def _unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, hea
     if impl == "fa3":
         if major != 9:
             return f"FlashAttention-3 needs a Hopper GPU (compute capability 9.x), this one is {major}.x"
+        if dtype != torch.bfloat16:
+            return f"dtype {dtype}: the image builds FlashAttention-3 for bf16 only (llammlein.def)"
         head_ok &= head_size <= 128  # the image's build: head dims up to 128
     elif impl == "fa4":
         if major not in (9, 10):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_gpt.atomic_write import set_aside, write_atomically
+from lit_gpt.checkpoint.publish import set_aside, write_atomically
 from lit_gpt.packed_dataset import PackedDataset
+from lit_gpt.run_dir import RunDir
 
-LOG_DIR = "datapoints"
 DATASET_FILE = "dataset.json"
 _SEGMENT = re.compile(r"^steps-(\d{8})-(\d{8})-rank(\d{5})-of(\d{5})\.npz$")
 
@@ -49,7 +49,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 class DatapointLogger:
     def __init__(self, out_dir, rank: int, world_size: int, dataset: PackedDataset, resume_step: int = 0) -> None:
-        self.dir = Path(out_dir) / LOG_DIR
+        self.dir = RunDir(out_dir).datapoints
         self.rank, self.world_size = rank, world_size
         self.dtype = np.uint32 if dataset.samples_per_epoch < 2**32 else np.int64
         self._steps: list[int] = []
@@ -115,7 +115,7 @@ class DatapointLog:
     """A run's datapoint log, merged over ranks, flushes and world sizes, with its dataset."""
 
     def __init__(self, run_dir, data_dirs: Sequence[str] | None = None) -> None:
-        self.dir = Path(run_dir) / LOG_DIR
+        self.dir = RunDir(run_dir).datapoints
         manifest_path = self.dir / DATASET_FILE
         if not manifest_path.is_file():
             raise ValueError(f"{run_dir}: no datapoint log ({manifest_path} is missing)")

@@ -113,6 +113,16 @@ class _FSDP2BackwardSyncControl(_ParallelBackwardSyncControl):
         return super().no_backward_sync(module, enabled) if enabled else nullcontext()
 
 
+def fsdp2_mixed_precision(compute_dtype: torch.dtype | None):
+    """FSDP2's policy: parameters gathered in `compute_dtype`, gradients reduced in fp32. Without a dtype FSDP2 gathers
+    fp32 parameters; true precisions already hold parameters in their dtype. Forward inputs are not cast (as FSDP1
+    leaves them): casting would round RoPE's fp32 cos/sin tables, which every Block takes, to bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None,
+                                cast_forward_inputs=False)
+
+
 def fsdp2_parallelize(module: nn.Module, mesh, **fully_shard_kwargs) -> nn.Module:
     """FSDP2: shard every transformer Block, then the root (embedding, final norm, lm_head)."""
     from torch.distributed.fsdp import fully_shard
@@ -146,12 +156,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                        f"reshard_after_forward={self._reshard_after_forward}")
 
     def _parallelize(self, module: nn.Module, _lightning_mesh) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         compute_dtype = MIXED_COMPUTE_DTYPES.get(_precision_name(self))
-        # Without a policy FSDP2 gathers fp32 parameters; true precisions already hold parameters in their dtype.
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
-        return fsdp2_parallelize(module, self._fsdp_mesh, mp_policy=policy,
+        return fsdp2_parallelize(module, self._fsdp_mesh, mp_policy=fsdp2_mixed_precision(compute_dtype),
                                  reshard_after_forward=self._reshard_after_forward)
 
 
@@ -166,9 +172,9 @@ def make_strategy(
         raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
     if sharding_strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"--sharding_strategy must be one of {SHARDING_STRATEGIES}, got {sharding_strategy!r}")
-    if strategy == "auto" or world_size == 1 and strategy == "ddp":
+    if strategy == "auto":
         return "auto"
-    if strategy == "ddp":
+    if strategy == "ddp":  # also on one device: DDP's wrapper, bucketing and hooks are what a `ddp` run checks
         return DDPStrategy(find_unused_parameters=False)
     # Shard inside a node, replicate across nodes.
     hybrid_mesh = (num_nodes, world_size // num_nodes) if sharding_strategy == "HYBRID_SHARD" else None
@@ -181,7 +187,7 @@ def make_strategy(
     return FSDPAnyDeviceStrategy(
         auto_wrap_policy={Block},
         sharding_strategy=sharding_strategy,
-        state_dict_type="sharded",  # checkpoints are written by lit_gpt.checkpoints, not by the strategy
+        state_dict_type="sharded",  # checkpoints are written by lit_gpt.checkpoint, not by the strategy
         use_orig_params=True,
         limit_all_gathers=True,
         hybrid_mesh_shape=hybrid_mesh,

@@ -11,10 +11,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.run_dir import RunDir
 
 LOGGERS = ("tensorboard", "wandb", "csv")  # csv: metrics.csv beside metrics.jsonl (lit_gpt.metrics_log)
-WANDB_ID_FILE = "wandb_run_id"
 
 
 class RunLoggers:
@@ -28,7 +28,7 @@ class RunLoggers:
             from lightning.fabric.loggers import TensorBoardLogger
 
             purge_step = resume_step + 1 if resume_step is not None else 0
-            self.loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version="",
+            self.loggers.append(TensorBoardLogger(root_dir=str(out_dir), name=RunDir.tensorboard_name, version="",
                                                   purge_step=purge_step))
         if "wandb" in names:
             self.loggers.append(_wandb_logger(Path(out_dir), fresh=resume_step is None, **(wandb_options or {})))
@@ -55,7 +55,7 @@ def _wandb_logger(out_dir: Path, fresh: bool, project: str, name: str, entity: s
     """A WandbLogger whose run id lives in out_dir: a resumed run (any job, any world size) appends to the same run."""
     from lightning.pytorch.loggers import WandbLogger
 
-    id_file = out_dir / WANDB_ID_FILE
+    id_file = RunDir(out_dir).wandb_run_id
     run_id = None if fresh or not id_file.is_file() else id_file.read_text().strip()
     if run_id is None:  # W&B accepts any id of [a-z0-9]; wandb's own generator moved between releases
         run_id = secrets.token_hex(8)

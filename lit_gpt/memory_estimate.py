@@ -117,8 +117,8 @@ def block_activation_bytes(s: TrainingSetup) -> int:
 
     RMSNorm (twice): its input in fp32 (the residual itself when that is fp32, else an fp32 copy) and the normalised
     tensor in the residual dtype; the attention and MLP inputs in the compute dtype (autocast casts a fp32 input once
-    per Linear, so the MLP's two Linears keep two copies); the fused QKV output (its value slice is an attention
-    input, which keeps the whole storage alive) and the RoPE-rotated q and k; the attention output and its softmax
+    per Linear, so the MLP's two Linears keep two copies); the value heads (copied out of the fused QKV output, which
+    is then freed) and the RoPE-rotated q and k (SDPA with document masks and GQA: k and v expanded to every head); the attention output and its softmax
     statistics (flash-like kernels: FlashAttention, flex, SDPA's fused kernels) or, for eager attention, the expanded
     keys and values and the fp32 probabilities and their compute-dtype copy; SwiGLU's four [tokens, intermediate]
     tensors (fc_1 out, its SiLU, fc_2 out, their product).
@@ -128,8 +128,12 @@ def block_activation_bytes(s: TrainingSetup) -> int:
     n, d, h, D = batch * T, c.n_embd, c.n_head, c.head_size
     norms = 2 * n * d * (FP32 + r)
     linear_inputs = n * d * cb * (1 + (2 if r != cb else 1))  # attention, then the MLP
-    qkv = n * c.qkv_size * cb
-    if s.attn_impl in FLASH_LIKE:
+    qkv = n * c.n_query_groups * D * cb  # the value heads, copied out of the fused QKV output (not kept)
+    if s.attn_impl == "sdpa" and s.document_masking and c.n_query_groups != h:
+        # keys and values expanded to every query head (a masked GQA call keeps SDPA's fused kernel that way)
+        attention = 3 * n * h * D * cb + n * h * D * cb + n * h * FP32  # rotated q, expanded k, v; out; lse
+        qkv = 0
+    elif s.attn_impl in FLASH_LIKE:
         attention = n * (h + c.n_query_groups) * D * cb + n * h * D * cb + n * h * FP32  # rotated q, k; out; lse
     else:  # eager: the rotated q, expanded k and v and the output copy; probabilities in fp32 and the compute dtype
         attention = 4 * n * h * D * cb + batch * h * T * T * (FP32 + (cb if cb != FP32 else 0))
@@ -222,7 +226,7 @@ def phase_components(s: TrainingSetup) -> dict[str, dict[str, int]]:
     n = s.micro_batch_size * c.block_size
     static = {"parameters": p.total * s.master_bytes // s.shards,
               "optimizer state": 2 * p.total * s.master_bytes // s.shards}
-    if s.strategy == "ddp" and s.world_size > 1:
+    if s.strategy == "ddp":  # on one device too: `ddp` is DDP there (lit_gpt.distributed.make_strategy)
         static["gradient buckets (DDP)"] = p.total * s.master_bytes
     grads_name, grads = _accumulated_gradients(s, p)
     forward = {**static, "compute copies": _compute_copies(s, p), grads_name: grads, "activations": activation_bytes(s)}

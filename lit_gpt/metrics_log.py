@@ -10,7 +10,8 @@ import io
 import json
 from pathlib import Path
 
-from lit_gpt.atomic_write import set_aside, write_atomically
+from lit_gpt.checkpoint.publish import set_aside, write_atomically
+from lit_gpt.run_dir import REPLACED, RunDir
 
 
 class MetricsLog:
@@ -25,7 +26,7 @@ class MetricsLog:
                  existing: tuple[list[dict], bool] | None = None, write_csv: bool = True) -> None:
         """`existing`: what `read_metrics` returned for out_dir, if the caller read it already (to check it before
         changing anything); `write_csv`: keep metrics.csv beside metrics.jsonl."""
-        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.jsonl, self.csv = RunDir(out_dir).metrics_jsonl, RunDir(out_dir).metrics_csv
         self.enabled, self.write_csv = enabled, write_csv
         if not enabled:
             return
@@ -35,7 +36,7 @@ class MetricsLog:
             for path in (self.jsonl, self.csv):
                 if path.exists():
                     log(f"Set aside {path.name} (records after step {resume_step or 0}) as "
-                        f"{set_aside(path, 'replaced').name}")
+                        f"{set_aside(path, REPLACED).name}")
         if kept != records or not self.jsonl.exists():
             write_atomically(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
         if write_csv and (kept != records or not self.csv.exists()):

@@ -17,6 +17,16 @@ from lit_gpt.attention import DocumentMask, Mask, attention, prepare_mask, resol
 from lit_gpt.config import Config
 
 
+def normal_init_(weight: torch.Tensor, std: float) -> None:
+    """N(0, std^2) drawn in fp32 and then cast: a bf16 model (bf16-true) starts from the fp32 model's weights of the
+    same seed, whatever random stream torch uses for `normal_` on bf16 tensors."""
+    if weight.dtype == torch.float32 or weight.is_meta:
+        nn.init.normal_(weight, mean=0.0, std=std)
+        return
+    with torch.no_grad():
+        weight.copy_(torch.empty(weight.shape, dtype=torch.float32, device=weight.device).normal_(0.0, std))
+
+
 class Linear(nn.Linear):
     """Bias-free linear layer initialised from N(0, std^2)."""
 
@@ -25,7 +35,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        normal_init_(self.weight, self.std)
 
 
 class Embedding(nn.Embedding):
@@ -34,7 +44,7 @@ class Embedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        normal_init_(self.weight, self.std)
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +119,8 @@ class CausalSelfAttention(nn.Module):
         qkv = self.attn(x).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
         q = qkv[:, :, :, : c.q_per_kv].reshape(B, T, c.n_head, c.head_size)
         k = qkv[:, :, :, c.q_per_kv]
-        v = qkv[:, :, :, c.q_per_kv + 1]
+        # A copy: attention keeps v for its backward pass, and a view would keep the whole fused qkv output alive.
+        v = qkv[:, :, :, c.q_per_kv + 1].contiguous()
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             if self.kv_cache is None:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from lit_gpt.integrity import copy_with_sha256, sha256_mismatch
+from lit_gpt.checkpoint.verify import copy_with_sha256, sha256_mismatch
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 
 

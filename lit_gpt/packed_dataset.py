@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_gpt import integrity
 from lit_gpt.attention import DocumentMask
+from lit_gpt.checkpoint import ranks, verify
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 from lit_gpt.node_cache import NodeCache
 from lit_gpt.sample_order import SampleOrder
@@ -188,11 +188,11 @@ class DataSource:
         """What is wrong with these chunks' bytes: each must hash to the sha256 its manifest records."""
         def check(c: int) -> str | None:
             chunk = self.chunks[c]
-            if integrity.sha256_file(chunk["path"]) != chunk["sha256"]:
-                return integrity.sha256_mismatch(chunk["path"], "manifest.json")
+            if verify.sha256_file(chunk["path"]) != chunk["sha256"]:
+                return verify.sha256_mismatch(chunk["path"], "manifest.json")
             return None
 
-        return [p for p in integrity.in_threads(check, chunks) if p]
+        return [p for p in verify.in_threads(check, chunks) if p]
 
     # ------------------------------------------------------------------ documents
     def doc_starts(self, start: int, stop: int) -> np.ndarray:
@@ -283,11 +283,11 @@ class PackedDataset:
         raises ValueError naming the damaged chunks. Returns the number of chunks verified."""
         jobs = [(s, c) for s, source in enumerate(self.sources) for c, chunk in enumerate(source.chunks)
                 if chunk["sha256"]]
-        rank, world_size = integrity.rank_and_world_size()
+        rank, world_size = ranks.rank_and_world_size()
         mine = jobs[rank::world_size]
         problems = [p for s, source in enumerate(self.sources)
                     for p in source.verify_checksums([c for js, c in mine if js == s])]
-        problems = [p for rank_problems in integrity.gather(problems) for p in rank_problems]
+        problems = [p for rank_problems in ranks.gather(problems) for p in rank_problems]
         if problems:
             more = f" (and {len(problems) - 1} more damaged chunks)" if len(problems) > 1 else ""
             raise ChunkFormatError(problems[0] + more)

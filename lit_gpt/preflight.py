@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from lit_gpt.attention import resolve_backend
-from lit_gpt.checkpoints import checkpoint_step, latest_checkpoint, verify_checkpoint
 from lit_gpt.config import Config
 from lit_gpt.hparams import InputError
 from lit_gpt.memory_estimate import GiB, MemoryEstimate, TrainingSetup, estimate_memory, largest_micro_batch
 from lit_gpt.model import GPT, num_parameters
 from lit_gpt.packed_dataset import PackedDataset
+from lit_gpt.resume import resume_checkpoint
+from lit_gpt.run_dir import checkpoint_step
 from lit_gpt.speed_monitor import PEAK_BF16_FLOPS, device_peak_flops, flops_per_token, matmul_parameters
 
 # The wall time is given for this GPU when the dry run cannot see the one the run will use (e.g. on a login node).
@@ -67,16 +67,7 @@ def _check_data(hp: dict, config: Config) -> int:
 
 def _resume_step(hp: dict) -> int:
     """The step a resume would start from, after verifying its checkpoint as the run would (0 for a fresh run)."""
-    if not hp["resume"]:
-        return 0
-    try:
-        if hp["resume"] == "auto":
-            path = latest_checkpoint(Path(hp["out_dir"]))
-        else:
-            path = Path(hp["resume"])
-            verify_checkpoint(path)
-    except ValueError as e:  # a damaged checkpoint
-        raise InputError(f"--resume: {e}") from None  # the message names the file
+    path = resume_checkpoint(hp["resume"], hp["out_dir"])
     if path is None:
         return 0
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lit_gpt.run_dir import RunDir
+
 # torch is imported where it is used: the trainer checks --profile_steps (parse_window) before importing torch.
 
 
@@ -28,7 +30,7 @@ def parse_window(spec: str) -> tuple[int, int] | None:
 class ProfileWindow:
     def __init__(self, spec: str, out_dir: Path, rank: int, device) -> None:
         self.window = parse_window(spec)
-        self.dir, self.rank, self.cuda = Path(out_dir) / "profile", rank, device.type == "cuda"
+        self.dir, self.rank, self.cuda = RunDir(out_dir).profile, rank, device.type == "cuda"
         self.profiler = None  # a torch.profiler.profile while recording
         self.marker = None  # the open record_function span of the current step
 

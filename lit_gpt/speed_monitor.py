@@ -50,26 +50,45 @@ def flops_per_token(config: Config, n_params: int, seq_len: int | None = None) -
 
 
 class SpeedMonitor:
-    """Sliding-window tokens/s and MFU for the whole job (all ranks)."""
+    """Tokens/s, MFU and the time left, for the whole job (all ranks), from the log steps' records.
 
-    def __init__(self, flops_per_token: float, world_size: int, peak_flops: float | None, window: int = 20) -> None:
+    The rate printed is that of the last log interval, so it follows the run as it is now (an average over many
+    intervals lags behind a change of speed by all of them); `smoothed_tokens_per_sec` is the mean over the last
+    `window` intervals, for a steadier curve. The ETA is the last interval's time per step times the steps left."""
+
+    def __init__(self, flops_per_token: float, world_size: int, peak_flops: float | None, window: int = 5) -> None:
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak_flops = peak_flops
-        self.samples: deque[tuple[float, int]] = deque(maxlen=window + 1)
+        self.records: deque[tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, step, tokens)
 
-    def update(self, total_tokens: int, now: float | None = None) -> None:
-        """Record the job-wide count of real tokens trained on so far."""
-        self.samples.append((time.perf_counter() if now is None else now, total_tokens))
+    def update(self, step: int, total_tokens: int, now: float | None = None) -> None:
+        """Record the job-wide count of real tokens trained on after optimizer step `step`."""
+        self.records.append((time.perf_counter() if now is None else now, step, total_tokens))
+
+    def _rate(self, first: int) -> float | None:
+        if len(self.records) < 2:
+            return None
+        (t0, _, n0), (t1, _, n1) = self.records[first], self.records[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     def tokens_per_sec(self) -> float | None:
-        if len(self.samples) < 2:
-            return None
-        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+        """Real tokens per second over the last log interval."""
+        return self._rate(-2)
+
+    def smoothed_tokens_per_sec(self) -> float | None:
+        """Real tokens per second over the last `window` log intervals (fewer at the start)."""
+        return self._rate(0)
 
     def mfu(self) -> float | None:
         tps = self.tokens_per_sec()
         if tps is None or self.peak_flops is None:
             return None
         return tps * self.flops_per_token / (self.peak_flops * self.world_size)
+
+    def eta_seconds(self, last_step: int) -> float | None:
+        """Seconds until optimizer step `last_step`, at the last interval's time per step."""
+        if len(self.records) < 2:
+            return None
+        (t0, s0, _), (t1, s1, _) = self.records[-2], self.records[-1]
+        return (t1 - t0) / (s1 - s0) * max(0, last_step - s1) if s1 > s0 else None

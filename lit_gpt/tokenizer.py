@@ -21,10 +21,12 @@ control tokens, with every backend (AutoTokenizer's `split_special_tokens=True`)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+# The one sha256 helper, under the name the tokenizer provenance and data manifests have always imported it by
+from lit_gpt.checkpoint.verify import sha256_file as file_sha256
 
 # Files `AutoTokenizer.from_pretrained(dir)` reads for a tokenizer.json directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -197,14 +199,6 @@ class Tokenizer:
 
 def _optional_id(value: int) -> int | None:
     return value if value >= 0 else None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_files(path: Path) -> list[Path]:

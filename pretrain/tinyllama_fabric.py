@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -188,19 +187,13 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt import preflight
-from lit_gpt.atomic_write import set_aside, write_atomically
 from lit_gpt.attention import DocumentMask, resolve_backend
-from lit_gpt.checkpoint_io import load_checkpoint as load_weights
-from lit_gpt.checkpoints import (
-    SaveError,
-    checkpoint_path,
-    checkpoint_step,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from lit_gpt.checkpoint.find import latest_checkpoint
+from lit_gpt.checkpoint.layout import SaveError
+from lit_gpt.checkpoint.load import load_training_state, load_weights
+from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.checkpoint.ranks import gather
+from lit_gpt.checkpoint.save import save_checkpoint
 from lit_gpt.datapoints import DatapointLogger
 from lit_gpt.distributed import make_strategy
 from lit_gpt.loggers import RunLoggers
@@ -208,6 +201,16 @@ from lit_gpt.loss import token_losses
 from lit_gpt.metrics_log import MetricsLog, read_metrics
 from lit_gpt.model import GPT, num_parameters
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
+from lit_gpt.resume import (
+    check_original_resumable,
+    check_out_dir,
+    check_resumable,
+    resume_checkpoint,
+    set_aside_checkpoints_after,
+)
+from lit_gpt.rng import RNGState
+from lit_gpt.run_dir import RunDir
+from lit_gpt.schedule import LRSchedule, parameter_groups
 from lit_gpt.speed_monitor import MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token, matmul_parameters
 from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
 
@@ -290,102 +293,14 @@ def check_inputs(hp: dict, config: Config, world_size: int) -> None:
     probe_dir = next(p for p in (out, *out.parents) if p.exists())  # creating out_dir waits for a good start
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise InputError(f"--out_dir {out}: not writable ({probe_dir} does not allow it)")
-    if hp["resume"] and hp["resume"] != "auto" and not Path(hp["resume"]).exists():
-        raise InputError(f"--resume {hp['resume']}: no such checkpoint")
-    if not hp["resume"] and (newest := latest_checkpoint(out, verify=False)) is not None:
-        # A fresh run here would mix its checkpoints with the old run's, and rotation would delete the new ones.
-        raise InputError(f"--out_dir {out}: holds checkpoints of an earlier run (newest: {newest.name}); pass "
-                         f"--resume auto to continue it, or choose another --out_dir")
+    check_out_dir(out, hp["resume"])
     if hp["init_from"] and not Path(hp["init_from"]).exists():
         raise InputError(f"--init_from {hp['init_from']}: no such checkpoint")
 
 
-def resume_checkpoint(hp: dict, verify: bool = True) -> Path | None:
-    """The checkpoint this run resumes from, if any. `verify` (collective): `auto` takes the newest that verifies, a
-    named one must verify."""
-    if hp["resume"] == "auto":
-        return latest_checkpoint(Path(hp["out_dir"]), verify=verify)
-    path = Path(hp["resume"]) if hp["resume"] else None
-    if path is not None and verify:
-        with blamed_on("resume"):
-            verify_checkpoint(path)
-    return path
-
-
-def check_resumable(ckpt: dict, path: Path, hp: dict, train_data: PackedDataset) -> tuple[int, int, int, int]:
-    """(step, micro-iterations, tokens seen, skipped steps) of a loaded checkpoint, after checking that this run can
-    continue it; nothing in out_dir has changed yet, so a refusal leaves the run as it was."""
-    missing = [key for key in ("step_count", "iter_num", "tokens_seen", "world_size", "rng", "data") if key not in ckpt]
-    if missing:
-        raise InputError(f"--resume {path}: not a checkpoint of this trainer (no {', '.join(missing)}); to start from "
-                         f"its weights with a fresh optimizer use --init_from")
-    data = ckpt["data"]
-    if data["global_batch_size"] != hp["global_batch_size"]:
-        raise InputError(f"--global_batch_size {hp['global_batch_size']} differs from the checkpoint's "
-                         f"{data['global_batch_size']}: the sample position would not map to a step")
-    logged, now = data["manifest"]["fingerprint"], train_data.manifest["fingerprint"]
-    if logged != now:
-        raise InputError(f"--train_data_dir {hp['train_data_dir']}: {path} was trained on other data or with other "
-                         f"order settings (data fingerprint {logged[:12]}, now {now[:12]}); resuming would mix two "
-                         f"sample orders")
-    step = ckpt["step_count"]
-    if 0 < hp["stop_at_step"] <= step < hp["max_steps"]:
-        # `step == stop_at_step` would never hold again: the run would silently train on to max_steps.
-        raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}; "
-                         f"pass a later --stop_at_step, or 0 to train to the end")
-    return step, ckpt["iter_num"], ckpt["tokens_seen"], ckpt.get("skipped_steps", 0)
-
-
-def resume_original(ckpt: dict, path: Path, hp: dict, config: Config, fabric: Fabric) -> tuple[int, int, int, int]:
-    """Counters for a run continued from the original TinyLlama/LLäMmlein trainer's checkpoint (weights and AdamW
-    state are loaded). It holds no data position: the run goes on at its step count on this toolkit's sample order."""
-    step, theirs = ckpt["step_count"], ckpt["hparams"].get("global_batch_size")
-    if theirs is not None and theirs != hp["global_batch_size"]:
-        raise InputError(f"--global_batch_size {hp['global_batch_size']} differs from the original run's {theirs} "
-                         f"({path}): its step count would mean another number of samples")
-    if 0 < hp["stop_at_step"] <= step < hp["max_steps"]:
-        raise InputError(f"--stop_at_step {hp['stop_at_step']}: the checkpoint is already at step {step}")
-    fabric.print(f"{path} was written by the original TinyLlama/LLäMmlein trainer: its weights, AdamW state and step "
-                 f"count ({step}) carry over; its data order cannot, so training continues at step {step} of this "
-                 f"toolkit's order over --train_data_dir (sample position {step * hp['global_batch_size']:,}).")
-    return step, ckpt["iter_num"], step * hp["global_batch_size"] * config.block_size, 0
-
-
-def set_aside_checkpoints_after(out_dir: Path, step: int, log) -> None:
-    """Rename the checkpoints later than the resumed `step` to `*.abandoned` (kept, never deleted).
-
-    They belong to the continuation this run replaces (its metrics and datapoint logs are dropped too); left in
-    place, the next `--resume auto` (e.g. after a pre-emption) would pick the newest of them over this run's own."""
-    for later in list_checkpoints(out_dir):
-        if checkpoint_step(later) > step:
-            aside = set_aside(later, "abandoned")
-            log(f"Set aside {later.name} (after the resumed step {step}) as {aside.name}")
-
-
-# ------------------------------------------------- schedule & optimizer ----------------------------------------
-def get_lr(step: int, hp: dict) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay."""
-    lr, min_lr, warmup, total = hp["learning_rate"], hp["min_lr"], hp["warmup_steps"], hp["max_steps"]
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if hp["lr_schedule"] == "wsd":
-        decay_steps = max(1, int(hp["decay_fraction"] * total))
-        decay_start = total - decay_steps
-        if step < decay_start:
-            return lr
-        return lr + (min_lr - lr) * min(1.0, (step - decay_start + 1) / decay_steps)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
+# ------------------------------------------------- optimizer ---------------------------------------------------
 def make_optimizer(model: torch.nn.Module, hp: dict) -> torch.optim.Optimizer:
-    # Decided by name, not shape: FSDP1 flattens parameters, so ndim says nothing there.
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        is_norm = "norm" in name or "ln_f" in name or name.endswith(".bias")
-        is_embedding = "wte" in name and not hp["decay_embeddings"]
-        (no_decay if is_norm or is_embedding else decay).append(param)
-    groups = [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = parameter_groups(model, hp["weight_decay"], hp["decay_embeddings"])
     # Fused (CUDA and CPU; on CPU 3.5x faster than the per-tensor loop): the training loop relies on its `found_inf`
     # input to skip non-finite steps on the device.
     return torch.optim.AdamW(groups, lr=hp["learning_rate"], betas=(hp["beta1"], hp["beta2"]), eps=hp["adam_eps"],
@@ -405,27 +320,14 @@ class Preemption:
         self.requested = True
 
 
-def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def write_run_files(out_dir: Path, hp: dict, config: Config, extra: dict) -> None:
     """Beside the checkpoints: resolved hyperparameters, model config and the tokenizer (what an export needs)."""
-    write_atomically(out_dir / "hparams.json", json.dumps({**hp, **extra}, indent=2).encode())
-    write_atomically(out_dir / "model_config.json", json.dumps(config.to_dict(), indent=2).encode())
+    run = RunDir(out_dir)
+    write_atomically(run.hparams, json.dumps({**hp, **extra}, indent=2).encode())
+    write_atomically(run.model_config, json.dumps(config.to_dict(), indent=2).encode())
     src = Path(hp["tokenizer_path"]) if hp["tokenizer_path"] else None
     if src is not None and src.exists():
-        dst = out_dir / "tokenizer"
+        dst = run.tokenizer
         dst.mkdir(exist_ok=True)
         files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file()]
         for f in files:
@@ -537,23 +439,25 @@ def restore(fabric: Fabric, hp: dict, config: Config, model, optimizer,
             train_data: PackedDataset) -> tuple[Path | None, Progress]:
     """Load the checkpoint to resume from (if any) into model and optimizer, check that this run can continue it and
     restore the RNG states. Changes nothing in out_dir."""
-    path = resume_checkpoint(hp)
+    path = resume_checkpoint(hp["resume"], hp["out_dir"])
     if path is None:
         return None, Progress()
     try:
-        ckpt = load_checkpoint(path, model, optimizer)
+        ckpt = load_training_state(path, model, optimizer)
     except (Exception, CheckpointException) as e:  # the same on every rank: all of them stop with this message
         raise InputError(f"--resume {path}: cannot be loaded into {hp['model_name']} with this optimizer "
                          f"({type(e).__name__}: {str(e).strip()[:500]}); a converted model without optimizer "
                          f"state starts with --init_from") from None
+    limits = dict(global_batch_size=hp["global_batch_size"], stop_at_step=hp["stop_at_step"], max_steps=hp["max_steps"])
     if ckpt.get("original"):
-        progress = Progress(*resume_original(ckpt, path, hp, config, fabric))
+        progress = Progress(*check_original_resumable(ckpt, path, block_size=config.block_size, log=fabric.print,
+                                                      **limits))
     else:
-        progress = Progress(*check_resumable(ckpt, path, hp, train_data))
-    if ckpt.get("world_size") == fabric.world_size:
-        restore_rng(ckpt["rng"][fabric.global_rank])
-    else:  # elastic resume: per-rank streams cannot carry over; derive fresh ones deterministically
-        torch.manual_seed(hp["seed"] + 1000003 * progress.step + fabric.global_rank)
+        progress = Progress(*check_resumable(ckpt, path, data_fingerprint=train_data.manifest["fingerprint"],
+                                             train_data_dir=hp["train_data_dir"], **limits))
+    # Elastic resume (another world size): per-rank streams cannot carry over; fresh ones are derived deterministically
+    saved_rng = ckpt.get("rng") if ckpt.get("world_size") == fabric.world_size else None
+    RNGState().resume(saved_rng, fabric.global_rank, fabric.world_size, hp["seed"], progress.step)
     fabric.print(f"Resumed from {path} at step {progress.step} (written by {ckpt.get('world_size', '?')} ranks, "
                  f"now {fabric.world_size})")
     return path, progress
@@ -600,17 +504,13 @@ def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data
 def save(fabric: Fabric, hp: dict, config: Config, model, optimizer, progress: Progress,
          train_data: PackedDataset, datapoints: DatapointLogger) -> None:
     datapoints.flush(progress.step)
-    rng = [None] * fabric.world_size
-    if fabric.world_size > 1:
-        torch.distributed.all_gather_object(rng, capture_rng())
-    else:
-        rng = [capture_rng()]
+    rng = gather(RNGState().state_dict())  # one state per rank, in rank order
     G = hp["global_batch_size"]
     meta = {"step_count": progress.step, "iter_num": progress.iter_num, "tokens_seen": progress.tokens_seen,
             "skipped_steps": progress.skipped, "world_size": fabric.world_size, "rng": rng, "hparams": hp,
             "config": config.to_dict(),
             "data": {"global_batch_size": G, "samples_seen": progress.step * G, "manifest": train_data.manifest}}
-    path = checkpoint_path(Path(hp["out_dir"]), progress.step)
+    path = RunDir(hp["out_dir"]).checkpoint(progress.step)
     save_checkpoint(path, model, optimizer, meta, hp["state_dict_type"], keep_last=hp["keep_last_checkpoints"])
     fabric.print(f"Saved {path}")
 
@@ -621,8 +521,8 @@ class RunLog:
     def __init__(self, fabric: Fabric, hp: dict, monitor: SpeedMonitor, metrics: MetricsLog,
                  loggers: RunLoggers, start: Progress) -> None:
         self.fabric, self.hp, self.monitor, self.metrics, self.loggers = fabric, hp, monitor, metrics, loggers
-        self.start_time, self.start_step = time.perf_counter(), start.step
-        monitor.update(start.tokens_seen)
+        self.start_time = time.perf_counter()
+        monitor.update(start.step, start.tokens_seen)
 
     def step(self, progress: Progress, result: StepResult, lr: float) -> None:
         hp, fabric = self.hp, self.fabric
@@ -632,22 +532,24 @@ class RunLog:
                 if not math.isfinite(value)))
         if progress.step % hp["log_interval"] and progress.step != hp["max_steps"]:
             return
-        self.monitor.update(progress.tokens_seen)
+        self.monitor.update(progress.step, progress.tokens_seen)
         elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / (progress.step - self.start_step) * (hp["max_steps"] - progress.step)
+        eta = self.monitor.eta_seconds(hp["max_steps"])
         memory = (torch.cuda.max_memory_allocated() if fabric.device.type == "cuda" else _rss_bytes()) / 2**30
-        tps, mfu = self.monitor.tokens_per_sec(), self.monitor.mfu()
+        tps, smoothed, mfu = self.monitor.tokens_per_sec(), self.monitor.smoothed_tokens_per_sec(), self.monitor.mfu()
         record = {"iter": progress.iter_num, "step": progress.step,
                   "loss": result.loss if math.isfinite(result.loss) else None, "lr": lr,
                   "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
-                  "tokens": progress.tokens_seen, "tokens_per_sec": tps, "mfu": mfu, "skipped_steps": progress.skipped,
+                  "tokens": progress.tokens_seen, "tokens_per_sec": tps,
+                  "tokens_per_sec_smoothed": smoothed, "mfu": mfu, "skipped_steps": progress.skipped,
                   "memory_gb": memory, "time": elapsed}
         self.metrics.write(record)
         self.loggers.log({k: v for k, v in record.items() if v is not None and k not in ("step", "time")},
                          progress.step)
         fabric.print(f"step {progress.step}/{hp['max_steps']} | loss {result.loss:.4f} | lr {lr:.2e} | "
-                     f"grad {result.grad_norm:.3f}" + (f" | {tps:,.0f} tok/s" if tps else "")
-                     + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB | ETA {eta / 60:.1f} min")
+                     f"grad {result.grad_norm:.3f}" + (f" | {tps:,.0f} tok/s ({smoothed:,.0f} smoothed)" if tps else "")
+                     + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB"
+                     + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""))
 
     def validation(self, model, val_data: PackedDataset, progress: Progress) -> None:
         val_loss = validate(self.fabric, model, val_data, self.hp)
@@ -672,7 +574,7 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str, closing: list
                      f"nothing to train")
         return 0
     with blamed_on("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
-        existing_metrics = read_metrics(out_dir / "metrics.jsonl", fabric.print) if rank == 0 else None
+        existing_metrics = read_metrics(RunDir(out_dir).metrics_jsonl, fabric.print) if rank == 0 else None
 
     # Every check that can refuse this run is behind us (the datapoint log's, in its constructor, is the last): only
     # now does anything in out_dir change.
@@ -706,6 +608,8 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str, closing: list
     batches = iter(StepLoader(train_data, global_batch_size=hp["global_batch_size"],
                               micro_batch_size=hp["micro_batch_size"], rank=rank, world_size=W,
                               start_step=progress.step, num_workers=hp["num_workers"]))
+    lr_at = LRSchedule(hp["learning_rate"], hp["min_lr"], hp["warmup_steps"], hp["max_steps"], hp["lr_schedule"],
+                       hp["decay_fraction"])
     nonfinite_in_a_row = 0
     while progress.step < hp["max_steps"]:
         profile.step(progress.step)
@@ -715,7 +619,7 @@ def train(fabric: Fabric, hp: dict, config: Config, launcher: str, closing: list
         except ValueError as e:
             data_step, micro_batches, data_error = progress.step, [], e
         assert data_step == progress.step, f"data loader at step {data_step}, trainer at {progress.step}"
-        lr = get_lr(progress.step, hp)
+        lr = lr_at(progress.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         result = train_step(fabric, model, optimizer, micro_batches, data_error, hp, preemption.requested)

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.checkpoint_io import CheckpointError, atomic_output_dir, check_tokenizer_dir, copy_tokenizer_files
+from lit_gpt.checkpoint.layout import CheckpointError
+from lit_gpt.checkpoint.load import check_tokenizer_dir, copy_tokenizer_files
+from lit_gpt.checkpoint.publish import atomic_output_dir
 from lit_gpt.hf_convert import TORCH_DTYPES, is_hf_dir, read_hf_checkpoint
+from lit_gpt.run_dir import RunDir
 from lit_gpt.tokenizer import Tokenizer
 
 CHECKPOINT_NAME = "lit_model.pth"
@@ -55,8 +58,8 @@ def convert(args: argparse.Namespace) -> Path:
         model = {key: t if dtype is None else t.to(dtype) for key, t in tensors}
         torch.save({"model": model, "config": config.to_dict(), "source": {"hf_dir": args.hf_dir.name}},
                    tmp / CHECKPOINT_NAME)
-        (tmp / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
+        RunDir(tmp).model_config.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        copy_tokenizer_files(tokenizer_dir, RunDir(tmp).tokenizer)
     kind = "registry config" if config.name != args.hf_dir.name else "custom config"
     print(f"wrote {args.out_dir / CHECKPOINT_NAME} ({kind} {config.name!r}, {len(model)} tensors)")
     return args.out_dir / CHECKPOINT_NAME

@@ -25,17 +25,12 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.checkpoint_io import (
-    CheckpointError,
-    LazyStateDict,
-    atomic_output_dir,
-    copy_tokenizer_files,
-    find_tokenizer,
-    load_checkpoint,
-    resolve_config,
-)
+from lit_gpt.checkpoint.layout import CheckpointError
+from lit_gpt.checkpoint.load import LazyStateDict, copy_tokenizer_files, find_tokenizer, load_weights, resolve_config
+from lit_gpt.checkpoint.publish import atomic_output_dir
 from lit_gpt.config import Config
 from lit_gpt.hf_convert import TORCH_DTYPES, hf_config, lit_model_shapes, lit_to_hf
+from lit_gpt.run_dir import RunDir
 
 VERIFY_TOLERANCE = 1e-4
 GERMAN_SAMPLES = (
@@ -223,9 +218,9 @@ def export(args: argparse.Namespace) -> Path:
     dtype = TORCH_DTYPES[args.dtype]
     max_shard_size = parse_size(args.max_shard_size)
     inputs = {"--checkpoint": args.checkpoint,
-              "--tokenizer" if args.tokenizer else "tokenizer": args.tokenizer or args.checkpoint.parent / "tokenizer"}
+              "--tokenizer" if args.tokenizer else "tokenizer": args.tokenizer or RunDir.of_checkpoint(args.checkpoint).tokenizer}
     with atomic_output_dir(args.out_dir, args.overwrite, inputs=inputs) as tmp:
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_weights(args.checkpoint)
         config = resolve_config(ckpt, args.checkpoint, args.model_name)
         tokenizer_dir = find_tokenizer(args.checkpoint, args.tokenizer)
         write_configs_and_tokenizer(tmp, config, dtype, tokenizer_dir)

@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from lit_gpt.checkpoints import checkpoint_step
 from lit_gpt.datapoints import DatapointLog
+from lit_gpt.run_dir import checkpoint_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from lit_gpt.checkpoint.publish import open_atomically
+
 
 def fortunes(path: Path):
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -30,14 +32,11 @@ def main() -> int:
         print(f"error: --src {args.src}: no fortune files found", file=sys.stderr)
         return 2
     n = 0
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomically(args.out, "w", encoding="utf-8") as f:
         for path in files:
             for i, doc in enumerate(fortunes(path)):
                 f.write(json.dumps({"id": f"{path.name}:{i}", "text": doc}, ensure_ascii=False) + "\n")
                 n += 1
-    tmp.rename(args.out)
     print(f"{n} documents from {len(files)} files -> {args.out}")
     return 0
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.checkpoint_io import CheckpointError, load_gpt
+from lit_gpt.checkpoint.layout import CheckpointError
+from lit_gpt.checkpoint.load import load_gpt
 from lit_gpt.hf_convert import TORCH_DTYPES
 from lit_gpt.model import GPT
 

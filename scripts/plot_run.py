@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.metrics_log import read_metrics
+from lit_gpt.run_dir import RunDir
 
 # (record field, y-axis label); the loss panels also show the validation records' val_loss.
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_sec", "tokens/s"), ("mfu", "MFU"))
@@ -38,7 +39,7 @@ class Run:
 
 
 def load_run(out_dir: Path, name: str | None = None) -> Run:
-    path = out_dir / "metrics.jsonl"
+    path = RunDir(out_dir).metrics_jsonl
     if not out_dir.is_dir():
         raise RunError(f"{out_dir}: no such run directory")
     if not path.is_file():

@@ -7,9 +7,16 @@ cd "$(dirname "$0")/.."
 if [ ! -d /usr/share/games/fortunes/de ] && command -v apt-get >/dev/null 2>&1; then
     echo "Installing Debian's fortunes-de (German demo corpus)..."
     SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
-    $SUDO apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes-de >/dev/null 2>&1 \
-        || echo "warning: could not install fortunes-de; the demo needs a corpus (--corpus DIR)" >&2
+    apt_log=$(mktemp)
+    { $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes-de; } \
+        >"$apt_log" 2>&1 || true
+    # Judged by the result, not apt's exit code (a failed index update of an unrelated source is not a failure here).
+    if [ ! -d /usr/share/games/fortunes/de ]; then
+        cat "$apt_log" >&2
+        echo "warning: could not install fortunes-de (apt's output above); give the demo a corpus of your own:" \
+             "bash scripts/demo.sh path/to/corpus" >&2
+    fi
+    rm -f "$apt_log"
 fi
 
 PYTHON=${PYTHON:-python3}

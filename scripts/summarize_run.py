@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from lit_gpt.metrics_log import read_metrics
+from lit_gpt.run_dir import RunDir
 
 
 def main() -> int:
@@ -12,7 +13,7 @@ def main() -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--expect_falling", action="store_true")
     args = parser.parse_args()
-    path = args.out_dir / "metrics.jsonl"
+    path = RunDir(args.out_dir).metrics_jsonl
     if not path.is_file():
         print(f"error: {path}: no metrics (did the run start?)", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.corpus import ErrorPolicy, InputError, expand_inputs, iter_documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

@@ -15,10 +15,12 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-from lit_gpt import checkpoints
-from lit_gpt.checkpoint_io import CheckpointError, atomic_output_dir
-from lit_gpt.checkpoints import SaveError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from lit_gpt.integrity import CHECKSUM_FILE, DamagedError, verify_checkpoint
+from lit_gpt.checkpoint.find import latest_checkpoint, list_checkpoints, verify_checkpoint
+from lit_gpt.checkpoint.layout import CHECKSUM_FILE, CheckpointError, DamagedError, SaveError
+from lit_gpt.checkpoint.load import load_training_state, load_weights
+from lit_gpt.checkpoint.publish import atomic_output_dir
+from lit_gpt.checkpoint.save import save_checkpoint
+from lit_gpt.run_dir import RunDir
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP saves, on purpose
 
@@ -35,7 +37,7 @@ def trained(seed: int = 0):
 
 def save(out: Path, step: int, kind: str = "full", keep_last: int = 0, seed: int = 0) -> Path:
     model, optimizer = trained(seed)
-    path = checkpoints.checkpoint_path(out, step)
+    path = RunDir(out).checkpoint(step)
     save_checkpoint(path, model, optimizer, {"step_count": step}, kind, keep_last=keep_last)
     return path
 
@@ -83,7 +85,7 @@ def test_flipped_bytes_in_a_full_checkpoint_are_one_clear_error(tmp_path):
     silently = torch.load(path, weights_only=True)["optimizer"]["state"]["0.weight"]["exp_avg_sq"]
     assert not torch.equal(silently, good)
     with pytest.raises(DamagedError) as info:
-        load_checkpoint(path, *trained(1))
+        load_training_state(path, *trained(1))
     message = str(info.value)
     assert message.startswith(f"{path}: damaged: record ") and "CRC-32" in message
 
@@ -93,7 +95,7 @@ def test_flipped_bytes_in_a_sharded_checkpoint_are_one_clear_error(tmp_path):
     shard = next(path.glob("*.distcp"))
     flip_bytes(shard, shard.stat().st_size // 2)
     with pytest.raises(DamagedError, match=f"^{shard}: damaged .*{CHECKSUM_FILE}"):
-        load_checkpoint(path, *trained(1))
+        load_training_state(path, *trained(1))
     (path / CHECKSUM_FILE).unlink()  # as written before checksums existed: loads, unverified
     assert verify_checkpoint(path) is False
 
@@ -102,15 +104,15 @@ def test_flipped_bytes_in_a_sharded_checkpoint_are_one_clear_error(tmp_path):
 def test_latest_checkpoint_passes_over_a_damaged_newest_one(tmp_path, kind):
     for step in (1, 2, 3):
         save(tmp_path, step, kind)
-    newest = checkpoints.checkpoint_path(tmp_path, 3)
+    newest = RunDir(tmp_path).checkpoint(3)
     damaged_file = next(newest.glob("*.distcp")) if kind == "sharded" else newest
     flip_bytes(damaged_file, damaged_file.stat().st_size // 2)
     logged, log = messages()
-    assert latest_checkpoint(tmp_path, log=log) == checkpoints.checkpoint_path(tmp_path, 2)
+    assert latest_checkpoint(tmp_path, log=log) == RunDir(tmp_path).checkpoint(2)
     assert len(logged) == 1 and logged[0].startswith("warning: ") and str(damaged_file) in logged[0]
     assert latest_checkpoint(tmp_path, verify=False) == newest  # unchecked: what a fresh run refuses to mix with
     model, optimizer = trained(1)
-    assert load_checkpoint(checkpoints.checkpoint_path(tmp_path, 2), model, optimizer) == {"step_count": 2}
+    assert load_training_state(RunDir(tmp_path).checkpoint(2), model, optimizer) == {"step_count": 2}
     assert torch.equal(exp_avg_sq(model, optimizer), exp_avg_sq(*trained(0)))
 
 
@@ -126,14 +128,14 @@ def test_rotation_never_deletes_the_newest_good_checkpoint(tmp_path, monkeypatch
     save(tmp_path, 2, keep_last=1)
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-00000001-ckpt.pth", "iter-00000002-ckpt.pth"]
-    assert latest_checkpoint(tmp_path, log=lambda m: None) == checkpoints.checkpoint_path(tmp_path, 1)
+    assert latest_checkpoint(tmp_path, log=lambda m: None) == RunDir(tmp_path).checkpoint(1)
     save(tmp_path, 3, keep_last=1)  # a good one: now the older ones can go
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iter-00000003-ckpt.pth"]
 
 
 def test_checkpoints_written_before_checksums_still_load(tmp_path):
     model, optimizer = trained()
-    full = checkpoints.checkpoint_path(tmp_path, 1)
+    full = RunDir(tmp_path).checkpoint(1)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step_count": 1}, full)
     assert verify_checkpoint(full) is True  # every torch.save archive carries CRCs: verifiable after the fact
     sharded = save(tmp_path / "old", 1, "sharded")
@@ -141,17 +143,15 @@ def test_checkpoints_written_before_checksums_still_load(tmp_path):
     logged, log = messages()
     assert latest_checkpoint(tmp_path / "old", log=log) == sharded
     assert logged == [f"note: {sharded} has no checksums (written before they were recorded); it is used unverified"]
-    assert load_checkpoint(sharded, *trained(1)) == {"step_count": 1}
+    assert load_training_state(sharded, *trained(1)) == {"step_count": 1}
 
 
 def test_export_and_generation_refuse_a_damaged_checkpoint(tmp_path):
-    from lit_gpt import checkpoint_io
-
     path = save(tmp_path, 2)
-    assert checkpoint_io.load_checkpoint(path)["verified"] is True
+    assert load_weights(path)["verified"] is True
     flip_bytes(path, record_offset(path, trained()[0][0].weight.detach().numpy().tobytes()) + 8)
     with pytest.raises(CheckpointError, match=f"^{path}: damaged: record "):
-        checkpoint_io.load_checkpoint(path)
+        load_weights(path)
 
 
 def test_checksum_file_is_sha256sum_compatible(tmp_path):
@@ -174,7 +174,7 @@ def test_no_space_left_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(SaveError) as info:
         save(tmp_path, 4, keep_last=1)
-    path = checkpoints.checkpoint_path(tmp_path, 4)
+    path = RunDir(tmp_path).checkpoint(4)
     assert str(info.value).startswith(f"{path}: cannot save the checkpoint: no space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == [previous.name]  # no partial file, nothing rotated away
     assert previous.read_bytes() == before
@@ -200,7 +200,7 @@ def test_really_full_disk(small_tmpfs, kind):
     model(torch.randn(2, 256)).sum().backward()
     optimizer.step()
     with pytest.raises(SaveError, match="no space left on device"):
-        save_checkpoint(checkpoints.checkpoint_path(small_tmpfs, 2), model, optimizer, {"step_count": 2}, kind)
+        save_checkpoint(RunDir(small_tmpfs).checkpoint(2), model, optimizer, {"step_count": 2}, kind)
     assert [p.name for p in small_tmpfs.iterdir()] == [first.name]
     assert verify_checkpoint(first) is True
 
@@ -211,9 +211,12 @@ import errno, os, sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
 from pathlib import Path
 from lightning.fabric import Fabric
-from lit_gpt import checkpoints
+from lit_gpt.checkpoint.find import latest_checkpoint
+from lit_gpt.checkpoint.layout import DamagedError, SaveError
+from lit_gpt.checkpoint.load import load_training_state
+from lit_gpt.checkpoint.save import save_checkpoint
 from lit_gpt.distributed import make_strategy
-from lit_gpt.integrity import DamagedError
+from lit_gpt.run_dir import RunDir
 
 out = Path(sys.argv[1])
 fabric = Fabric(accelerator="cpu", devices=2, strategy=make_strategy("fsdp", world_size=2))
@@ -224,8 +227,8 @@ optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))
 fabric.backward(model(torch.randn(4, 32)).square().sum())
 optimizer.step()
 for step in (1, 2):
-    checkpoints.save_checkpoint(checkpoints.checkpoint_path(out, step), model, optimizer, {{"step": step}}, "sharded")
-newest = checkpoints.checkpoint_path(out, 2)
+    save_checkpoint(RunDir(out).checkpoint(step), model, optimizer, {{"step": step}}, "sharded")
+newest = RunDir(out).checkpoint(2)
 names = sorted(p.name for p in newest.iterdir())
 if rank == 0:
     shard = newest / "__1_0.distcp"  # written and hashed by rank 1
@@ -234,9 +237,9 @@ if rank == 0:
     shard.write_bytes(bytes(data))
 fabric.barrier()
 print(f"rank {{rank}} shards {{names}}")
-print(f"rank {{rank}} latest {{checkpoints.latest_checkpoint(out, log=lambda m: None).name}}")
+print(f"rank {{rank}} latest {{latest_checkpoint(out, log=lambda m: None).name}}")
 try:
-    checkpoints.load_checkpoint(newest, model, optimizer)
+    load_training_state(newest, model, optimizer)
 except DamagedError as e:
     print(f"rank {{rank}} damaged {{Path(str(e).split(':')[0]).name}}")
 real_save = torch.save
@@ -246,8 +249,8 @@ def full_disk_on_rank_0(obj, f, *a, **k):
     return real_save(obj, f, *a, **k)
 torch.save = full_disk_on_rank_0
 try:
-    checkpoints.save_checkpoint(checkpoints.checkpoint_path(out, 3), model, optimizer, {{"step": 3}}, "sharded")
-except checkpoints.SaveError as e:
+    save_checkpoint(RunDir(out).checkpoint(3), model, optimizer, {{"step": 3}}, "sharded")
+except SaveError as e:
     print(f"rank {{rank}} save failed: {{'no space left on device' in str(e)}}")
 fabric.barrier()
 print(f"rank {{rank}} left {{sorted(p.name for p in out.iterdir())}}")
@@ -322,7 +325,7 @@ def test_temp_dirs_of_killed_exports_are_removed_by_the_next_run(tmp_path):
         [sys.executable, "-c",
          "import os, signal, sys\n"
          f"sys.path.insert(0, {str(ROOT)!r})\n"
-         "from lit_gpt.checkpoint_io import atomic_output_dir\n"
+         "from lit_gpt.checkpoint.publish import atomic_output_dir\n"
          f"with atomic_output_dir({str(out)!r}, overwrite=False) as tmp:\n"
          "    (tmp / 'model.safetensors').write_bytes(bytes(1 << 20))\n"
          "    os.kill(os.getpid(), signal.SIGKILL)\n"], capture_output=True)

@@ -215,6 +215,10 @@ def test_def_builds_flash_attention_3_from_a_pinned_release(definition):
     # Hopper only, and the head dims the models use (64: 120M, 128: 1B/7B) stay compiled.
     assert "FLASH_ATTENTION_DISABLE_SM80=TRUE" in build
     assert "DISABLE_HDIM64" not in build and "DISABLE_HDIM128" not in build
+    # Only what the model calls (bf16, no softcap, no sliding window) is compiled; varlen (document masking) stays.
+    for feature in ("FP16", "SOFTCAP", "LOCAL", "FP8", "PAGEDKV", "APPENDKV", "SPLIT"):
+        assert f"FLASH_ATTENTION_DISABLE_{feature}=TRUE" in build, feature
+    assert "DISABLE_VARLEN" not in build and "DISABLE_BACKWARD" not in build
     # FA2 from PyPI is the same release as the FA3 source.
     assert _pins(ROOT / "requirements-cuda.txt")["flash-attn"] == tag[1:]
     # Bounded build parallelism: MAX_JOBS is set (a number or computed and capped), never left to "all cores".
@@ -257,6 +261,10 @@ def test_def_environment_and_runscript(definition):
     assert 'python pretrain/tinyllama_fabric.py "$@"' in definition["runscript"]
     # The baked code is an installed package; the working directory (a bound checkout) is searched before it.
     assert "export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD" in env
+    # CUDA 13.0 on a host driver < 580 (datacenter GPUs): the forward-compatibility libcuda goes first.
+    assert "apt-get install -y --no-install-recommends cuda-compat-13-0" in definition["post"]
+    assert re.search(r'-lt 580 \] && \[ -e /usr/local/cuda/compat/libcuda\.so\.1 \]', env)
+    assert "export LD_LIBRARY_PATH=/usr/local/cuda/compat${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" in env
     assert "pip install --no-deps --no-build-isolation -e /opt/llammlein" in definition["post"]
     assert re.search(r"^\s+README\.md /opt/llammlein/README\.md$", definition["files"], re.M)  # pyproject's readme
 
@@ -526,6 +534,9 @@ def test_train_script_launches_the_trainer_in_the_container(tmp_path):
     assert job_env["NCCL_DEBUG"] == "WARN" and job_env["NCCL_IB_HCA"] and job_env["NCCL_SOCKET_IFNAME"]
     assert job_env["OMP_NUM_THREADS"] == "16" and job_env["SRUN_CPUS_PER_TASK"] == "16"
     assert job_env["PYTHONUNBUFFERED"] == "1"
+    # FlashAttention-4's kernel disk cache beside the run: a restart loads the kernels instead of compiling them.
+    assert job_env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert job_env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"].startswith(str(tmp_path / "runs" / "120m"))
 
 
 def test_train_script_without_container_and_on_efa(tmp_path):

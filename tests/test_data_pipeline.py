@@ -14,13 +14,13 @@ from conftest import ROOT, write_corpus
 from test_prepare_data import documents, prepare
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import prepare_data  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 from lit_gpt import cleaning, corpus  # noqa: E402
 from lit_gpt.data_pipeline import switch  # noqa: E402
+from lit_gpt.data_pipeline.plan import STAGING  # noqa: E402
 from lit_gpt.data_pipeline.steps import HashParagraphs, Tokenize  # noqa: E402
-from lit_gpt.tokenizer import Tokenizer  # noqa: E402
+from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +189,33 @@ def test_a_run_killed_in_any_stage_restarts_to_the_same_result(tokenizer_dir, cl
         assert dataset_bytes(out) == reference
 
 
+def test_sigkill_of_the_whole_process_group_mid_tokenize_resumes_to_the_same_bytes(tokenizer_dir, cleaning_corpus,
+                                                                                   tmp_path):
+    """SIGKILL the command and its worker processes once tokenize has finished some shards; the re-run skips the
+    finished tasks and pieces and ends with the bytes of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    args = ["--input", cleaning_corpus, "--tokenizer", tokenizer_dir, *CLEANING, "--tasks", "3", "--workers", "2"]
+    assert prepare(*args, "--output_dir", tmp_path / "clean") == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *map(str, args), "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while child.poll() is None and not list((out / STAGING / "parts").glob("*.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(child.pid, signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL  # killed, not finished
+    assert not (out / "train").exists()
+    assert prepare(*args, "--output_dir", out) == 0
+    assert dataset_bytes(out) == dataset_bytes(tmp_path / "clean")
+
+
 def _legacy_layout(out: Path) -> None:
     """Turn a dataset into the layout of earlier versions: real train/val directories."""
     for split in ("train", "val"):
@@ -239,7 +266,7 @@ def test_switch_killed_at_every_boundary_ends_complete(tokenizer_dir, tmp_path, 
             assert dataset_bytes_splits(out) in (old_bytes, new_bytes), seen[k - 1]
         assert prepare(*replace, "--output_dir", out) == 0, seen[k - 1]
         assert dataset_bytes_splits(out) == new_bytes, seen[k - 1]
-        assert not (out / prepare_data.STAGING).exists() and not (out / switch.JOURNAL).exists()
+        assert not (out / STAGING).exists() and not (out / switch.JOURNAL).exists()
         assert sorted(p.name for p in (out / "versions").iterdir()) == [switch.current_version(out)]
         shutil.rmtree(out)
 
@@ -289,7 +316,7 @@ def test_manifest_and_tokenizer_dir_record_files_and_backend(prepared_data):
     manifest = json.loads((prepared_data["train"] / "manifest.json").read_text())["tokenizer"]
     backend = Tokenizer(tokenizer).backend
     assert provenance["backend"] == manifest["backend"] == backend
-    expected = {p.name: prepare_data.file_sha256(p) for p in prepare_data.tokenizer_files(tokenizer)}
+    expected = {p.name: file_sha256(p) for p in tokenizer_files(tokenizer)}
     assert {"tokenizer.model", "tokenizer.json"} <= set(expected)
     assert provenance["files_sha256"] == manifest["files_sha256"] == expected
     assert manifest["vocab_size"] == Tokenizer(tokenizer).vocab_size
@@ -323,3 +350,23 @@ def test_manifest_names_the_encoder_that_encoded_the_data(prepared_data, tmp_pat
                    "--chunk_size", "512", "--workers", "1") == 0
     record = json.loads((tmp_path / "data" / "train" / "manifest.json").read_text())["tokenizer"]
     assert (record["backend"], record["encoder"]) == ("transformers", "transformers")
+
+
+def test_the_pipeline_imports_neither_torch_nor_the_model_layer():
+    import subprocess
+
+    probe = ("import sys, lit_gpt.data_pipeline.prepare, lit_gpt.data_pipeline.executor\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in "
+             "('lit_gpt.model', 'lit_gpt.packed_dataset', 'lit_gpt.attention')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_slurm_args_become_datatrove_sbatch_args():
+    from lit_gpt.data_pipeline.executor import sbatch_options
+
+    assert sbatch_options("--partition=cpu --time 4:00:00 --exclusive --mem-per-cpu=4G") == {
+        "partition": "cpu", "time": "4:00:00", "exclusive": "", "mem-per-cpu": "4G"}
+    with pytest.raises(corpus.InputError, match="long form"):
+        sbatch_options("-p cpu")

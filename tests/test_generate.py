@@ -9,7 +9,7 @@ import torch
 from conftest import run_script
 from hf_helpers import random_state, small_config, write_run_dir
 
-from lit_gpt.checkpoint_io import load_gpt
+from lit_gpt.checkpoint.load import load_gpt
 from lit_gpt.tokenizer import Tokenizer
 from scripts.convert_lit_checkpoint import main as export_main
 from scripts.generate import generate, next_token

@@ -193,7 +193,7 @@ def test_training_attn_impl_does_not_bind_the_export(tmp_path, tokenizer_dir):
     ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
     assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "hf"), "--dtype", "fp32",
                          "--verify"]) == 0
-    from lit_gpt.checkpoint_io import load_gpt
+    from lit_gpt.checkpoint.load import load_gpt
 
     model, loaded, *_ = load_gpt(ckpt)  # what generate.py and evaluate.py use
     assert loaded.attn_impl == "auto" and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
@@ -311,7 +311,7 @@ import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
 from lightning.fabric import Fabric
 from hf_helpers import random_state, small_config
-from lit_gpt.checkpoints import save_checkpoint
+from lit_gpt.checkpoint.save import save_checkpoint
 from lit_gpt.distributed import make_strategy
 from lit_gpt.model import GPT
 

@@ -29,10 +29,10 @@ if kind == "step":  # right after optimizer step `at` (the datapoint log records
             die()
     datapoints.DatapointLogger.record = killing_record
 else:  # while the checkpoint of step `at` is being written: part of it is on disk
-    import lit_gpt.checkpoints as checkpoints
+    import lit_gpt.checkpoint.save as checkpoint_save
     import torch
     name = f"iter-{at:08d}-ckpt.pth"
-    real_save, real_dcp_save = torch.save, checkpoints.dcp.save
+    real_save, real_dcp_save = torch.save, checkpoint_save.dcp.save
     def save(obj, f, *args, **kwargs):
         if name in str(f):
             with open(f, "wb") as handle:
@@ -44,7 +44,7 @@ else:  # while the checkpoint of step `at` is being written: part of it is on di
             real_dcp_save(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards, but not the metadata file
             die()
         return real_dcp_save(state, checkpoint_id=checkpoint_id, **kwargs)
-    torch.save, checkpoints.dcp.save = save, dcp_save
+    torch.save, checkpoint_save.dcp.save = save, dcp_save
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

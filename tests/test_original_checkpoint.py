@@ -21,9 +21,10 @@ from original_helpers import (
     trained_original,
 )
 
-from lit_gpt.checkpoint_io import CheckpointError, load_checkpoint, resolve_config
+from lit_gpt.checkpoint.layout import CheckpointError
+from lit_gpt.checkpoint.load import load_weights, resolve_config
+from lit_gpt.checkpoint.original import is_original_checkpoint, load_optimizer_state, load_original_checkpoint, our_key
 from lit_gpt.model import GPT
-from lit_gpt.original_checkpoint import is_original_checkpoint, load_optimizer_state, load_original_checkpoint, our_key
 
 VARIANTS = [(mlp, layout) for mlp in ("swiglu", "xformers_free") for layout in ("single", "fsdp")]
 
@@ -99,7 +100,7 @@ def test_optimizer_state_continues_the_original_step(original):
 
 
 def test_export_path_reads_it_as_ours(original):
-    ckpt = load_checkpoint(original["path"])
+    ckpt = load_weights(original["path"])
     assert ckpt["step_count"] == 3 and ckpt["iter_num"] == 12 and ckpt["hparams"]["model_name"] == MODEL_NAME
     assert "transformer.h.0.mlp.fc_1.weight" in ckpt["model"]
     assert resolve_config(ckpt, original["path"]).name == MODEL_NAME  # from hparams["model_name"]
@@ -161,7 +162,7 @@ def test_not_an_original_checkpoint(tmp_path):
 
 def test_unknown_model_name_asks_for_model_name(original, tmp_path):
     path = rewrite(original["path"], tmp_path, lambda s: s["hparams"].update(model_name="LLaMmlein_3B"))
-    ckpt = load_checkpoint(path)
+    ckpt = load_weights(path)
     with pytest.raises(CheckpointError, match="pass --model_name"):
         resolve_config(ckpt, path)
     assert resolve_config(ckpt, path, "micro").name == "micro"
@@ -206,7 +207,7 @@ from lightning.fabric import Fabric
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from lit_gpt.distributed import make_strategy
 from lit_gpt.model import GPT
-from lit_gpt.original_checkpoint import load_optimizer_state, load_original_checkpoint
+from lit_gpt.checkpoint.original import load_optimizer_state, load_original_checkpoint
 from original_helpers import WEIGHT_DECAY, batch, config, loss_of, our_optimizer
 
 checkpoint, out, kind = sys.argv[1:4]

@@ -12,7 +12,7 @@ from conftest import ROOT
 from original_helpers import save_original, trained_original
 from test_trainer import train, train_losses, trainer_args
 
-from lit_gpt.original_checkpoint import load_optimizer_state, load_original_checkpoint
+from lit_gpt.checkpoint.original import load_optimizer_state, load_original_checkpoint
 
 sys.path.insert(0, str(ROOT))
 
@@ -43,7 +43,8 @@ def test_resume_takes_the_first_step_the_original_optimizer_state_implies(prepar
     from lit_gpt.loss import token_losses
     from lit_gpt.model import GPT
     from lit_gpt.packed_dataset import PackedDataset, StepLoader
-    from pretrain.tinyllama_fabric import get_lr, make_optimizer, parse_hparams
+    from lit_gpt.schedule import LRSchedule
+    from pretrain.tinyllama_fabric import make_optimizer, parse_hparams
 
     overrides = dict(max_steps=4, grad_clip=0, warmup_steps=0, learning_rate=1e-3)
     result = train(prepared_data, tmp_path, resume=original, **overrides)
@@ -60,7 +61,8 @@ def test_resume_takes_the_first_step_the_original_optimizer_state_implies(prepar
     optimizer = make_optimizer(model, hp)
     load_optimizer_state(model, optimizer, converted.optimizer)
     for group in optimizer.param_groups:
-        group["lr"] = get_lr(3, hp)
+        group["lr"] = LRSchedule(hp["learning_rate"], hp["min_lr"], hp["warmup_steps"], hp["max_steps"],
+                                 hp["lr_schedule"], hp["decay_fraction"])(3)
     data = PackedDataset([prepared_data["train"]], block_size=128, seed=hp["seed"])
     step, micro_batches = next(iter(StepLoader(data, hp["global_batch_size"], hp["micro_batch_size"], start_step=3)))
     assert step == 3

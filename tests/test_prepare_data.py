@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import prepare_data  # noqa: E402
 
 from lit_gpt.data_pipeline import packing  # noqa: E402
+from lit_gpt.data_pipeline.plan import STAGING, validation_mask  # noqa: E402
+from lit_gpt.data_pipeline.prepare import pad_id_for  # noqa: E402
 from lit_gpt.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -130,7 +132,7 @@ def test_split_is_by_id_disjoint_and_independent_of_workers(tokenizer_dir, tmp_p
     assert not set(train) & set(val)
     assert len(train) + len(val) == 600 and 80 < len(val) < 160
     expected_val = {f"doc-{i}" for i in range(600)
-                    if prepare_data.validation_mask([f"doc-{i}"], 42, 0.2)[0]}
+                    if validation_mask([f"doc-{i}"], 42, 0.2)[0]}
     assert set(val) == expected_val
     for split in ("train", "val"):  # byte-identical output whatever the number of workers
         hashes = [[f["sha256"] for f in json.loads((o / split / "manifest.json").read_text())["files"]] for o in outs]
@@ -216,7 +218,7 @@ def test_interrupted_run_resumes_to_identical_output(tokenizer_dir, tmp_path):
         if chunk.parent.name in ("train", "val"):
             assert chunk.stat().st_size == 24 + 2 * 1500
     assert prepare(*args, "--output_dir", out) == 0
-    assert not list(out.rglob(".*.tmp")) and not (out / prepare_data.STAGING).exists()
+    assert not list(out.rglob(".*.tmp")) and not (out / STAGING).exists()
     for split in ("train", "val"):
         clean = json.loads((tmp_path / "clean" / split / "manifest.json").read_text())
         resumed = json.loads((out / split / "manifest.json").read_text())
@@ -282,9 +284,9 @@ def test_padding_is_never_a_separator():
     from types import SimpleNamespace
 
     neox_like = SimpleNamespace(pad_id=None, unk_id=0, bos_id=0, eos_id=0)  # one id for unk, BOS and EOS
-    assert prepare_data.pad_id_for(neox_like) == 1
-    assert prepare_data.pad_id_for(SimpleNamespace(pad_id=None, unk_id=None, bos_id=1, eos_id=0)) == 2
-    assert prepare_data.pad_id_for(SimpleNamespace(pad_id=5, unk_id=0, bos_id=1, eos_id=2)) == 5
+    assert pad_id_for(neox_like) == 1
+    assert pad_id_for(SimpleNamespace(pad_id=None, unk_id=None, bos_id=1, eos_id=0)) == 2
+    assert pad_id_for(SimpleNamespace(pad_id=5, unk_id=0, bos_id=1, eos_id=2)) == 5
 
 
 def test_node_cache_never_serves_a_copy_of_an_older_version(tmp_path):
@@ -322,9 +324,30 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tokenizer
     with interrupted_at_chunk(3):
         prepare(*base, "--chunk_size", "1000", "--overwrite")
     # The interrupted replacement left the old dataset exactly as it was, and readable.
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and prepare_data.STAGING not in
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and STAGING not in
             p.parts} == old
     assert PackedDataset([out / "train"], block_size=64).samples_per_epoch > 0
     assert prepare(*base, "--chunk_size", "1000", "--overwrite") == 0
     assert json.loads((out / "train" / "manifest.json").read_text())["chunk_size"] == 1000
-    assert not (out / prepare_data.STAGING).exists()
+    assert not (out / STAGING).exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--output_dir", "x", "--workers", "many"]])
+def test_help_and_bad_flags_load_neither_torch_nor_datatrove(argv):
+    import subprocess
+
+    probe = ("import sys, runpy\n"
+             "class Refuse:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('torch', 'datatrove', 'lit_gpt'):\n"
+             "            raise ImportError(f'{name} imported while parsing flags')\n"
+             "sys.meta_path.insert(0, Refuse())\n"
+             "sys.argv = sys.argv[1:]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(ROOT / "scripts" / "prepare_data.py"), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert "imported while parsing" not in result.stderr
+    if argv == ["--help"]:
+        assert result.returncode == 0 and "--slurm_args" in result.stdout
+    else:
+        assert result.returncode == 2 and "--workers: invalid int value" in result.stderr

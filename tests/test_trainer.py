@@ -1,7 +1,6 @@
 """The trainer end to end on CPU: strategies against one process, exact/elastic resume, crash safety, pre-emption,
 the LR schedule, non-finite steps and input errors. Every run is a real subprocess of pretrain/tinyllama_fabric.py."""
 import json
-import math
 import os
 import re
 import signal
@@ -152,36 +151,18 @@ def test_sigusr1_checkpoints_at_next_step_and_exits(prepared_data, tmp_path):
     assert torch.load(ckpts[0], weights_only=True)["step_count"] == step
 
 
-def test_lr_schedule_closed_form():
-    sys.path.insert(0, str(ROOT))
-    from pretrain.tinyllama_fabric import get_lr
-
-    hp = dict(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, lr_schedule="cosine", decay_fraction=0.2)
-    for step in range(110):
-        if step < 10:
-            expected = 1e-3 * (step + 1) / 10
-        else:
-            expected = 1e-4 + 0.5 * (1 + math.cos(math.pi * (step - 10) / 100)) * (1e-3 - 1e-4)
-        assert get_lr(step, hp) == pytest.approx(expected, rel=1e-12)
-    wsd = {**hp, "lr_schedule": "wsd"}  # decay over the last 22 steps, linear to min_lr
-    assert get_lr(50, wsd) == pytest.approx(1e-3)
-    assert get_lr(87, wsd) == pytest.approx(1e-3)
-    assert get_lr(88, wsd) == pytest.approx(1e-3 + (1e-4 - 1e-3) * 1 / 22)
-    assert get_lr(109, wsd) == pytest.approx(1e-4)
-
-
 @pytest.mark.slow
 def test_lr_is_set_per_optimizer_step_not_micro_step(prepared_data, tmp_path):
     # 2 ranks x 2 micro-batches per step: a per-micro-step schedule would advance 2x (LLäMmlein's defect).
-    from pretrain.tinyllama_fabric import get_lr
+    from lit_gpt.schedule import LRSchedule
 
     train(prepared_data, tmp_path, devices=2, strategy="ddp", global_batch_size=8, micro_batch_size=2,
           warmup_steps=3, max_steps=6)
-    hp = dict(learning_rate=3e-3, min_lr=3e-4, warmup_steps=3, max_steps=6, lr_schedule="cosine", decay_fraction=0.2)
+    lr_at = LRSchedule(learning_rate=3e-3, min_lr=3e-4, warmup_steps=3, max_steps=6)
     records = [r for r in metrics(tmp_path) if "lr" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     for r in records:
-        assert r["lr"] == pytest.approx(get_lr(r["step"] - 1, hp), rel=1e-12)
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1), rel=1e-12)
         assert r["iter"] == 2 * r["step"]  # micro-steps per rank
 
 

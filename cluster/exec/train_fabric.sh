@@ -110,6 +110,10 @@ export PYTHONUNBUFFERED=1
 # Node-local compile caches (shared file systems make triton/inductor slow and racy across ranks).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-${SLURM_JOB_ID}}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/inductor-${SLURM_JOB_ID}}"
+# FlashAttention-4 JIT-compiles its CuTe DSL kernels in every process at every start; its disk cache (keyed by its own
+# sources, no absolute paths) beside the run makes a restart, a requeue and every further rank load them instead.
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}"
+export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR="${FLASH_ATTENTION_CUTE_DSL_CACHE_DIR:-$OUT_DIR/.fa4-kernel-cache}"
 
 # ---- launch -------------------------------------------------------------------------------------------------------
 TRAINER=(pretrain/tinyllama_fabric.py

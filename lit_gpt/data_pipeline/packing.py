@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_gpt.atomic_write import write_atomically
-from lit_gpt.data_pipeline.plan import SPLITS
+from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.data_pipeline.plan import SPLITS, Plan
 from lit_gpt.litpkds import chunk_name, encode_header
 
 DATASET = "dataset"  # OUTPUT/.staging/dataset/{train,val}: the new dataset until the switch
@@ -63,11 +63,11 @@ class PartWriter:
 class Layout:
     """Where each split's tokens and documents are: shard offsets from the parts' metadata."""
 
-    def __init__(self, work: Path, plan: dict) -> None:
+    def __init__(self, work: Path, plan: Plan) -> None:
         self.work, self.plan = Path(work), plan
-        self.dtype = np.dtype(plan["dtype"])
-        self.chunk_size, self.pad_id = plan["chunk_size"], plan["pad_id"]
-        metas = [json.loads((self.work / "parts" / f"{s.index:06d}.json").read_text()) for s in plan["shards"]]
+        self.dtype = np.dtype(plan.dtype)
+        self.chunk_size, self.pad_id = plan.chunk_size, plan.pad_id
+        metas = [json.loads((self.work / "parts" / f"{s.index:06d}.json").read_text()) for s in plan.shards]
         self.token_offsets = {split: np.cumsum([0] + [m[split]["tokens"] for m in metas]) for split in SPLITS}
         self.doc_offsets = {split: np.cumsum([0] + [m[split]["documents"] for m in metas]) for split in SPLITS}
         self._docs = lru_cache(maxsize=4)(self._load_docs)

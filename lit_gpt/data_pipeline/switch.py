@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lit_gpt.atomic_write import write_atomically
+from lit_gpt.checkpoint.publish import fsync_dir, point_symlink, write_atomically
 
 VERSIONS, CURRENT, JOURNAL = "versions", "current", ".switch.json"
 LINKS = ("train", "val")
@@ -35,24 +35,9 @@ def boundary(what: str) -> None:
         os._exit(86)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _point(link: Path, target: str) -> None:
-    """Make `link` a symlink to `target` with one rename (readers see the old or the new target)."""
-    if link.is_symlink() and os.readlink(link) == target:
-        return
-    tmp = link.with_name(f".{link.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_dir(link.parent)
-    boundary(f"{link.name} -> {target}")
+    if point_symlink(link, target):
+        boundary(f"{link.name} -> {target}")
 
 
 def current_version(out: Path) -> str | None:

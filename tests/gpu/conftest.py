@@ -14,3 +14,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "tests/gpu/" in str(item.fspath).replace(os.sep, "/"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> dict:
+    """The trainer's data without datatrove or a tokenizer (the GPU machine has neither): bench/gpu_data.py's
+    synthetic documents (vocab 512, the `micro` model's), packed by the project's chunk writer."""
+    from bench.gpu_data import write_dataset
+
+    paths = write_dataset(tmp_path_factory.mktemp("gpu_data"))
+    return {"train": paths["train"], "val": paths["val"], "tokenizer": ""}

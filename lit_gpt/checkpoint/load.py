@@ -1,53 +1,53 @@
-"""Read training checkpoints outside the trainer (export, generation, evaluation) and write converted ones safely.
+"""Loading checkpoints: a training run's state back into its model and optimizer, or weights alone.
 
-`load_checkpoint(path)` accepts both layouts the trainer writes (see `lit_gpt.checkpoints`): a full `.pth` file,
-memory-mapped so that nothing is read until used, or a sharded torch-distributed-checkpoint directory, read one
-tensor at a time through torch's own DCP loader without a process group. Either way the model tensors come back
+`load_training_state(path, model, optimizer)` restores a training run (any world size and strategy; ours, or one of
+the original TinyLlama/LLäMmlein trainer, see `lit_gpt.checkpoint.original`) and returns its metadata.
+
+`load_weights(path)` reads weights outside the trainer (export, generation, evaluation, --init_from). It accepts
+both layouts the trainer writes (see `lit_gpt.checkpoint.save`), a bare state dict and the original trainer's
+checkpoints: a full `.pth` file, memory-mapped so that nothing is read until used, or a sharded
+torch-distributed-checkpoint directory, read one tensor at a time through torch's own DCP loader without a process group. Either way the model tensors come back
 behind a lazy mapping with clean lit-gpt keys (wrapper prefixes such as `_forward_module.` stripped), so a
 converter holds about one tensor at a time, not the whole model and never the optimizer state.
 """
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import mmap
-import os
-import re
 import shutil
-import socket
-import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from lit_gpt.checkpoint.find import is_complete, verify_checkpoint
+from lit_gpt.checkpoint.layout import DCP_METADATA_FILE, META_FILE, CheckpointError, DamagedError, clean_key, unwrap
+from lit_gpt.checkpoint.original import (
+    as_our_checkpoint,
+    is_original_state,
+    load_optimizer_state,
+    load_original_checkpoint,
+)
+from lit_gpt.checkpoint.verify import check_checkpoint
 from lit_gpt.config import Config
-from lit_gpt.integrity import DamagedError, verify_checkpoint
+from lit_gpt.run_dir import RunDir
 from lit_gpt.tokenizer import HF_TOKENIZER_FILES
 
-META_FILE = "meta.pt"
 TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)
-# Module wrappers that insert a name component: Fabric, torch.compile, activation checkpointing, FSDP1.
-WRAPPER_PARTS = {"_forward_module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 # Config fields that describe the trained weights (the rest are runtime choices or derived).
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_query_groups", "head_size", "intermediate_size",
                "padded_vocab_size", "norm_eps", "rope_base")
-
-
-class CheckpointError(ValueError):
-    """Bad input to a conversion/generation script; the message names the file or flag."""
-
-
-def clean_key(key: str) -> str:
-    parts = [p for p in key.split(".") if p not in WRAPPER_PARTS]
-    if parts and parts[0] == "module":  # a DDP module's own state_dict
-        parts = parts[1:]
-    return ".".join(parts)
 
 
 # ------------------------------------------------------------------ lazy model state
@@ -147,8 +147,6 @@ class DCPStateDict(LazyStateDict):
                 raise CheckpointError(f"{self.path}: shard file {info.relative_path} is missing or truncated")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        import torch.distributed.checkpoint as dcp
-
         stored_key, item = self._items[key]
         target = {"model": {stored_key: torch.empty(item.size, dtype=item.properties.dtype)}}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -158,12 +156,10 @@ class DCPStateDict(LazyStateDict):
 
 
 # ------------------------------------------------------------------ loading
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_weights(path: Path) -> dict[str, Any]:
     """A training checkpoint as {"model": LazyStateDict, "config": dict | None, "iter_num", "step_count",
     "tokens_seen", "hparams", "data", "verified", ...}; the optimizer state is never used. A damaged checkpoint (see
-    `lit_gpt.integrity`) is a CheckpointError; "verified" is False for one that has no checksums to check."""
-    from lit_gpt.original_checkpoint import as_our_checkpoint
-
+    `lit_gpt.checkpoint.verify`) is a CheckpointError; "verified" is False for one that has no checksums to check."""
     path = Path(path)
     if path.is_file():
         try:
@@ -179,7 +175,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = as_our_checkpoint(state, path)  # the original TinyLlama/LLäMmlein trainer's checkpoints
         model = MmapStateDict({clean_key(k): v for k, v in state.pop("model").items() if isinstance(v, torch.Tensor)})
     elif path.is_dir():
-        if not (path / ".metadata").is_file():
+        if not (path / DCP_METADATA_FILE).is_file():
             raise CheckpointError(f"{path}: not a sharded checkpoint directory (no .metadata file)")
         model = DCPStateDict(path)
         state = {}
@@ -206,7 +202,7 @@ def _verify(path: Path) -> bool:
     """After the structural checks (whose messages are more specific): the bytes against their checksums. False for
     a checkpoint without any (a sharded one written before they were recorded)."""
     try:
-        return verify_checkpoint(path)
+        return check_checkpoint(path)
     except DamagedError as e:
         raise CheckpointError(str(e)) from None
 
@@ -218,7 +214,7 @@ def resolve_config(ckpt: dict, path: Path, model_name: str | None = None) -> Con
     """
     path = Path(path)
     stored, where = ckpt.get("config"), f"{path}: field 'config'"
-    beside = path.parent / "model_config.json"
+    beside = RunDir.of_checkpoint(path).model_config
     if stored is None and beside.is_file():
         try:
             stored, where = json.loads(beside.read_text()), str(beside)
@@ -287,7 +283,7 @@ def find_tokenizer(checkpoint: Path, explicit: Path | None = None) -> Path:
     """`--tokenizer DIR`, else the `tokenizer/` directory the trainer writes beside its checkpoints."""
     if explicit:
         return check_tokenizer_dir(explicit, "--tokenizer")
-    return check_tokenizer_dir(Path(checkpoint).parent / "tokenizer", "no --tokenizer DIR given; default")
+    return check_tokenizer_dir(RunDir.of_checkpoint(checkpoint).tokenizer, "no --tokenizer DIR given; default")
 
 
 def load_gpt(source: Path, model_name: str | None = None, tokenizer: Path | None = None,
@@ -312,7 +308,7 @@ def load_gpt(source: Path, model_name: str | None = None, tokenizer: Path | None
             raise CheckpointError(str(e)) from None
         state, meta = {k: t.to(dtype) for k, t in tensors}, {}
     else:
-        ckpt = load_checkpoint(source)
+        ckpt = load_weights(source)
         config = resolve_config(ckpt, source, model_name)
         if with_tokenizer:
             tok_dir = find_tokenizer(source, tokenizer)
@@ -342,105 +338,50 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def current_umask() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
+# ------------------------------------------------------------------ into a training run
+def load_training_state(path: Path, model, optimizer=None) -> dict[str, Any]:
+    """Verify, then load model (and optimizer) state in place on every rank; returns the training metadata.
 
-
-def publish(directory: Path) -> None:
-    """Give `directory` and everything in it the permissions the umask grants new files (and fsync the files).
-
-    Some writers ignore the umask: mkdtemp makes the directory private and safetensors writes its files 0600,
-    while a model directory is meant to be shared like any other output."""
-    umask = current_umask()
-    for path in [directory, *directory.rglob("*")]:
-        if path.is_symlink():
-            continue
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-# Temp dirs of atomic_output_dir, named after their owner: .NAME.tmp-HOST-PID-RANDOM (.old- while swapping)
-_OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
-
-
-@contextmanager
-def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
-                      inputs: dict[str, Path | None] | None = None) -> Iterator[Path]:
-    """Yield a fresh temp dir beside `out_dir`; it becomes `out_dir` only if the block finishes without error.
-
-    `inputs` ({flag: path}) are what the block reads: replacing an `out_dir` that holds one of them (e.g. the run
-    directory of the checkpoint being exported) would delete it, so that is refused, --overwrite or not.
-    The temp dir's name records this host and process: those a killed run left beside `out_dir` are cleaned up here
-    once their process is gone (see `remove_stale_temp_dirs`). A full disk is one CheckpointError; nothing is replaced.
+    Works across world sizes and strategies: the sharded layout is resharded by torch distributed checkpoint, the
+    full layout is read by every rank (memory-mapped) and scattered to the current sharding.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{flag} {out_dir}: exists and is not a directory")
-    for input_flag, path in (inputs or {}).items():
-        if path is not None and out_dir.exists() and (
-                Path(path).resolve() == out_dir.resolve() or out_dir.resolve() in Path(path).resolve().parents):
-            raise CheckpointError(f"{flag} {out_dir}: holds the input {input_flag} {path}, which replacing it would "
-                                  f"delete; choose another {flag}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out_dir.parent)  # may put back an out_dir that a killed run had moved aside
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{flag} {out_dir}: exists and is not empty (pass --overwrite to replace it)")
-    owner = f"{socket.gethostname()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner}", dir=out_dir.parent))
-    try:
-        yield tmp
-        publish(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{owner}", dir=out_dir.parent))
-            out_dir.rename(old / "replaced")
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                (old / "replaced").rename(out_dir)  # the old directory goes back where it was
-                old.rmdir()
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(f"{flag} {out_dir}: no space left on device (writing {e.filename or tmp}); "
-                                  f"nothing was replaced") from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    if path.is_dir() and not is_complete(path):
+        raise ValueError(f"--resume {path}: incomplete sharded checkpoint (missing {META_FILE} or {DCP_METADATA_FILE})")
+    verify_checkpoint(path)
+    model, optimizer = unwrap(model, optimizer)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict) and is_original_state(state["model"]):
+            return _load_original(path, model, optimizer)
+        model_sd, optim_sd = state.pop("model"), state.pop("optimizer", None)
+        _apply_state(model, optimizer, model_sd, optim_sd, StateDictOptions(full_state_dict=True))
+        return state
+    # DCP loads in place into state dicts shaped like the current (possibly differently sharded) model.
+    target = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        target["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(target, checkpoint_id=path)
+    _apply_state(model, optimizer, target["model"], target.get("optimizer"), StateDictOptions())
+    return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
 
 
-def remove_stale_temp_dirs(parent: Path) -> None:
-    """Remove the temp dirs of `atomic_output_dir` in `parent` whose process is gone from this host (killed runs
-    leave full-size copies behind). A directory moved aside for replacing goes back if nothing took its place."""
-    host = socket.gethostname()
-    for entry in Path(parent).iterdir():
-        match = _OWNED_TEMP.match(entry.name)
-        if not match or match["host"] != host or _process_alive(int(match["pid"])) or not entry.is_dir():
-            continue
-        target, aside = entry.with_name(match["name"]), entry / "replaced"
-        try:
-            if match["kind"] == "old" and aside.is_dir() and not target.exists():
-                aside.rename(target)
-                print(f"note: put back {target}, which a killed process ({match['pid']}) had moved aside",
-                      file=sys.stderr)
-            shutil.rmtree(entry)
-            print(f"note: removed {entry}, left by a killed process ({match['pid']})", file=sys.stderr)
-        except OSError as e:  # e.g. another user's: not ours to clean
-            print(f"note: cannot remove {entry}, left by a killed process ({e.strerror or e})", file=sys.stderr)
+def _load_original(path: Path, model, optimizer) -> dict[str, Any]:
+    """A checkpoint of the original TinyLlama/LLäMmlein trainer: weights and AdamW moments under our names; returns
+    its counters with "original": True (it has no data position or RNG state)."""
+    original = load_original_checkpoint(path, with_optimizer=optimizer is not None)
+    set_model_state_dict(model, original.model, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and original.optimizer is not None:  # None: it never stepped, a fresh state is the same
+        load_optimizer_state(model, optimizer, original.optimizer)
+    return {"original": True, "step_count": original.step_count, "iter_num": original.iter_num,
+            "hparams": original.hparams}
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+def _apply_state(model, optimizer, model_sd, optim_sd, options: StateDictOptions) -> None:
+    set_model_state_dict(model, model_sd, options=options)
+    if optimizer is not None:
+        if optim_sd is None:
+            raise ValueError("the checkpoint holds no optimizer state")
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)

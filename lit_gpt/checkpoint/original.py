@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lit_gpt.checkpoint_io import CheckpointError, clean_key
+from lit_gpt.checkpoint.layout import CheckpointError, clean_key
 from lit_gpt.config import Config, name_to_config
 
 _ORIGINAL_MLP = re.compile(r"^(transformer\.h\.\d+\.mlp\.)(?:swiglu\.)?(w[123])\.weight$")

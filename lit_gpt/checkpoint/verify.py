@@ -11,6 +11,10 @@ chunk train on whatever ids they make.
   checksums.sha256` checks it by hand), written into the directory before the directory is renamed into place.
 - A data chunk has the sha256 that `scripts/prepare_data.py` records for it in `manifest.json`.
 
+`check_checkpoint` checks here, in this process; `lit_gpt.checkpoint.find.verify_checkpoint` is the collective form
+the trainer uses (rank 0 checks, every rank gets the verdict). Nothing here imports torch: `sha256_file` is the one
+sha256 helper of the project (tokenizer provenance, data chunks, checkpoints).
+
 Files are read through memory maps, in several threads (zlib and hashlib release the GIL on large buffers).
 """
 from __future__ import annotations
@@ -27,9 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
+from lit_gpt.checkpoint.layout import CHECKSUM_FILE, DamagedError
 
-CHECKSUM_FILE = "checksums.sha256"
 THREADS = max(1, min(8, os.cpu_count() or 1))
 _BLOCK = 64 << 20
 # A zip local file header (APPNOTE 4.3.7) is 30 bytes: the signature, 22 bytes we skip, then the lengths of the name
@@ -38,10 +41,6 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _verified: dict[tuple, bool] = {}
 _verified_lock = threading.Lock()
-
-
-class DamagedError(ValueError):
-    """A checkpoint or chunk whose bytes are not those that were written; the message names the file."""
 
 
 # ------------------------------------------------------------------ reading and hashing
@@ -103,7 +102,7 @@ def write_checksums(directory: Path, digests: dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------ checkpoints
-def verify_checkpoint(path: Path) -> bool:
+def check_checkpoint(path: Path) -> bool:
     """Check a full checkpoint file or a sharded checkpoint directory against what was written.
 
     True: verified. False: there is nothing to check against (a sharded directory without checksums.sha256, or an
@@ -226,19 +225,3 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-# ------------------------------------------------------------------ ranks
-def gather(value) -> list:
-    """`value` from every rank, in rank order (just [value] without an initialised process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
