@@ -1,6 +1,7 @@
 """The datatrove data pipeline: shards, paragraph dedup, the token-ratio filter, task-count independence, restarts,
 the atomic switch under a kill at every boundary, invalid UTF-8 and the tokenizer record."""
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -370,3 +371,16 @@ def test_slurm_args_become_datatrove_sbatch_args():
         "partition": "cpu", "time": "4:00:00", "exclusive": "", "mem-per-cpu": "4G"}
     with pytest.raises(corpus.InputError, match="long form"):
         sbatch_options("-p cpu")
+
+
+def test_summary_names_only_the_token_ratio_bounds_that_were_set():
+    from types import SimpleNamespace
+
+    from lit_gpt.data_pipeline.finalize import summary_table
+
+    total = {"documents_in": 10, "skipped": 0, "empty": 1, "dropped_ratio_low": 0, "dropped_ratio_high": 3,
+             "layout": {"train": (900, 8), "val": (100, 1)}, "chunks": {"train": 1, "val": 1}, "histogram": [0] * 12}
+    plan = SimpleNamespace(dedup=False, min_token_ratio=None, max_token_ratio=2.5)
+    table = summary_table(plan, total)
+    assert re.search(r"documents above 2.5 tokens/word +3\n", table)
+    assert "below" not in table and "None" not in table

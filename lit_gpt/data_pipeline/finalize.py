@@ -99,9 +99,10 @@ def summary_table(plan: Plan, total: dict) -> str:
         rows += [("repeated paragraphs removed", f"{total['repeated_paragraphs']:,}"),
                  (f"documents too short after dedup (< {plan.dedup_min_chars} chars)",
                   f"{total['dropped_short']:,}")]
-    if plan.min_token_ratio is not None or plan.max_token_ratio is not None:
-        rows += [(f"documents below {plan.min_token_ratio} tokens/word", f"{total['dropped_ratio_low']:,}"),
-                 (f"documents above {plan.max_token_ratio} tokens/word", f"{total['dropped_ratio_high']:,}")]
+    if plan.min_token_ratio is not None:  # only the bounds that were set: "below None tokens/word" says nothing
+        rows.append((f"documents below {plan.min_token_ratio} tokens/word", f"{total['dropped_ratio_low']:,}"))
+    if plan.max_token_ratio is not None:
+        rows.append((f"documents above {plan.max_token_ratio} tokens/word", f"{total['dropped_ratio_high']:,}"))
     for split in SPLITS:
         tokens, documents = total["layout"][split]
         rows.append((f"{split}: documents / tokens / chunks",
@@ -110,7 +111,6 @@ def summary_table(plan: Plan, total: dict) -> str:
     lines = [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(["summary:", *lines, "tokens per word (all documents after dedup):",
                       cleaning.histogram_table(total["histogram"])])
-
 
 
 def read_manifest(path: Path) -> dict | None:
