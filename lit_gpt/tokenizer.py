@@ -32,10 +32,14 @@ from lit_gpt.checkpoint.verify import sha256_file as file_sha256
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # What AutoTokenizer makes of a directory's files, recorded in provenance.json by scripts/train_tokenizer.py.
 PROVEN_ATTRIBUTES = ("vocab_size", "bos_id", "eos_id", "unk_id", "pad_id", "default_bos")
+PROVENANCE_FILE = "provenance.json"
+# provenance.json's "proven_against": what SentencePiece's ids were compared with before the files were written.
+# Records without it (earlier versions compared with the bare `tokenizers` object) prove nothing about AutoTokenizer.
+PROVEN_AGAINST = "transformers.AutoTokenizer"
 
 
 class Tokenizer:
-    backend: str  # "transformers", "sentencepiece" or "tokenizers"
+    backend: str  # whose ids: "transformers" (AutoTokenizer's), "sentencepiece" or "tokenizers"
     files: list[Path]  # the files that decide the ids (see `describe`)
 
     def __init__(self, path) -> None:
@@ -67,7 +71,7 @@ class Tokenizer:
     def _init_transformers(self, directory: Path) -> None:
         self.backend = "transformers"
         self.files = _hf_files(directory)
-        auto = self._auto = _load_auto_tokenizer(directory)
+        auto = self._auto = load_auto_tokenizer(directory)
         ids = (auto.bos_token_id, auto.eos_token_id, auto.unk_token_id, auto.pad_token_id)
         self._init_hf(auto.backend_tokenizer, *ids)
         self._sp = None
@@ -75,18 +79,13 @@ class Tokenizer:
     def _init_proven(self, directory: Path) -> bool:
         """A train_tokenizer directory whose files are unchanged: AutoTokenizer's attributes as recorded at training
         time and SentencePiece to encode, without importing transformers (seconds per data-preparation run)."""
-        files = _hf_files(directory)
-        proven = _proven_sentencepiece(directory, files)
+        proven = _proven_sentencepiece(directory)
         if proven is None:
             return False
-        sp, recorded = proven
-        if recorded is None:  # written before the attributes were recorded: AutoTokenizer gives them
-            self._init_transformers(directory)
-        else:
-            self.backend, self.files, self._auto, self._hf_directory = "transformers", files, None, directory
-            for name in PROVEN_ATTRIBUTES:
-                setattr(self, name, recorded[name])
-        self._sp = sp
+        self._sp, recorded = proven
+        self.backend, self.files, self._auto, self._hf_directory = "transformers", _hf_files(directory), None, directory
+        for name in PROVEN_ATTRIBUTES:
+            setattr(self, name, recorded[name])
         return True
 
     def _init_tokenizers(self, json_file: Path) -> None:
@@ -141,6 +140,12 @@ class Tokenizer:
         self.default_bos = bool(add_bos) and self.bos_id is not None
 
     # ------------------------------------------------------------------ API
+    @property
+    def encoder(self) -> str:
+        """The library that turns text into ids: "sentencepiece" (also for a proven tokenizer.json directory, whose
+        ids are AutoTokenizer's), "transformers" (AutoTokenizer's backend) or "tokenizers"."""
+        return "sentencepiece" if self._sp is not None else self.backend
+
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         return self.encode_batch([text], bos=bos, eos=eos)[0]
 
@@ -173,7 +178,7 @@ class Tokenizer:
         if self.backend == "sentencepiece":
             return self._sp.decode(ids)
         if self._hf_directory is not None:  # a proven directory: AutoTokenizer decodes, loaded when first needed
-            self._auto, self._hf_directory = _load_auto_tokenizer(self._hf_directory), None
+            self._auto, self._hf_directory = load_auto_tokenizer(self._hf_directory), None
         if self._auto is not None:  # AutoTokenizer's own decode: it may clean up spaces after the backend
             return self._auto.decode(ids, skip_special_tokens=True)
         return self._hf.decode(ids, skip_special_tokens=True)
@@ -188,7 +193,7 @@ class Tokenizer:
                 "add_bos": self.default_bos}
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({str(self.path)!r}, backend={self.backend}, vocab_size={self.vocab_size}, "
+        return (f"Tokenizer({str(self.path)!r}, backend={self.backend}, encoder={self.encoder}, vocab_size={self.vocab_size}, "
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, default_bos={self.default_bos})")
 
 
@@ -205,7 +210,7 @@ def tokenizer_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
 
 
-def _load_auto_tokenizer(directory: Path):
+def load_auto_tokenizer(directory: Path):
     """transformers.AutoTokenizer for the directory (a fast one), with one error naming what it cannot use."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -231,31 +236,35 @@ def _hf_files(directory: Path) -> list[Path]:
     return [directory / name for name in HF_TOKENIZER_FILES if (directory / name).is_file()]
 
 
-def _proven_sentencepiece(directory: Path, hf_files: list[Path]):
-    """(SentencePiece encoder, recorded attributes or None) for a tokenizer.json directory whose ids it is known to
-    give, else None.
+def _proven_sentencepiece(directory: Path):
+    """(SentencePiece encoder, AutoTokenizer's recorded attributes) for a tokenizer.json directory whose ids it is
+    known to give, else None.
 
-    scripts/train_tokenizer.py converts its SentencePiece model to the Hugging Face files, compares both encoders
-    before writing, and records every file's sha256 in provenance.json. While those files are unchanged (and nothing
-    else AutoTokenizer reads was added), SentencePiece gives AutoTokenizer's ids at about twice the speed of the
-    `tokenizers` BPE, which is what data preparation spends its time on. Decoding stays AutoTokenizer's."""
-    model = directory / "tokenizer.model"
+    scripts/train_tokenizer.py converts its SentencePiece model to the Hugging Face files, proves before writing
+    them that AutoTokenizer loaded from exactly those files encodes and decodes like SentencePiece, and records
+    every file's sha256 in provenance.json. SentencePiece gives AutoTokenizer's ids at about twice the speed of the
+    `tokenizers` BPE (what data preparation spends its time on) only while the directory holds exactly the recorded
+    files, byte for byte: AutoTokenizer reads more files than we could name (added_tokens.json, chat templates,
+    config.json, ...), so any added or deleted file (tokenizer_config.json, say) falls back to AutoTokenizer.
+    Decoding stays AutoTokenizer's."""
     try:
-        provenance = json.loads((directory / "provenance.json").read_text(encoding="utf-8"))
-        recorded, attributes = provenance["files_sha256"], provenance.get("attributes")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        provenance = json.loads((directory / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        recorded, attributes = provenance["files_sha256"], provenance["attributes"]
+        proven_against = provenance["proven_against"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if (directory / "config.json").exists() or not model.is_file() or not isinstance(recorded, dict):
+    if proven_against != PROVEN_AGAINST or not isinstance(recorded, dict) or not isinstance(attributes, dict):
         return None
-    if not isinstance(attributes, dict) or set(attributes) != set(PROVEN_ATTRIBUTES):
-        attributes = None
-    needed = [*hf_files, model]
-    if any(recorded.get(p.name) != file_sha256(p) for p in needed):
+    if set(attributes) != set(PROVEN_ATTRIBUTES) or "tokenizer.model" not in recorded:
+        return None
+    entries = {entry.name: entry for entry in directory.iterdir() if entry.name != PROVENANCE_FILE}
+    if set(entries) != set(recorded) or not all(entry.is_file() and file_sha256(entry) == recorded[name]
+                                                for name, entry in entries.items()):
         return None
     import sentencepiece as spm
 
     try:
-        return spm.SentencePieceProcessor(model_file=str(model)), attributes
+        return spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")), attributes
     except (OSError, RuntimeError):
         return None
 

@@ -11,7 +11,8 @@ become SentencePiece control symbols: reserved ids that no text ever encodes to.
 Outputs in --output_dir: `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (loadable with
 `AutoTokenizer.from_pretrained(dir)`, no remote code) and `tokenizer.model`, written last so that its presence
 means the directory is complete, then `provenance.json` (sha256 of each file, the encoding backend).
-Before writing, both encoders are compared on training documents and edge cases.
+Before writing, AutoTokenizer loaded from exactly these files is compared with SentencePiece on training documents
+and edge cases; while the directory holds exactly the recorded files, `Tokenizer` encodes it with SentencePiece.
 The Hugging Face files reproduce SentencePiece exactly: the leading space is a `Prepend("▁")` normalizer (a
 Metaspace pre-tokenizer would drop it before text that starts with a space), and special-token strings in text
 stay text (`split_special_tokens`), as in SentencePiece. BOS policy: BOS added, EOS not (as LLäMmlein).
@@ -155,23 +156,34 @@ def hf_tokenizer_files(model: bytes, special_tokens: list[str], add_bos: bool = 
             "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"}
 
 
-def check_equivalence(model: bytes, tokenizer_json: str, texts: list[str]) -> None:
-    """Raise when the Hugging Face tokenizer encodes or decodes any text differently from SentencePiece."""
+def check_equivalence(model: bytes, hf_files: dict[str, str], texts: list[str]) -> None:
+    """Raise when AutoTokenizer, loaded from exactly these files, encodes or decodes any text differently from
+    SentencePiece (with and without its own BOS/EOS policy). This is what lets `Tokenizer` encode the published
+    directory with SentencePiece (see provenance.json)."""
+    import tempfile
+
     import sentencepiece as spm
-    from tokenizers import Tokenizer
+
+    from lit_gpt.tokenizer import load_auto_tokenizer
 
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(model)
-    hf = Tokenizer.from_str(tokenizer_json)
-    hf.encode_special_tokens = True
-    for text in texts:
-        ids = sp.encode(text)
-        hf_ids = hf.encode(text, add_special_tokens=False).ids
+    with tempfile.TemporaryDirectory(prefix="tokenizer-check-") as scratch:
+        for name, content in {**hf_files, "tokenizer.model": model}.items():
+            (Path(scratch) / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        auto = load_auto_tokenizer(Path(scratch))
+    config = json.loads(hf_files["tokenizer_config.json"])
+    prefix = [sp.bos_id()] if config["add_bos_token"] else []
+    suffix = [sp.eos_id()] if config["add_eos_token"] else []
+    plain = auto(texts, add_special_tokens=False)["input_ids"]
+    with_policy = auto(texts)["input_ids"]
+    for text, ids, auto_ids, auto_policy_ids in zip(texts, sp.encode(texts), plain, with_policy, strict=True):
         # <unk> (only without byte fallback) decodes to " ⁇ " in SentencePiece and to nothing in Hugging Face, by
         # each library's convention; the ids agree, and the text behind <unk> is lost either way.
-        if ids != hf_ids or (sp.unk_id() not in ids and hf.decode(ids) != sp.decode(ids)):
-            raise RuntimeError(f"Hugging Face conversion differs from SentencePiece on {text[:80]!r}: "
-                               f"{ids[:12]} vs {hf_ids[:12]}")
+        if (ids != auto_ids or auto_policy_ids != prefix + ids + suffix
+                or (sp.unk_id() not in ids and auto.decode(ids, skip_special_tokens=True) != sp.decode(ids))):
+            raise RuntimeError(f"AutoTokenizer on the converted files differs from SentencePiece on {text[:80]!r}: "
+                               f"{ids[:12]} vs {auto_ids[:12]}")
 
 
 def main(argv=None) -> int:
@@ -185,7 +197,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     hf_files = hf_tokenizer_files(model, args.special_tokens)
-    check_equivalence(model, hf_files["tokenizer.json"], EDGE_CASES + args.special_tokens + samples)
+    check_equivalence(model, hf_files, EDGE_CASES + args.special_tokens + samples)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     # With --overwrite the old model goes first: its presence means "complete", and an interrupted write must not
     # leave it beside the new Hugging Face files (prepare_data.py would read the old model).
@@ -202,14 +214,21 @@ def main(argv=None) -> int:
 def write_provenance(args: argparse.Namespace, files: list[Path]) -> None:
     """provenance.json: each tokenizer file's sha256 and the backend `Tokenizer(output_dir)` encodes with (the
     same record prepare_data.py puts in its manifests; the name keeps it out of the hashed tokenizer files)."""
-    from lit_gpt.tokenizer import PROVEN_ATTRIBUTES, Tokenizer, file_sha256, tokenizer_files
+    from lit_gpt.tokenizer import (
+        PROVEN_AGAINST,
+        PROVEN_ATTRIBUTES,
+        PROVENANCE_FILE,
+        Tokenizer,
+        file_sha256,
+        tokenizer_files,
+    )
 
     tokenizer = Tokenizer(args.output_dir)  # through AutoTokenizer: provenance.json is not there yet
-    provenance = {"backend": tokenizer.backend, "vocab_size": args.vocab_size,
+    provenance = {"backend": tokenizer.backend, "vocab_size": args.vocab_size, "proven_against": PROVEN_AGAINST,
                   "attributes": {name: getattr(tokenizer, name) for name in PROVEN_ATTRIBUTES},
                   "files_sha256": {p.name: file_sha256(p) for p in tokenizer_files(args.output_dir)},
                   "trained_on": [str(p) for p in files]}
-    write_atomically(args.output_dir / "provenance.json", json.dumps(provenance, indent=1).encode("utf-8"))
+    write_atomically(args.output_dir / PROVENANCE_FILE, json.dumps(provenance, indent=1).encode("utf-8"))
 
 
 if __name__ == "__main__":

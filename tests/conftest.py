@@ -8,8 +8,8 @@ import pytest
 
 # `lit_gpt`, `scripts` and `pretrain` come from the editable install (scripts/setup_env.sh: pip install -e .).
 ROOT = Path(__file__).resolve().parents[1]
-# The Hugging Face fixtures (tokenizer_dir, ...) for every test module that asks for them.
-pytest_plugins = ["hf_helpers"]
+# The Hugging Face fixtures (tokenizer_dir, ...) for every test module that asks for them; skips fail in CI.
+pytest_plugins = ["hf_helpers", "ci_skips"]
 
 _WORDS = (
     "der die das und ist nicht ein eine zu mit auf für von sich dem den des im auch es an als wie nach "
@@ -53,3 +53,14 @@ def prepared_data(tmp_path_factory) -> dict:
     run_script("scripts/prepare_data.py", "--input", str(corpus), "--output_dir", str(data), "--tokenizer", str(tokenizer),
                "--chunk_size", "4096", "--val_fraction", "0.1", "--workers", "1")
     return {"corpus": corpus, "tokenizer": tokenizer, "train": data / "train", "val": data / "val"}
+
+
+@pytest.fixture(scope="session")
+def single_process_ten_steps(prepared_data, tmp_path_factory) -> Path:
+    """The reference of the multi-rank and elastic tests: 10 steps on one process with micro batch 4 (= 2 ranks x
+    micro batch 2 = 4 ranks x micro batch 1), trained once per session."""
+    from test_trainer import train
+
+    out = tmp_path_factory.mktemp("single10")
+    train(prepared_data, out, micro_batch_size=4, max_steps=10)
+    return out

@@ -292,6 +292,7 @@ def test_resume_auto_skips_a_damaged_checkpoint_and_continues_exactly(prepared_d
     assert verify_checkpoint(damaged) is True  # the new step-4 checkpoint; the damaged one was set aside
 
 
+@pytest.mark.slow
 def test_trainer_reports_a_full_disk_and_keeps_the_previous_checkpoint(prepared_data, tmp_path):
     from test_trainer import trainer_args
 

@@ -338,6 +338,21 @@ def test_cleaning_helpers_against_hand_computed_values():
     assert bins.tolist() == [0, 30, 100, 100]  # 0.0, 1.5, >= 5, no words
 
 
+def test_manifest_names_the_encoder_that_encoded_the_data(prepared_data, tmp_path):
+    """A proven train_tokenizer directory is encoded by SentencePiece (ids: AutoTokenizer's); the same files without
+    provenance.json by transformers. The manifest says which did it."""
+    tokenizer = prepared_data["tokenizer"]
+    record = json.loads((prepared_data["train"] / "manifest.json").read_text())["tokenizer"]
+    assert (record["backend"], record["encoder"]) == ("transformers", "sentencepiece") == (
+        Tokenizer(tokenizer).backend, Tokenizer(tokenizer).encoder)
+    unproven = shutil.copytree(tokenizer, tmp_path / "tokenizer", ignore=shutil.ignore_patterns("provenance.json"))
+    corpus_file = write_corpus(tmp_path / "corpus", n_docs=20)
+    assert prepare("--input", corpus_file, "--output_dir", tmp_path / "data", "--tokenizer", unproven,
+                   "--chunk_size", "512", "--workers", "1") == 0
+    record = json.loads((tmp_path / "data" / "train" / "manifest.json").read_text())["tokenizer"]
+    assert (record["backend"], record["encoder"]) == ("transformers", "transformers")
+
+
 def test_the_pipeline_imports_neither_torch_nor_the_model_layer():
     import subprocess
 

@@ -106,6 +106,7 @@ def trainer_errors(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_trainer_verify_data_stops_before_training(prepared_data, data_copy, tmp_path):
     from test_trainer import train
 
@@ -119,6 +120,7 @@ def test_trainer_verify_data_stops_before_training(prepared_data, data_copy, tmp
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("iter-*"))
 
 
+@pytest.mark.slow
 def test_trainer_refuses_data_of_another_tokenizer(prepared_data, tmp_path):
     from test_trainer import train
 

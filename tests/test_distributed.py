@@ -97,13 +97,6 @@ def train_on_two_nodes(data: dict, out_dir, **overrides) -> list[str]:
     return logs
 
 
-@pytest.fixture(scope="module")
-def single_process_ten_steps(prepared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single10")
-    train(prepared_data, out, micro_batch_size=4, max_steps=10)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,mesh_line", [("fsdp", "FSDP HYBRID_SHARD: mesh replicate=2 x shard=2"),
                                                 ("fsdp2", "FSDP2: mesh {'replicate': 2, 'shard': 2}")],

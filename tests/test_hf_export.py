@@ -209,6 +209,7 @@ def test_failed_verification_leaves_nothing(tmp_path, tokenizer_dir, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.slow  # scripts/create.sh end to end: a shell and a Python process that imports torch and transformers
 def test_create_sh_verifies_by_default(tmp_path, tokenizer_dir):
     config = small_config(2)
     ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
@@ -219,6 +220,7 @@ def test_create_sh_verifies_by_default(tmp_path, tokenizer_dir):
     assert "verified: logits max abs diff" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["single", "fsdp"])
 def test_create_sh_exports_an_original_checkpoint(tmp_path, tokenizer_dir, layout):
     # The original trainer's checkpoint: xformers MLP names, its own metadata, no config and no tokenizer beside it.

@@ -50,6 +50,7 @@ def test_loggers_flag_is_checked(prepared_data, tmp_path):
     assert "error: --logger: 'mlflow' not among tensorboard, wandb, csv" in result.stderr
 
 
+@pytest.mark.slow
 def test_without_csv_and_tensorboard_only_metrics_jsonl_is_written(prepared_data, tmp_path):
     train(prepared_data, tmp_path, logger="tensorboard", max_steps=2)
     assert (tmp_path / "metrics.jsonl").is_file() and not (tmp_path / "metrics.csv").exists()

@@ -152,6 +152,7 @@ def check_against_cpu(specs: list[dict], tmp_path, tolerance: float = CPU_TOLERA
             f"{measured['peak'] / 2**20:.1f} MiB {measured['phases']}")
 
 
+@pytest.mark.slow
 def test_estimate_matches_the_peak_of_cpu_training(tmp_path):
     # Two model sizes (5M and 25M parameters), in fp32 on one process.
     check_against_cpu([dict(model_name="demo_5M", micro_batch_size=4, precision="32-true"),

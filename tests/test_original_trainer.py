@@ -79,6 +79,7 @@ def test_resume_takes_the_first_step_the_original_optimizer_state_implies(prepar
     assert moved > 1e-4  # a real update, which a fresh optimizer state would not reproduce (see the library test)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_our_metadata_is_one_clear_error(prepared_data, tmp_path):
     bare = tmp_path / "weights.pth"
     train(prepared_data, tmp_path / "run", max_steps=1, save_interval=1)

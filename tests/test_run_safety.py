@@ -31,6 +31,7 @@ def copy_run(run: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_run_untouched(prepared_data, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     before = snapshot(run)
@@ -43,6 +44,7 @@ def test_refused_resume_leaves_the_run_untouched(prepared_data, finished_run, tm
     assert snapshot(run) == before  # no checkpoint set aside, no record truncated, no run file rewritten
 
 
+@pytest.mark.slow
 def test_replaced_metrics_are_set_aside_whole(prepared_data, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     original = (run / "metrics.jsonl").read_bytes()
@@ -58,6 +60,7 @@ def test_replaced_metrics_are_set_aside_whole(prepared_data, finished_run, tmp_p
     assert sorted(p.name for p in (run / "datapoints" / "replaced-at-00000002").iterdir())
 
 
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_dropped_with_a_warning(prepared_data, tmp_path):
     reference = tmp_path / "reference"
     train(prepared_data, reference)
@@ -71,6 +74,7 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(prepared_data, tmp_pat
     assert (run / "metrics.jsonl.replaced").read_text().endswith('"lo')  # the torn record is kept aside
 
 
+@pytest.mark.slow
 def test_a_finished_run_started_again_adds_nothing(prepared_data, finished_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

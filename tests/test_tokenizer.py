@@ -368,21 +368,51 @@ def test_trained_directory_encodes_with_sentencepiece_while_its_files_are_unchan
     assert json.loads(out) == [[tok.encode(text, bos=True, eos=True) for text in documents], False]
 
     config = json.loads((proven / "tokenizer_config.json").read_text())
-    older = shutil.copytree(proven, tmp_path / "older")  # provenance.json of an earlier version: no attributes
-    record = json.loads((older / "provenance.json").read_text())
-    (older / "provenance.json").write_text(json.dumps({k: v for k, v in record.items() if k != "attributes"}))
-    assert Tokenizer(older)._sp is not None and Tokenizer(older).describe() == tok.describe()
-    for change in ("edit", "added_tokens", "no_provenance"):
+    record = json.loads((proven / "provenance.json").read_text())
+    assert tok.encoder == "sentencepiece" and record["proven_against"] == "transformers.AutoTokenizer"
+    # Every file AutoTokenizer may read counts, present or absent: deleting one, adding one or editing one falls back.
+    changes = {"edit": lambda d: (d / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                                                     "add_prefix_space": False})),
+               "added_tokens": lambda d: (d / "added_tokens.json").write_text(json.dumps({"<extra>": 1200})),
+               "no_config": lambda d: (d / "tokenizer_config.json").unlink(),
+               "no_special_tokens_map": lambda d: (d / "special_tokens_map.json").unlink(),
+               "chat_template": lambda d: (d / "chat_template.jinja").write_text("{{ messages }}"),
+               "no_provenance": lambda d: (d / "provenance.json").unlink(),
+               # an earlier version's record: equality was shown against the bare `tokenizers` object only
+               "not_proven_against_autotokenizer": lambda d: (d / "provenance.json").write_text(json.dumps(
+                   {k: v for k, v in record.items() if k != "proven_against"}))}
+    for change, make in changes.items():
         changed = shutil.copytree(proven, tmp_path / change)
-        if change == "edit":  # AutoTokenizer now gives other ids: so must we
-            (changed / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))
-        elif change == "added_tokens":
-            (changed / "added_tokens.json").write_text(json.dumps({"<extra>": 1200}))
-        else:
-            (changed / "provenance.json").unlink()
+        make(changed)
         fallback = Tokenizer(changed)
-        assert fallback._sp is None, change
-        if change == "no_provenance":  # what AutoTokenizer makes of the files is what provenance.json recorded
-            assert repr(fallback).replace("no_provenance", "proven") == repr(tok)
+        assert fallback._sp is None and fallback.encoder == "transformers", change
+        if change in ("no_provenance", "not_proven_against_autotokenizer"):  # what AutoTokenizer makes of the files
+            assert repr(fallback).replace(change, "proven").replace("encoder=transformers",  # is what was recorded
+                                                                    "encoder=sentencepiece") == repr(tok)
             assert fallback.describe() == tok.describe()
         assert_same_ids_as_autotokenizer(fallback, changed, documents[:2100])
+
+
+def test_equality_is_proven_against_autotokenizer_itself(trained, corpus):
+    """A tokenizer_config.json setting that only AutoTokenizer applies (the bare `tokenizers` file ignores it: here
+    LlamaTokenizerFast, which rebuilds the pre-tokenizer) makes the training-time check fail."""
+    model = (trained / "tokenizer.model").read_bytes()
+    files = {name: (trained / name).read_text(encoding="utf-8")
+             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    texts = train_tokenizer.EDGE_CASES + corpus_texts(corpus, n=50)
+    train_tokenizer.check_equivalence(model, files, texts)  # the files as written pass
+    config = json.loads(files["tokenizer_config.json"])
+    for changed in ({**config, "tokenizer_class": "LlamaTokenizerFast"},
+                    {**config, "tokenizer_class": "LlamaTokenizerFast", "add_prefix_space": False}):
+        with pytest.raises(RuntimeError, match="AutoTokenizer"):
+            train_tokenizer.check_equivalence(model, {**files, "tokenizer_config.json": json.dumps(changed)}, texts)
+
+
+def test_encoder_names_the_library_that_encodes(trained, tmp_path):
+    import shutil
+
+    hf_only = shutil.copytree(trained, tmp_path / "hf_only", ignore=shutil.ignore_patterns("tokenizer.model"))
+    forms = {trained: "sentencepiece", trained / "tokenizer.model": "sentencepiece", hf_only: "transformers",
+             trained / "tokenizer.json": "sentencepiece"}
+    assert {path: Tokenizer(path).encoder for path in forms} == forms
+    assert Tokenizer(hf_only).backend == Tokenizer(trained).backend == "transformers"

@@ -92,10 +92,12 @@ def test_exact_resume_matches_uninterrupted(prepared_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,state_dict_type", [("fsdp", "sharded"), ("ddp", "full")])
-def test_elastic_resume_two_ranks_to_one(prepared_data, tmp_path, strategy, state_dict_type):
-    reference, elastic = tmp_path / "reference", tmp_path / "elastic"
+def test_elastic_resume_two_ranks_to_one(prepared_data, single_process_ten_steps, tmp_path, strategy,
+                                        state_dict_type):
+    # The reference is one process (test_two_ranks_match_one_process shows 2 ranks give its losses), shared.
+    reference, elastic = single_process_ten_steps, tmp_path / "elastic"
+    assert 2 * STEPS == 10
     common = dict(max_steps=2 * STEPS, strategy=strategy, state_dict_type=state_dict_type)
-    train(prepared_data, reference, devices=2, **common)
     train(prepared_data, elastic, devices=2, stop_at_step=STEPS, **common)
     ckpt = elastic / f"iter-{STEPS:08d}-ckpt.pth"
     assert ckpt.is_dir() if state_dict_type == "sharded" else ckpt.is_file()
@@ -286,11 +288,12 @@ def test_print_config_prints_what_was_set_and_follows_another_model_name(tmp_pat
     "overrides,flag",
     [
         (dict(model_name="LLaMmlein_12M"), "--model_name"),
-        (dict(train_data_dir="does/not/exist"), "--train_data_dir"),
-        (dict(train_data_dir="EMPTY"), "--train_data_dir"),
-        (dict(n_embd=64, vocab_size=256), "--tokenizer_path"),
-        (dict(out_dir="FILE/sub"), "--out_dir"),
-        (dict(global_batch_size=8, micro_batch_size=3), "--micro_batch_size"),
+        # Checked after torch is imported (~10 s each): slow; tests/test_fast_guarantees.py checks some in-process.
+        pytest.param(dict(train_data_dir="does/not/exist"), "--train_data_dir", marks=pytest.mark.slow),
+        pytest.param(dict(train_data_dir="EMPTY"), "--train_data_dir", marks=pytest.mark.slow),
+        pytest.param(dict(n_embd=64, vocab_size=256), "--tokenizer_path", marks=pytest.mark.slow),
+        pytest.param(dict(out_dir="FILE/sub"), "--out_dir", marks=pytest.mark.slow),
+        pytest.param(dict(global_batch_size=8, micro_batch_size=3), "--micro_batch_size", marks=pytest.mark.slow),
         # Edge values that crashed mid-run (step % 0), logged a val loss of 0 or trained silently wrong.
         (dict(save_interval=0), "--save_interval"),
         (dict(log_interval=0), "--log_interval"),
@@ -302,7 +305,8 @@ def test_print_config_prints_what_was_set_and_follows_another_model_name(tmp_pat
         (dict(num_workers=-1), "--num_workers"),
         (dict(train_data_weights="0.7,0.3"), "--train_data_weights"),
         (dict(precision="16-mixed"), "--precision"),
-        (dict(init_from="TOKFILE"), "--init_from"),  # fails inside the launched run: nothing may stay behind
+        # fails inside the launched run: nothing may stay behind
+        pytest.param(dict(init_from="TOKFILE"), "--init_from", marks=pytest.mark.slow),
         (dict(devices=0), "--devices"),
         (dict(devices=-1), "--devices"),
         (dict(learning_rate="inf"), "--learning_rate"),
@@ -326,6 +330,7 @@ def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, fla
     assert not out_dir.exists(), list(out_dir.rglob("*"))  # a failed start leaves no (empty) out_dir behind
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_an_out_dir_with_checkpoints(prepared_data, tmp_path):
     old = tmp_path / "iter-00000002-ckpt.pth"
     old.write_bytes(b"an earlier run's checkpoint")
@@ -396,6 +401,7 @@ def test_bf16_precisions_track_fp32(prepared_data, single_process, tmp_path, pre
     assert losses != reference  # and bf16 really was used
 
 
+@pytest.mark.slow
 def test_resume_past_stop_at_step_is_one_clear_error(prepared_data, tmp_path):
     # Before: `step == stop_at_step` never held again and the job silently trained on to max_steps.
     train(prepared_data, tmp_path, stop_at_step=2)
@@ -407,6 +413,7 @@ def test_resume_past_stop_at_step_is_one_clear_error(prepared_data, tmp_path):
     assert max(train_losses(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(prepared_data, tmp_path):
     # Resuming at step 2 replaces the continuation that wrote steps 4 and 6; a later `--resume auto` (a pre-empted,
     # requeued job) must continue this run (step 3), not jump to the abandoned step-6 checkpoint.
@@ -418,6 +425,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(prepared_data
     assert (tmp_path / "iter-00000006-ckpt.pth.abandoned").is_file()
 
 
+@pytest.mark.slow
 def test_tensorboard_after_resume_holds_each_step_once(prepared_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -430,6 +438,7 @@ def test_tensorboard_after_resume_holds_each_step_once(prepared_data, tmp_path):
     assert logged == pytest.approx(train_losses(tmp_path))  # and the resumed run's values (other LR), as in metrics
 
 
+@pytest.mark.slow
 def test_preemption_signal_during_setup_checkpoints_instead_of_killing(prepared_data, tmp_path):
     # SIGUSR1 (Slurm's warning) while the model is being set up: the default action would kill the job unsaved.
     wrapper = tmp_path / "signal_in_setup.py"

@@ -53,7 +53,7 @@ def manifest(plan: Plan, split: str, files: list[dict], layout: Layout, total: d
         "format": "LITPKDS", "version": 1, "split": split, "prefix": split, "dtype": plan.dtype,
         "chunk_size": plan.chunk_size, "pad_id": plan.pad_id, "bos": plan.bos, "eos": True,
         "tokens": layout.tokens(split), "documents": layout.documents(split), "files": files,
-        "tokenizer": {"path": plan.tokenizer, "backend": plan.tokenizer_backend,
+        "tokenizer": {"path": plan.tokenizer, "backend": plan.tokenizer_backend, "encoder": plan.tokenizer_encoder,
                       "files_sha256": plan.tokenizer_files_sha256, "vocab_size": plan.vocab_size,
                       "bos_id": plan.bos_id, "eos_id": plan.eos_id},
         "split_rule": {"val_fraction": plan.val_fraction, "seed": plan.seed,

@@ -37,6 +37,7 @@ class Plan:
     on_error: str  # "stop" or "skip"; may change between tries of one run
     tokenizer: str
     tokenizer_backend: str
+    tokenizer_encoder: str  # the library that encodes ("sentencepiece" for a proven tokenizer.json directory)
     tokenizer_files_sha256: dict[str, str]
     vocab_size: int
     bos_id: int | None

@@ -156,6 +156,7 @@ def _new_plan(options: PrepareOptions, files: list[Path], fingerprint: str, tok_
         names=document_names(files), inputs=[{"path": str(p), "bytes": p.stat().st_size} for p in files],
         shards=shards, text_field=options.text_field, id_field=options.id_field, on_error=options.on_error,
         tokenizer=str(options.tokenizer), tokenizer_backend=tokenizer.backend, tokenizer_files_sha256=tok_hashes,
+        tokenizer_encoder=tokenizer.encoder,
         vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, bos=options.bos,
         dtype=token_dtype(tokenizer.vocab_size).name, pad_id=pad_id_for(tokenizer), chunk_size=options.chunk_size,
         seed=options.seed, val_fraction=options.val_fraction, dedup=options.dedup_paragraphs,
