@@ -27,9 +27,12 @@ echo "== 2/6 tokenizer (SentencePiece BPE, 4096 tokens)"
 [ -f "$DEMO_DIR/tokenizer/tokenizer.model" ] || \
     $PY scripts/train_tokenizer.py --input "${inputs[@]}" --output_dir "$DEMO_DIR/tokenizer" --vocab_size 4096
 
-echo "== 3/6 packed dataset"
-$PY scripts/prepare_data.py --input "${inputs[@]}" --output_dir "$DEMO_DIR/data" --tokenizer "$DEMO_DIR/tokenizer" \
-    --val_fraction 0.05 --chunk_size 262144
+echo "== 3/6 packed dataset (datatrove's task log: $DEMO_DIR/prepare_data.log)"
+if ! $PY scripts/prepare_data.py --input "${inputs[@]}" --output_dir "$DEMO_DIR/data" --tokenizer "$DEMO_DIR/tokenizer" \
+    --val_fraction 0.05 --chunk_size 262144 2>"$DEMO_DIR/prepare_data.log"; then
+    tail -n 20 "$DEMO_DIR/prepare_data.log" >&2
+    exit 1
+fi
 
 echo "== 4/6 training $MODEL for $STEPS steps on CPU (TensorBoard: tensorboard --logdir $DEMO_DIR/out/tensorboard)"
 $PY pretrain/tinyllama_fabric.py --model_name "$MODEL" --out_dir "$DEMO_DIR/out" \
