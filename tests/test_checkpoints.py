@@ -20,6 +20,8 @@ from lit_gpt.checkpoint.layout import CHECKSUM_FILE, CheckpointError, DamagedErr
 from lit_gpt.checkpoint.load import load_training_state, load_weights
 from lit_gpt.checkpoint.publish import atomic_output_dir
 from lit_gpt.checkpoint.save import save_checkpoint
+from lit_gpt.errors import InputError
+from lit_gpt.resume import resume_checkpoint
 from lit_gpt.run_dir import RunDir
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP saves, on purpose
@@ -114,6 +116,33 @@ def test_latest_checkpoint_passes_over_a_damaged_newest_one(tmp_path, kind):
     model, optimizer = trained(1)
     assert load_training_state(RunDir(tmp_path).checkpoint(2), model, optimizer) == {"step_count": 2}
     assert torch.equal(exp_avg_sq(model, optimizer), exp_avg_sq(*trained(0)))
+
+
+def rename_record_in_central_directory(path: Path, name: str, new_name: str) -> None:
+    """Change one record's name where the zip's central directory lists it; every CRC-32 still matches."""
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(name.encode())  # the central directory follows all local headers
+    assert at > 0 and len(name) == len(new_name)
+    raw[at:at + len(name)] = new_name.encode()
+    path.write_bytes(bytes(raw))
+
+
+def test_a_record_missing_from_the_archive_is_damage(tmp_path):
+    for step in (1, 2):
+        save(tmp_path, step)
+    newest = RunDir(tmp_path).checkpoint(2)
+    with zipfile.ZipFile(newest) as archive:
+        record = next(n for n in archive.namelist() if n.endswith("/data/0"))
+    rename_record_in_central_directory(newest, record, record[:-1] + "Z")
+    with zipfile.ZipFile(newest) as archive:  # a readable archive, without that record
+        assert record not in archive.namelist()
+    with pytest.raises(DamagedError, match=f"^{newest}: damaged: record {record} is missing"):
+        verify_checkpoint(newest)
+    logged, log = messages()
+    assert latest_checkpoint(tmp_path, log=log) == RunDir(tmp_path).checkpoint(1)
+    assert len(logged) == 1 and logged[0].startswith("warning: passing over") and str(newest) in logged[0]
+    with pytest.raises(InputError, match=f"^--resume: {newest}: damaged: record {record} is missing"):
+        resume_checkpoint(str(newest), tmp_path)
 
 
 def test_rotation_never_deletes_the_newest_good_checkpoint(tmp_path, monkeypatch):
