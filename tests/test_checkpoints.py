@@ -381,6 +381,36 @@ def test_an_export_killed_while_swapping_gets_its_old_directory_back(tmp_path):
     assert (out / "config.json").read_text() == '{"old": true}' and not aside.exists()
 
 
+@pytest.mark.parametrize("renames_done", [1, 2])
+def test_an_overwrite_killed_between_its_renames_ends_with_the_complete_new_export(tmp_path, renames_done):
+    """SIGKILL right after the switch's first or second rename: the next run finishes the switch."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("old export")
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys\n"
+         "from pathlib import Path\n"
+         f"sys.path.insert(0, {str(ROOT)!r})\n"
+         "from lit_gpt.checkpoint.publish import atomic_output_dir\n"
+         "rename, done = Path.rename, []\n"
+         "def killing_rename(self, target):\n"
+         "    moved = rename(self, target)\n"
+         "    done.append(target)\n"
+         f"    if len(done) == {renames_done}:\n"
+         "        os.kill(os.getpid(), signal.SIGKILL)\n"
+         "    return moved\n"
+         f"with atomic_output_dir({str(out)!r}, overwrite=True) as tmp:\n"
+         "    (tmp / 'config.json').write_text('new export')\n"
+         "    Path.rename = killing_rename\n"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with pytest.raises(CheckpointError, match="exists and is not empty"):  # the next run, without --overwrite
+        with atomic_output_dir(out, overwrite=False):
+            pass
+    assert (out / "config.json").read_text() == "new export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_export_to_a_full_disk_is_one_clear_error(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
