@@ -7,7 +7,8 @@
   (exports, converted models); temporaries of killed processes are cleaned up by `remove_stale_temp_dirs`;
 - `point_symlink`: a symlink re-pointed by one rename (the prepared-data switch, which journals its steps and rolls
   forward itself);
-- `set_aside`: keep an old file or directory under `NAME.suffix` instead of deleting it.
+- `set_aside`: keep an old file or directory under `NAME.suffix` instead of deleting it; `keep_aside`: the same for
+  a file about to be replaced atomically (run records), without a moment where it is missing.
 
 Nothing here imports torch: data preparation and run records use it too.
 """
@@ -52,13 +53,33 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def set_aside(path: Path, suffix: str) -> Path:
     """Rename `path` to `NAME.suffix` (or `NAME.suffix-2`, ... if taken): kept, never overwritten or deleted."""
+    aside = _free_aside_name(Path(path), suffix)
+    Path(path).rename(aside)
+    return aside
+
+
+def keep_aside(path: Path, suffix: str) -> Path | None:
+    """Keep the file `path` also as `NAME.suffix` (`-2`, ...), leaving it in place to be replaced atomically: the
+    old content is never absent from both names. A hard link (a copy where the filesystem has none); None when the
+    file is already linked elsewhere (kept by an earlier attempt that a kill interrupted)."""
     path = Path(path)
+    if path.stat().st_nlink > 1:
+        return None
+    aside = _free_aside_name(path, suffix)
+    try:
+        os.link(path, aside)
+    except OSError:  # no hard links here (some network and FUSE filesystems)
+        write_atomically(aside, path.read_bytes())
+    fsync_dir(path.parent)
+    return aside
+
+
+def _free_aside_name(path: Path, suffix: str) -> Path:
     aside = path.with_name(f"{path.name}.{suffix}")
     n = 1
     while aside.exists() or aside.is_symlink():
         n += 1
         aside = path.with_name(f"{path.name}.{suffix}-{n}")
-    path.rename(aside)
     return aside
 
 
