@@ -175,6 +175,39 @@ def test_checkpoints_written_before_checksums_still_load(tmp_path):
     assert load_training_state(sharded, *trained(1)) == {"step_count": 1}
 
 
+def test_a_sharded_checkpoint_without_checksums_needs_allow_unverified(tmp_path):
+    older, newest = save(tmp_path, 1, "sharded"), save(tmp_path, 2, "sharded")
+    (newest / CHECKSUM_FILE).unlink()
+    with pytest.raises(InputError) as refused:
+        resume_checkpoint(str(newest), tmp_path)
+    assert str(refused.value) == (f"--resume: {newest}: has no {CHECKSUM_FILE} to verify its bytes against (written "
+                                  f"by an older version, or the file was removed); pass --allow_unverified to use "
+                                  f"it unverified")
+    assert resume_checkpoint(str(newest), tmp_path, allow_unverified=True) == newest
+    logged, log = messages()
+    assert latest_checkpoint(tmp_path, log=log, allow_unverified=False) == older
+    assert logged == [f"warning: passing over {newest}: has no {CHECKSUM_FILE} to verify its bytes against (written "
+                      f"by an older version, or the file was removed); pass --allow_unverified to use it unverified"]
+    assert resume_checkpoint("auto", tmp_path) == older
+    assert resume_checkpoint("auto", tmp_path, allow_unverified=True) == newest
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_sharded_checkpoint_without_checksums_is_checked_against_its_metadata(tmp_path, damage):
+    older, newest = save(tmp_path, 1, "sharded"), save(tmp_path, 2, "sharded")
+    (newest / CHECKSUM_FILE).unlink()
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    if damage == "truncated":
+        os.truncate(shard, shard.stat().st_size - 1)
+    else:
+        shard.unlink()
+    with pytest.raises(DamagedError, match=f"^{shard}: {damage}"):
+        verify_checkpoint(newest, allow_unverified=True)
+    logged, log = messages()
+    assert latest_checkpoint(tmp_path, log=log, allow_unverified=True) == older
+    assert len(logged) == 1 and logged[0].startswith(f"warning: passing over a damaged checkpoint: {shard}: {damage}")
+
+
 def test_export_and_generation_refuse_a_damaged_checkpoint(tmp_path):
     path = save(tmp_path, 2)
     assert load_weights(path)["verified"] is True
