@@ -214,7 +214,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{flag} {out_dir}: exists and is not empty (pass --overwrite to replace it)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_owner()}", dir=out_dir.parent))
-    complete = tmp.with_name(tmp.name.replace(".tmp-", ".new-", 1))
+    complete = tmp.with_name(f".{out_dir.name}.new-{tmp.name.removeprefix(f'.{out_dir.name}.tmp-')}")
     try:
         yield tmp
         make_shareable(tmp)
