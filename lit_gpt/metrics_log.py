@@ -1,7 +1,8 @@
 """The run's metrics records: metrics.jsonl (one JSON object per logged step, appended) and metrics.csv beside it.
 
 Appends are not atomic, so a node crash can leave a torn last line; readers drop it with a warning. A resumed run
-replaces the records after its checkpoint's step; the files holding them are set aside whole, never truncated.
+replaces the records after its checkpoint's step; the files holding them are set aside whole, never truncated, and
+replaced by one rename each (a kill in between is finished by the next start).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from lit_gpt.checkpoint.publish import set_aside, write_atomically
+from lit_gpt.checkpoint.publish import keep_aside, write_atomically
 from lit_gpt.errors import InputError
 from lit_gpt.run_dir import REPLACED, RunDir
 
@@ -33,19 +34,23 @@ class MetricsLog:
             return
         records, torn = existing or read_metrics(self.jsonl, log)
         kept = [r for r in records if resume_step is not None and r["step"] <= resume_step]
-        if len(kept) < len(records) or torn:
-            for path in (self.jsonl, self.csv):
-                if path.exists():
-                    log(f"Set aside {path.name} (records after step {resume_step or 0}) as "
-                        f"{set_aside(path, REPLACED).name}")
-        if kept != records or not self.jsonl.exists():
-            write_atomically(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        if write_csv and (kept != records or not self.csv.exists()):
+        # Each file is kept aside (hard link) and then replaced by one rename, so a kill never loses a record; the
+        # CSV is rebuilt from the kept JSONL records whenever it differs, which also finishes a replacement that a
+        # kill cut between the two files.
+        replaced = [(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())] \
+            if kept != records or torn or not self.jsonl.exists() else []
+        if write_csv:
             table = io.StringIO(newline="")
             writer = csv.DictWriter(table, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
-            write_atomically(self.csv, table.getvalue().encode())
+            replaced.append((self.csv, table.getvalue().encode()))
+        for path, content in replaced:
+            if path.exists() and path.read_bytes() == content:
+                continue
+            if path.exists() and path.stat().st_size and (aside := keep_aside(path, REPLACED)) is not None:
+                log(f"Set aside {path.name} (records after step {resume_step or 0}) as {aside.name}")
+            write_atomically(path, content)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -75,3 +80,9 @@ def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:
             raise InputError(f"{path}: line {number} is not a metrics record (move the file aside)") from None
         records.append(record)
     return records, False
+
+
+def has_final_records(records: list[dict], max_steps: int, validated: bool) -> bool:
+    """Whether a run's records hold what its end writes: the record of step `max_steps` and, with validation data,
+    the final validation loss (computed after the last checkpoint, so a kill can leave a finished run without it)."""
+    return any(r["step"] == max_steps and ("val_loss" in r if validated else "loss" in r) for r in records)

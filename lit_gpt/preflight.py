@@ -152,7 +152,7 @@ def _check_data(cfg: TrainConfig, config: Config) -> int:
 
 def _resume_step(cfg: TrainConfig) -> int:
     """The step a resume would start from, after verifying its checkpoint as the run would (0 for a fresh run)."""
-    path = resume_checkpoint(cfg.resume, cfg.out_dir)
+    path = resume_checkpoint(cfg.resume, cfg.out_dir, allow_unverified=cfg.allow_unverified)
     if path is None:
         return 0
     try:

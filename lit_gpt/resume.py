@@ -42,16 +42,17 @@ def check_out_dir(out_dir: Path, resume: str) -> None:
                          f"--resume auto to continue it, or choose another --out_dir")
 
 
-def resume_checkpoint(resume: str, out_dir: Path, verify: bool = True) -> Path | None:
+def resume_checkpoint(resume: str, out_dir: Path, verify: bool = True, allow_unverified: bool = False) -> Path | None:
     """The checkpoint that --resume (empty, `auto` or a path) names, if any. `verify` (collective): `auto` takes the
-    newest in `out_dir` that verifies, a named one must verify."""
+    newest in `out_dir` that verifies, a named one must verify; one without checksums counts only with
+    `allow_unverified` (--allow_unverified)."""
     if resume == "auto":
-        return latest_checkpoint(Path(out_dir), verify=verify)
+        return latest_checkpoint(Path(out_dir), verify=verify, allow_unverified=allow_unverified)
     path = Path(resume) if resume else None
     if path is not None and verify:
         try:
-            verify_checkpoint(path)
-        except InputError as e:  # damaged: the message names the file
+            verify_checkpoint(path, allow_unverified=allow_unverified)
+        except InputError as e:  # damaged or unverifiable: the message names the file
             raise InputError(f"--resume: {e}") from None
     return path
 

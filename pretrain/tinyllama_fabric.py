@@ -45,6 +45,8 @@ class TrainConfig:
                                            "empty: no check")
     init_from: str = arg("", 'converted checkpoint (.pth with "model") to start from: weights only, fresh optimizer')
     resume: str = arg("", 'checkpoint to continue from, "auto" (newest good one in out_dir, if any) or empty')
+    allow_unverified: bool = arg(False, "--resume: also take a sharded checkpoint without checksums.sha256 (written "
+                                        "by an older version), after checking its files against its DCP metadata")
     # Batch and schedule
     global_batch_size: PositiveInt = arg(512, "samples per optimizer step, over all ranks")
     micro_batch_size: PositiveInt = arg(8, "samples per forward pass on one rank")
@@ -224,7 +226,7 @@ from lit_gpt.datapoints import DatapointLogger
 from lit_gpt.distributed import make_strategy
 from lit_gpt.loggers import RunLoggers
 from lit_gpt.loss import token_losses
-from lit_gpt.metrics_log import MetricsLog, read_metrics
+from lit_gpt.metrics_log import MetricsLog, has_final_records, read_metrics
 from lit_gpt.model import GPT, num_parameters
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
 from lit_gpt.preemption import Preemption
@@ -302,7 +304,7 @@ def restore(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer,
             train_data: PackedDataset) -> tuple[Path | None, Progress]:
     """Load the checkpoint to resume from (if any) into model and optimizer, check that this run can continue it and
     restore the RNG states. Changes nothing in out_dir."""
-    path = resume_checkpoint(cfg.resume, cfg.out_dir)
+    path = resume_checkpoint(cfg.resume, cfg.out_dir, allow_unverified=cfg.allow_unverified)
     if path is None:
         return None, Progress()
     try:
@@ -430,12 +432,17 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                      f"batches of --global_batch_size {cfg.global_batch_size} samples; each validation uses those")
     model, optimizer, n_params = build_model(fabric, cfg, config)
     resume_path, progress = restore(fabric, cfg, config, model, optimizer, train_data)
-    if progress.step >= cfg.max_steps:  # a finished run started again (e.g. a requeued job): nothing to add
-        fabric.print(f"{resume_path} is at step {progress.step}, the run's last (--max_steps {cfg.max_steps}); "
-                     f"nothing to train")
-        return 0
     with naming_flag("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
         existing_metrics = read_metrics(run.metrics_jsonl, fabric.print) if rank == 0 else None
+    if progress.step >= cfg.max_steps:  # a finished run started again (e.g. a requeued job)
+        final_records = fabric.broadcast(rank == 0 and has_final_records(existing_metrics[0], cfg.max_steps,
+                                                                         validated=val_data is not None))
+        if final_records:
+            fabric.print(f"{resume_path} is at step {progress.step}, the run's last (--max_steps {cfg.max_steps}); "
+                         f"nothing to train")
+            return 0
+        fabric.print(f"{resume_path} is at step {progress.step}, the run's last, but its final records are missing "
+                     f"(killed before the final validation): writing them")
 
     # Every check that can refuse this run is behind us (the datapoint log's, in its constructor, is the last): only
     # now does anything in out_dir change.

@@ -20,6 +20,8 @@ from lit_gpt.checkpoint.layout import CHECKSUM_FILE, CheckpointError, DamagedErr
 from lit_gpt.checkpoint.load import load_training_state, load_weights
 from lit_gpt.checkpoint.publish import atomic_output_dir
 from lit_gpt.checkpoint.save import save_checkpoint
+from lit_gpt.errors import InputError
+from lit_gpt.resume import resume_checkpoint
 from lit_gpt.run_dir import RunDir
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP saves, on purpose
@@ -116,6 +118,33 @@ def test_latest_checkpoint_passes_over_a_damaged_newest_one(tmp_path, kind):
     assert torch.equal(exp_avg_sq(model, optimizer), exp_avg_sq(*trained(0)))
 
 
+def rename_record_in_central_directory(path: Path, name: str, new_name: str) -> None:
+    """Change one record's name where the zip's central directory lists it; every CRC-32 still matches."""
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(name.encode())  # the central directory follows all local headers
+    assert at > 0 and len(name) == len(new_name)
+    raw[at:at + len(name)] = new_name.encode()
+    path.write_bytes(bytes(raw))
+
+
+def test_a_record_missing_from_the_archive_is_damage(tmp_path):
+    for step in (1, 2):
+        save(tmp_path, step)
+    newest = RunDir(tmp_path).checkpoint(2)
+    with zipfile.ZipFile(newest) as archive:
+        record = next(n for n in archive.namelist() if n.endswith("/data/0"))
+    rename_record_in_central_directory(newest, record, record[:-1] + "Z")
+    with zipfile.ZipFile(newest) as archive:  # a readable archive, without that record
+        assert record not in archive.namelist()
+    with pytest.raises(DamagedError, match=f"^{newest}: damaged: record {record} is missing"):
+        verify_checkpoint(newest)
+    logged, log = messages()
+    assert latest_checkpoint(tmp_path, log=log) == RunDir(tmp_path).checkpoint(1)
+    assert len(logged) == 1 and logged[0].startswith("warning: passing over") and str(newest) in logged[0]
+    with pytest.raises(InputError, match=f"^--resume: {newest}: damaged: record {record} is missing"):
+        resume_checkpoint(str(newest), tmp_path)
+
+
 def test_rotation_never_deletes_the_newest_good_checkpoint(tmp_path, monkeypatch):
     save(tmp_path, 1, keep_last=1)
     real_save = torch.save
@@ -144,6 +173,39 @@ def test_checkpoints_written_before_checksums_still_load(tmp_path):
     assert latest_checkpoint(tmp_path / "old", log=log) == sharded
     assert logged == [f"note: {sharded} has no checksums (written before they were recorded); it is used unverified"]
     assert load_training_state(sharded, *trained(1)) == {"step_count": 1}
+
+
+def test_a_sharded_checkpoint_without_checksums_needs_allow_unverified(tmp_path):
+    older, newest = save(tmp_path, 1, "sharded"), save(tmp_path, 2, "sharded")
+    (newest / CHECKSUM_FILE).unlink()
+    with pytest.raises(InputError) as refused:
+        resume_checkpoint(str(newest), tmp_path)
+    assert str(refused.value) == (f"--resume: {newest}: has no {CHECKSUM_FILE} to verify its bytes against (written "
+                                  f"by an older version, or the file was removed); pass --allow_unverified to use "
+                                  f"it unverified")
+    assert resume_checkpoint(str(newest), tmp_path, allow_unverified=True) == newest
+    logged, log = messages()
+    assert latest_checkpoint(tmp_path, log=log, allow_unverified=False) == older
+    assert logged == [f"warning: passing over {newest}: has no {CHECKSUM_FILE} to verify its bytes against (written "
+                      f"by an older version, or the file was removed); pass --allow_unverified to use it unverified"]
+    assert resume_checkpoint("auto", tmp_path) == older
+    assert resume_checkpoint("auto", tmp_path, allow_unverified=True) == newest
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_sharded_checkpoint_without_checksums_is_checked_against_its_metadata(tmp_path, damage):
+    older, newest = save(tmp_path, 1, "sharded"), save(tmp_path, 2, "sharded")
+    (newest / CHECKSUM_FILE).unlink()
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    if damage == "truncated":
+        os.truncate(shard, shard.stat().st_size - 1)
+    else:
+        shard.unlink()
+    with pytest.raises(DamagedError, match=f"^{shard}: {damage}"):
+        verify_checkpoint(newest, allow_unverified=True)
+    logged, log = messages()
+    assert latest_checkpoint(tmp_path, log=log, allow_unverified=True) == older
+    assert len(logged) == 1 and logged[0].startswith(f"warning: passing over a damaged checkpoint: {shard}: {damage}")
 
 
 def test_export_and_generation_refuse_a_damaged_checkpoint(tmp_path):
@@ -351,6 +413,36 @@ def test_an_export_killed_while_swapping_gets_its_old_directory_back(tmp_path):
         with atomic_output_dir(out, overwrite=False):
             pass
     assert (out / "config.json").read_text() == '{"old": true}' and not aside.exists()
+
+
+@pytest.mark.parametrize("renames_done", [1, 2])
+def test_an_overwrite_killed_between_its_renames_ends_with_the_complete_new_export(tmp_path, renames_done):
+    """SIGKILL right after the switch's first or second rename: the next run finishes the switch."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("old export")
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys\n"
+         "from pathlib import Path\n"
+         f"sys.path.insert(0, {str(ROOT)!r})\n"
+         "from lit_gpt.checkpoint.publish import atomic_output_dir\n"
+         "rename, done = Path.rename, []\n"
+         "def killing_rename(self, target):\n"
+         "    moved = rename(self, target)\n"
+         "    done.append(target)\n"
+         f"    if len(done) == {renames_done}:\n"
+         "        os.kill(os.getpid(), signal.SIGKILL)\n"
+         "    return moved\n"
+         f"with atomic_output_dir({str(out)!r}, overwrite=True) as tmp:\n"
+         "    (tmp / 'config.json').write_text('new export')\n"
+         "    Path.rename = killing_rename\n"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with pytest.raises(CheckpointError, match="exists and is not empty"):  # the next run, without --overwrite
+        with atomic_output_dir(out, overwrite=False):
+            pass
+    assert (out / "config.json").read_text() == "new export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_export_to_a_full_disk_is_one_clear_error(tmp_path):

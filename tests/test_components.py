@@ -2,15 +2,18 @@
 parameter groups, per-rank RNG state, the resume policy, the run directory's layout and the atomic-publish helper."""
 from __future__ import annotations
 
+import csv
 import math
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from lit_gpt.checkpoint.publish import open_atomically, point_symlink, replace_path, roll_forward, temporary_name
 from lit_gpt.errors import InputError
+from lit_gpt.metrics_log import MetricsLog, read_metrics
 from lit_gpt.resume import (
     check_out_dir,
     check_resumable,
@@ -212,3 +215,54 @@ def test_resume_says_how_the_lr_schedule_changes():
     assert LRSchedule.describe_change(saved, longer, 40) == (
         f"The LR schedule changes from step 40 on: --max_steps 100 -> 200 (learning rate at step 40: "
         f"{before:.3g} -> {after:.3g})")
+
+
+# ------------------------------------------------------------------ run records
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (BaseException: no `except Exception` catches it)."""
+
+
+def logged_run(run: Path, steps: int) -> list[dict]:
+    """metrics.jsonl/.csv of a run that logged `steps` steps (and a baseline validation at step 0)."""
+    log = MetricsLog(run, resume_step=None, enabled=True, log=lambda m: None)
+    records = [{"iter": 0, "step": 0, "val_loss": 9.5}] + [
+        {"iter": 2 * s, "step": s, "loss": 10.0 - s / 7, "lr": 1e-3, "tokens": 100 * s} for s in range(1, steps + 1)]
+    for record in records:
+        log.write(record)
+    return records
+
+
+@pytest.mark.parametrize("operations_before_kill", [1, 2, 3, 4])
+def test_replacing_run_records_killed_at_any_point_loses_nothing(tmp_path, monkeypatch, operations_before_kill):
+    """A resume from step 3 replaces the records of steps 4-6; it is killed after its n-th file operation, and the
+    next start (resuming from step 3 again) must end with records 0-3 exactly once, in both files, and the replaced
+    ones kept aside."""
+    import lit_gpt.metrics_log as metrics_log
+
+    records = logged_run(tmp_path, 6)
+    original = (tmp_path / "metrics.jsonl").read_bytes()
+    done = []
+
+    def counted(operation):
+        def run(*args, **kwargs):
+            result = operation(*args, **kwargs)
+            done.append(operation)
+            if len(done) == operations_before_kill:
+                raise Killed
+            return result
+        return run
+
+    for name in ("set_aside", "keep_aside", "write_atomically"):  # whichever the module replaces files with
+        if hasattr(metrics_log, name):
+            monkeypatch.setattr(metrics_log, name, counted(getattr(metrics_log, name)))
+    with pytest.raises(Killed):
+        MetricsLog(tmp_path, resume_step=3, enabled=True, log=lambda m: None)
+    monkeypatch.undo()
+    log = MetricsLog(tmp_path, resume_step=3, enabled=True, log=lambda m: None)
+    log.write({"iter": 8, "step": 4, "loss": 1.5})
+    expected = records[:4] + [{"iter": 8, "step": 4, "loss": 1.5}]
+    assert read_metrics(tmp_path / "metrics.jsonl") == (expected, False)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "metrics.jsonl.replaced").read_bytes() == original
+    assert not (tmp_path / "metrics.jsonl.replaced-2").exists()  # kept once, not once per attempt

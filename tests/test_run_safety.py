@@ -126,3 +126,24 @@ def test_print_config_is_read_back_by_config(prepared_data, tmp_path):
     # What was set, nothing the model name or max_tokens imply (n_embd is micro's, max_steps 98 follows from max_tokens).
     assert values["n_layer"] == 3 and values["max_tokens"] == 100_000 and values["max_steps"] == STEPS
     assert "n_embd" not in values and values["model_name"] == "micro"
+
+
+def test_a_sharded_checkpoint_without_checksums_is_resumed_only_with_allow_unverified(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    sharded = dict(max_steps=6, save_interval=2, strategy="auto", state_dict_type="sharded")
+    train(prepared_data, run, stop_at_step=4, **sharded)
+    (run / "iter-00000004-ckpt.pth" / "checksums.sha256").unlink()  # as an older version wrote it
+    before = snapshot(run)
+    refused = train(prepared_data, run, check=False, resume=run / "iter-00000004-ckpt.pth", **sharded)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --resume: {run / 'iter-00000004-ckpt.pth'}: has no checksums.sha256 to verify its "
+                      f"bytes against (written by an older version, or the file was removed); pass "
+                      f"--allow_unverified to use it unverified"], refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and snapshot(run) == before
+    allowed = train(prepared_data, copy_run(run, tmp_path / "allowed"), resume="auto", allow_unverified=True,
+                    **sharded)
+    assert f"Resumed from {tmp_path / 'allowed' / 'iter-00000004-ckpt.pth'}" in allowed.stdout
+    passed_over = train(prepared_data, run, resume="auto", **sharded)
+    assert f"Resumed from {run / 'iter-00000002-ckpt.pth'}" in passed_over.stdout
+    assert f"warning: passing over {run / 'iter-00000004-ckpt.pth'}: has no checksums.sha256" in passed_over.stderr

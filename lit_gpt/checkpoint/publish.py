@@ -7,7 +7,8 @@
   (exports, converted models); temporaries of killed processes are cleaned up by `remove_stale_temp_dirs`;
 - `point_symlink`: a symlink re-pointed by one rename (the prepared-data switch, which journals its steps and rolls
   forward itself);
-- `set_aside`: keep an old file or directory under `NAME.suffix` instead of deleting it.
+- `set_aside`: keep an old file or directory under `NAME.suffix` instead of deleting it; `keep_aside`: the same for
+  a file about to be replaced atomically (run records), without a moment where it is missing.
 
 Nothing here imports torch: data preparation and run records use it too.
 """
@@ -52,13 +53,33 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def set_aside(path: Path, suffix: str) -> Path:
     """Rename `path` to `NAME.suffix` (or `NAME.suffix-2`, ... if taken): kept, never overwritten or deleted."""
+    aside = _free_aside_name(Path(path), suffix)
+    Path(path).rename(aside)
+    return aside
+
+
+def keep_aside(path: Path, suffix: str) -> Path | None:
+    """Keep the file `path` also as `NAME.suffix` (`-2`, ...), leaving it in place to be replaced atomically: the
+    old content is never absent from both names. A hard link (a copy where the filesystem has none); None when the
+    file is already linked elsewhere (kept by an earlier attempt that a kill interrupted)."""
     path = Path(path)
+    if path.stat().st_nlink > 1:
+        return None
+    aside = _free_aside_name(path, suffix)
+    try:
+        os.link(path, aside)
+    except OSError:  # no hard links here (some network and FUSE filesystems)
+        write_atomically(aside, path.read_bytes())
+    fsync_dir(path.parent)
+    return aside
+
+
+def _free_aside_name(path: Path, suffix: str) -> Path:
     aside = path.with_name(f"{path.name}.{suffix}")
     n = 1
     while aside.exists() or aside.is_symlink():
         n += 1
         aside = path.with_name(f"{path.name}.{suffix}-{n}")
-    path.rename(aside)
     return aside
 
 
@@ -162,8 +183,9 @@ def make_shareable(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-# Temp dirs of atomic_output_dir, named after their owner: .NAME.tmp-HOST-PID-RANDOM (.old- while swapping)
-_OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+# Temp dirs of atomic_output_dir, named after their owner: .NAME.tmp-HOST-PID-RANDOM while written, .NAME.new-...
+# once complete (one rename commits the switch), .NAME.old-... holding the directory being replaced
+_OWNED_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 _REPLACED = "replaced"  # inside an .old- temp dir: the directory being replaced
 
 
@@ -176,6 +198,8 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
     directory of the checkpoint being exported) would delete it, so that is refused, --overwrite or not.
     The temp dir's name records this host and process: those a killed run left beside `out_dir` are cleaned up here
     once their process is gone (see `remove_stale_temp_dirs`). A full disk is one CheckpointError; nothing is replaced.
+    Killed at any moment, `out_dir` is the old directory or the new one (the next run finishes a switch whose new
+    directory was complete), never absent.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -186,46 +210,66 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
             raise CheckpointError(f"{flag} {out_dir}: holds the input {input_flag} {path}, which replacing it would "
                                   f"delete; choose another {flag}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out_dir.parent)  # may put back an out_dir that a killed run had moved aside
+    remove_stale_temp_dirs(out_dir.parent)  # finishes or undoes the switch of a killed run
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{flag} {out_dir}: exists and is not empty (pass --overwrite to replace it)")
-    owner = f"{socket.gethostname()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner}", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{_owner()}", dir=out_dir.parent))
+    complete = tmp.with_name(f".{out_dir.name}.new-{tmp.name.removeprefix(f'.{out_dir.name}.tmp-')}")
     try:
         yield tmp
         make_shareable(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{owner}", dir=out_dir.parent))
-            out_dir.rename(old / _REPLACED)
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                (old / _REPLACED).rename(out_dir)  # the old directory goes back where it was
-                old.rmdir()
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        tmp.rename(complete)
+        _switch(complete, out_dir)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(f"{flag} {out_dir}: no space left on device (writing {e.filename or tmp}); "
                                   f"nothing was replaced") from None
         raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, complete):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def _switch(complete: Path, target: Path) -> None:
+    """Rename the complete directory `complete` to `target`; one that is there goes into an `.old-` temp dir first
+    and is deleted after."""
+    if not target.exists():
+        complete.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_owner()}", dir=target.parent))
+    target.rename(old / _REPLACED)
+    try:
+        complete.rename(target)
+    except OSError:
+        (old / _REPLACED).rename(target)  # the old directory goes back where it was
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def remove_stale_temp_dirs(parent: Path) -> None:
-    """Remove the temp dirs of `atomic_output_dir` in `parent` whose process is gone from this host (killed runs
-    leave full-size copies behind). A directory moved aside for replacing goes back if nothing took its place."""
+    """Clean up after the `atomic_output_dir`s in `parent` whose process is gone from this host (killed runs leave
+    full-size copies behind). A complete new directory (`.new-`) is switched in, as its run would have done; a
+    directory moved aside for replacing goes back if nothing took its place; partial ones are removed."""
     host = socket.gethostname()
+    stale = []
     for entry in Path(parent).iterdir():
         match = _OWNED_TEMP.match(entry.name)
-        if not match or match["host"] != host or _process_alive(int(match["pid"])) or not entry.is_dir():
-            continue
+        if match and match["host"] == host and not _process_alive(int(match["pid"])) and entry.is_dir():
+            stale.append((entry, match))
+    for entry, match in sorted(stale, key=lambda item: item[1]["kind"] != "new"):  # switches first
         target, aside = entry.with_name(match["name"]), entry / _REPLACED
         try:
+            if match["kind"] == "new":
+                _switch(entry, target)
+                print(f"note: finished switching {target} to the complete new directory a killed process "
+                      f"({match['pid']}) had written", file=sys.stderr)
+                continue
             if match["kind"] == "old" and aside.is_dir() and not target.exists():
                 aside.rename(target)
                 print(f"note: put back {target}, which a killed process ({match['pid']}) had moved aside",
@@ -233,7 +277,7 @@ def remove_stale_temp_dirs(parent: Path) -> None:
             shutil.rmtree(entry)
             print(f"note: removed {entry}, left by a killed process ({match['pid']})", file=sys.stderr)
         except OSError as e:  # e.g. another user's: not ours to clean
-            print(f"note: cannot remove {entry}, left by a killed process ({e.strerror or e})", file=sys.stderr)
+            print(f"note: cannot clean up {entry}, left by a killed process ({e.strerror or e})", file=sys.stderr)
 
 
 def _process_alive(pid: int) -> bool:

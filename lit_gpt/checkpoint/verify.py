@@ -5,7 +5,8 @@ records (16 flipped bytes in an optimizer tensor loaded as 1.5e29 and training w
 chunk train on whatever ids they make.
 
 - A full checkpoint is one `torch.save` zip archive, and torch writes a CRC-32 for every record: `verify_checkpoint`
-  recomputes them. Nothing extra is written, so the check is atomic with the file by construction and also covers full
+  recomputes them and checks that every record the pickle refers to is in the archive (a renamed record keeps its
+  CRC). Nothing extra is written, so the check is atomic with the file by construction and also covers full
   checkpoints written before this module existed.
 - A sharded checkpoint directory holds `checksums.sha256` (sha256sum's format: `cd DIR && sha256sum -c
   checksums.sha256` checks it by hand), written into the directory before the directory is renamed into place.
@@ -20,8 +21,10 @@ Files are read through memory maps, in several threads (zlib and hashlib release
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
+import pickle
 import struct
 import threading
 import zipfile
@@ -148,6 +151,8 @@ def _verify_archive(path: Path) -> bool:
         return False  # torch.save with CRCs switched off: all zero
     problems = [p for p in in_threads(lambda r: _check_record(path, r),
                                       sorted(records, key=lambda r: -r.compress_size)) if p]
+    if not problems:  # each record's bytes are intact; now whether every record the pickle refers to is there
+        problems = _missing_records(path, records)
     if problems:
         more = f" (and {len(problems) - 1} more damaged records)" if len(problems) > 1 else ""
         raise DamagedError(f"{path}: damaged: {problems[0]}{more}")
@@ -185,6 +190,62 @@ def _check_record(path: Path, record: zipfile.ZipInfo) -> str | None:
         return (f"record {record.filename} (bytes {start}-{start + record.compress_size - 1}) does not match the "
                 f"CRC-32 written with it")
     return None
+
+
+class _Inert:
+    """Whatever a torch.save pickle builds (tensors, OrderedDicts, ...), built as nothing: reading the pickle's
+    structure runs no code of its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _StorageKeys(pickle.Unpickler):
+    """Collects the keys of the tensor storages a torch.save pickle refers to (its persistent ids
+    `('storage', type, key, location, numel)`, each stored as the record `<prefix>/data/<key>`)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.keys: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> type:
+        return _Inert
+
+    def persistent_load(self, pid) -> _Inert:
+        if isinstance(pid, tuple) and len(pid) > 2 and pid[0] == "storage":
+            self.keys.add(str(pid[2]))
+        return _Inert()
+
+
+def _missing_records(path: Path, records: list[zipfile.ZipInfo]) -> list[str]:
+    """What torch.load would fail to find: the pickle, or a storage record the pickle refers to. A renamed record
+    keeps its CRC-32, so the byte checks alone pass such an archive."""
+    names = {r.filename for r in records}
+    pickles = [name for name in names if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+        return ["no record <name>/data.pkl (the pickle of the saved object)" if not pickles else
+                f"several pickle records ({', '.join(sorted(pickles))})"]
+    prefix = pickles[0].removesuffix("data.pkl")
+    with zipfile.ZipFile(path) as archive:
+        reader = _StorageKeys(archive.read(pickles[0]))
+    try:
+        reader.load()
+    except Exception as e:  # any damage of the pickle's own structure; its bytes matched their CRC-32
+        return [f"record {pickles[0]} is not a readable pickle ({type(e).__name__}: {e})"]
+    return [f"record {prefix}data/{key} is missing (the pickle refers to it)"
+            for key in sorted(reader.keys, key=lambda k: (len(k), k)) if f"{prefix}data/{key}" not in names]
 
 
 def _verify_directory(path: Path) -> bool:
