@@ -11,6 +11,7 @@ finalize job has removed the staging area.
 """
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import shlex
@@ -35,10 +36,20 @@ _START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn
 
 
 def _one_line_record_errors(record: dict) -> None:
-    # A malformed record is the user's input, not a bug: datatrove's log of the failed task needs no traceback.
+    # A malformed record is the user's input and a full disk the machine's, not bugs: datatrove's log of the failed
+    # task needs no traceback (the command ends with one error line).
     exception = record["exception"]
-    if exception is not None and isinstance(exception.value, RecordError):
+    if exception is not None and (isinstance(exception.value, RecordError) or disk_full(exception.value)):
         record["exception"] = None
+
+
+def disk_full(error: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind `error` (itself or in its chain of causes), if that is what it is."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def run_local(work: Path, plan: Plan, tasks: int, workers: int) -> None:
