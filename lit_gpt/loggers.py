@@ -15,6 +15,7 @@ from typing import Any
 
 from lit_gpt.checkpoint.layout import SaveError
 from lit_gpt.checkpoint.publish import write_atomically
+from lit_gpt.errors import os_error_in
 from lit_gpt.run_dir import RunDir
 
 LOGGERS = ("tensorboard", "wandb", "csv")  # csv: metrics.csv beside metrics.jsonl (lit_gpt.metrics_log)
@@ -55,9 +56,12 @@ class RunLoggers:
             return
         try:
             getattr(logger, method)(*args)
-        except OSError as e:
+        except Exception as e:  # Lightning re-raises the writer's OSError as a ValueError
+            os_error = os_error_in(e)
+            if os_error is None:
+                raise
             self.failure = (f"{self._files_of(logger)}: cannot write the {type(logger).__name__.removesuffix('Logger')} "
-                            f"log: {e.strerror or e}")
+                            f"log: {os_error.strerror or os_error}")
             raise SaveError(self.failure) from None
 
     def _files_of(self, logger) -> Path:

@@ -29,6 +29,7 @@ from lit_gpt.corpus import InputError
 from lit_gpt.data_pipeline.finalize import Finalize
 from lit_gpt.data_pipeline.plan import STAGING, Plan
 from lit_gpt.data_pipeline.steps import STEPS, RecordError, failures
+from lit_gpt.errors import os_error_in
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_ENV = ROOT / "cluster" / "exec" / "prepare_data_env.sh"  # sourced by each job script datatrove writes
@@ -45,11 +46,8 @@ def _one_line_record_errors(record: dict) -> None:
 
 def disk_full(error: BaseException | None) -> OSError | None:
     """The out-of-space OSError behind `error` (itself or in its chain of causes), if that is what it is."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    found = os_error_in(error)
+    return found if found is not None and found.errno in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 def run_local(work: Path, plan: Plan, tasks: int, workers: int) -> None:
