@@ -259,14 +259,16 @@ def load_data(fabric: Fabric, cfg: TrainConfig, config: Config) -> tuple[PackedD
     # InputErrors naming the file; the flag is added here.
     with naming_flag("train_data_dir"):
         train_data = PackedDataset(cfg.train_sources, cfg.train_weights, **common, **cache)
-        preflight.check_one_sample(train_data, "train_data_dir")
+    preflight.check_one_sample(train_data, "train_data_dir")  # names --block_size
+    with naming_flag("train_data_dir"):
         if cfg.verify_data:
             fabric.print(f"Verified the checksums of {train_data.verify_checksums()} training chunks")
     val_data = None
     if cfg.val_data_dir:
         with naming_flag("val_data_dir"):
             val_data = PackedDataset([cfg.val_data_dir], None, **common)
-            preflight.check_one_sample(val_data, "val_data_dir")
+        preflight.check_one_sample(val_data, "val_data_dir")
+        with naming_flag("val_data_dir"):
             if cfg.verify_data:
                 fabric.print(f"Verified the checksums of {val_data.verify_checksums()} validation chunks")
     return train_data, val_data

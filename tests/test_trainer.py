@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, run_script
+from test_packed_dataset import write_litpkds
 
 TRAINER = "pretrain/tinyllama_fabric.py"
 STEPS = 5
@@ -316,6 +317,7 @@ def test_print_config_prints_what_was_set_and_follows_another_model_name(tmp_pat
         (dict(out_dir="LOOP"), "--out_dir"),
         (dict(out_dir="LOOP/run"), "--out_dir"),
         (dict(resume="HFDIR"), "--resume"),
+        (dict(val_data_dir="TINY"), "--block_size 128"),  # a split of 50 tokens: not one sample of 129
     ],
 )
 def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, flag):
@@ -325,8 +327,11 @@ def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, fla
     (tmp_path / "loop").symlink_to("loop")
     (tmp_path / "hf").mkdir()  # an exported model
     (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "tiny").mkdir()
+    write_litpkds(tmp_path / "tiny" / "val_0000000000.bin", range(3, 53))
     places = {"EMPTY": empty, "FILE": tmp_path / "file", "VAL": prepared_data["val"],
-              "TOKFILE": prepared_data["tokenizer"] / "tokenizer.model", "HFDIR": tmp_path / "hf"}
+              "TOKFILE": prepared_data["tokenizer"] / "tokenizer.model", "HFDIR": tmp_path / "hf",
+              "TINY": tmp_path / "tiny"}
     overrides = {k: places.get(str(v), str(v).replace("FILE", str(tmp_path / "file"))
                                .replace("LOOP", str(tmp_path / "loop"))) for k, v in overrides.items()}
     out_dir = Path(overrides.pop("out_dir", tmp_path / "out"))
