@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.nn as nn
@@ -140,8 +141,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     created after `setup_module` (it would otherwise hold the unsharded parameters).
     """
 
-    def __init__(self, world_size: int, mesh_shape: tuple[int, int] | None, reshard_after_forward: bool) -> None:
-        super().__init__(parallelize_fn=self._parallelize, data_parallel_size=world_size, tensor_parallel_size=1)
+    def __init__(self, world_size: int, mesh_shape: tuple[int, int] | None, reshard_after_forward: bool,
+                 timeout: timedelta | None = None) -> None:
+        super().__init__(parallelize_fn=self._parallelize, data_parallel_size=world_size, tensor_parallel_size=1,
+                         **({"timeout": timeout} if timeout else {}))
         self._mesh_shape = mesh_shape
         self._reshard_after_forward = reshard_after_forward
         self._backward_sync_control = _FSDP2BackwardSyncControl()
@@ -166,8 +169,12 @@ def make_strategy(
     world_size: int,
     num_nodes: int = 1,
     sharding_strategy: str = "FULL_SHARD",
+    timeout: timedelta | None = None,
 ) -> Strategy | str:
-    """Build the Fabric strategy named `strategy` for `world_size` processes over `num_nodes` nodes."""
+    """Build the Fabric strategy named `strategy` for `world_size` processes over `num_nodes` nodes. `timeout` bounds
+    the process group's rendezvous and every collective (None: torch's default): a rank that never arrives (a
+    misconfigured launch, a dead node) ends the run with an error instead of a wait without end."""
+    waiting = {"timeout": timeout} if timeout else {}
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
     if sharding_strategy not in SHARDING_STRATEGIES:
@@ -175,7 +182,7 @@ def make_strategy(
     if strategy == "auto":
         return "auto"
     if strategy == "ddp":  # also on one device: DDP's wrapper, bucketing and hooks are what a `ddp` run checks
-        return DDPStrategy(find_unused_parameters=False)
+        return DDPStrategy(find_unused_parameters=False, **waiting)
     # Shard inside a node, replicate across nodes.
     hybrid_mesh = (num_nodes, world_size // num_nodes) if sharding_strategy == "HYBRID_SHARD" else None
     if strategy == "fsdp2":
@@ -183,7 +190,7 @@ def make_strategy(
             hybrid_mesh = (world_size, 1)
         # NO_SHARD keeps parameters gathered like SHARD_GRAD_OP: a shard group of one has nothing to free.
         reshard = sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD")
-        return FSDP2Strategy(world_size, hybrid_mesh, reshard_after_forward=reshard)
+        return FSDP2Strategy(world_size, hybrid_mesh, reshard_after_forward=reshard, timeout=timeout)
     return FSDPAnyDeviceStrategy(
         auto_wrap_policy={Block},
         sharding_strategy=sharding_strategy,
@@ -191,4 +198,5 @@ def make_strategy(
         use_orig_params=True,
         limit_all_gathers=True,
         hybrid_mesh_shape=hybrid_mesh,
+        **waiting,
     )

@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from lit_gpt.checkpoint.layout import SaveError
 from lit_gpt.checkpoint.publish import keep_aside, write_atomically
 from lit_gpt.errors import InputError
 from lit_gpt.run_dir import REPLACED, RunDir
@@ -53,13 +54,20 @@ class MetricsLog:
             write_atomically(path, content)
 
     def write(self, record: dict) -> None:
+        """Append one record; a failed write (a full disk, a file made read-only) is one SaveError naming the file."""
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.write_csv:
-            with open(self.csv, "a", newline="") as f:
-                csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)
+        path = self.jsonl
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.write_csv:
+                path = self.csv
+                with open(path, "a", newline="") as f:
+                    csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)
+        except OSError as e:
+            raise SaveError(f"{path}: cannot append the metrics record of step {record['step']}: "
+                            f"{e.strerror or e}") from None
 
 
 def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:

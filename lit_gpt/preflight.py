@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from lit_gpt.attention import resolve_backend
+from lit_gpt.checkpoint.publish import check_output_path
 from lit_gpt.config import Config
 from lit_gpt.errors import InputError
 from lit_gpt.memory_estimate import GiB, MemoryEstimate, TrainingSetup, estimate_memory, largest_micro_batch
 from lit_gpt.model import GPT, num_parameters
 from lit_gpt.packed_dataset import PackedDataset
 from lit_gpt.resume import check_out_dir, resume_checkpoint
-from lit_gpt.run_dir import checkpoint_step
+from lit_gpt.run_dir import RunDir, checkpoint_step
 from lit_gpt.speed_monitor import PEAK_BF16_FLOPS, device_peak_flops, flops_per_token, matmul_parameters
 from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
 
@@ -50,6 +51,10 @@ def resolve_world(cfg: TrainConfig) -> tuple[str, int, int, str]:
         # Fabric takes ranks from Slurm; devices and nodes must agree with the allocation.
         per_node = int(os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0])
         return accel, per_node, int(os.environ["SLURM_NNODES"]), "slurm"
+    if cfg.num_nodes > 1 and not _launched_on_every_node():
+        # Without one, this process would wait for ranks on other nodes that nothing starts.
+        raise InputError(f"--num_nodes {cfg.num_nodes}: a multi-node run needs a launcher that starts it on every "
+                         f"node: srun (Slurm) or torchrun (or NODE_RANK and MASTER_ADDR set on each node)")
     if cfg.devices != "auto":
         devices = int(cfg.devices)
     elif accel == "cuda":
@@ -57,6 +62,22 @@ def resolve_world(cfg: TrainConfig) -> tuple[str, int, int, str]:
     else:
         devices = 1
     return accel, devices, cfg.num_nodes, "local"
+
+
+def _launched_on_every_node() -> bool:
+    """Whether a launcher's environment says which node this is: torchrun's, or Lightning's manual one."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    return TorchElasticEnvironment.detect() or {"NODE_RANK", "MASTER_ADDR"} <= set(os.environ)
+
+
+def check_one_sample(data: PackedDataset, flag: str) -> None:
+    """Every source must hold one whole sample: a larger --block_size trains on a single padded window again and
+    again (and builds tensors as large as that window)."""
+    for source in data.sources:
+        if source.tokens < data.sample_tokens:
+            raise InputError(f"--block_size {data.block_size}: {source.directory} holds {source.tokens:,} tokens, "
+                             f"fewer than one sample ({data.sample_tokens:,}) of --{flag}")
 
 
 def check_inputs(cfg: TrainConfig, config: Config, world_size: int) -> None:
@@ -78,11 +99,15 @@ def check_inputs(cfg: TrainConfig, config: Config, world_size: int) -> None:
                              f"--vocab_size")
         _check_data_tokenizer(cfg)
     out = Path(cfg.out_dir)
+    check_output_path(out, "--out_dir")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out_dir {out}: exists and is not a directory")
     probe_dir = next(p for p in (out, *out.parents) if p.exists())  # creating out_dir waits for a good start
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise InputError(f"--out_dir {out}: not writable ({probe_dir} does not allow it)")
+    for record in (RunDir(out).metrics_jsonl, RunDir(out).metrics_csv):  # appended to throughout the run
+        if record.is_file() and not os.access(record, os.W_OK):
+            raise InputError(f"--out_dir {out}: {record} is not writable")
     check_out_dir(out, cfg.resume)
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise InputError(f"--init_from {cfg.init_from}: no such checkpoint")
@@ -142,11 +167,12 @@ def _check_data(cfg: TrainConfig, config: Config) -> int:
     samples = []
     for flag, sources, source_weights in checks:
         try:
-            samples.append(PackedDataset(sources, source_weights, block_size=config.block_size, seed=cfg.seed,
-                                         with_doc_ids=cfg.document_masking,
-                                         vocab_size=config.vocab_size).samples_per_epoch)
+            data = PackedDataset(sources, source_weights, block_size=config.block_size, seed=cfg.seed,
+                                 with_doc_ids=cfg.document_masking, vocab_size=config.vocab_size)
         except InputError as e:  # names the file
             raise InputError(f"--{flag}: {e}") from None
+        check_one_sample(data, flag)
+        samples.append(data.samples_per_epoch)
     return samples[0]
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lit_gpt.checkpoint.find import latest_checkpoint, list_checkpoints, verify_checkpoint
+from lit_gpt.checkpoint.layout import DCP_METADATA_FILE, META_FILE
 from lit_gpt.checkpoint.publish import set_aside
 from lit_gpt.errors import InputError
 from lit_gpt.run_dir import ABANDONED, checkpoint_step
@@ -37,6 +38,12 @@ def check_out_dir(out_dir: Path, resume: str) -> None:
     with the old run's, and rotation would delete the new ones. A named --resume must exist."""
     if resume and resume != "auto" and not Path(resume).exists():
         raise InputError(f"--resume {resume}: no such checkpoint")
+    if resume and resume != "auto" and Path(resume).is_dir() and \
+            not any((Path(resume) / name).exists() for name in (META_FILE, DCP_METADATA_FILE)):
+        # e.g. an exported Hugging Face model: said before verification calls it a checkpoint without checksums
+        raise InputError(f"--resume {resume}: not a checkpoint of this trainer (a directory without {META_FILE} or "
+                         f"{DCP_METADATA_FILE}; an exported model?); to start from a converted model's weights use "
+                         f"--init_from")
     if not resume and (newest := latest_checkpoint(out_dir, verify=False)) is not None:
         raise InputError(f"--out_dir {out_dir}: holds checkpoints of an earlier run (newest: {newest.name}); pass "
                          f"--resume auto to continue it, or choose another --out_dir")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt.checkpoint.layout import SaveError
 from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.config import Config
 from lit_gpt.loggers import RunLoggers
@@ -41,6 +42,22 @@ class RunLog:
         self.log_interval, self.max_steps, self.device, self.print = log_interval, max_steps, device, print_fn
         self.start_time = time.perf_counter()
         monitor.update(start.step, start.tokens_seen)
+        # The first record that could not be written (rank 0; e.g. a full disk): nothing more is written, and the
+        # trainer stops at its next collective decision without saving (a resume trains those steps again).
+        self.failure: str | None = None
+
+    def hparams(self, hparams: dict) -> None:
+        self._write(None, lambda: self.loggers.log_hparams(hparams))
+
+    def _write(self, record: dict | None, log_metrics: Callable[[], None]) -> None:
+        if self.failure is not None:
+            return
+        try:
+            if record is not None:
+                self.metrics.write(record)
+            log_metrics()
+        except SaveError as e:
+            self.failure = str(e)
 
     def step(self, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -58,17 +75,16 @@ class RunLog:
                   "tokens": progress.tokens_seen, "tokens_per_sec": tps, "tokens_per_sec_smoothed": smoothed,
                   "mfu": mfu, "skipped_steps": progress.skipped, "memory_gb": memory,
                   "time": time.perf_counter() - self.start_time}
-        self.metrics.write(record)
-        self.loggers.log({k: v for k, v in record.items() if v is not None and k not in ("step", "time")},
-                         progress.step)
+        self._write(record, lambda: self.loggers.log(
+            {k: v for k, v in record.items() if v is not None and k not in ("step", "time")}, progress.step))
         self.print(f"step {progress.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f}"
                    + (f" | {tps:,.0f} tok/s ({smoothed:,.0f} smoothed)" if tps else "")
                    + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB"
                    + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""))
 
     def validation(self, progress: Progress, val_loss: float) -> None:
-        self.metrics.write({"iter": progress.iter_num, "step": progress.step, "val_loss": val_loss})
-        self.loggers.log({"val_loss": val_loss}, progress.step)
+        self._write({"iter": progress.iter_num, "step": progress.step, "val_loss": val_loss},
+                    lambda: self.loggers.log({"val_loss": val_loss}, progress.step))
         self.print(f"step {progress.step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from lit_gpt.profiling import parse_window
 
 UnitIntervalOpenAbove = restricted_number_type("UnitIntervalOpenAbove", float, [(">=", 0), ("<", 1)])  # [0, 1)
 UnitIntervalOpenBelow = restricted_number_type("UnitIntervalOpenBelow", float, [(">", 0), ("<=", 1)])  # (0, 1]
+Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])  # what numpy and Lightning accept
 LOGGERS = ("tensorboard", "wandb", "csv")
 
 
@@ -94,6 +96,8 @@ class TrainConfig:
     devices: Literal["auto"] | PositiveInt = arg("auto", "processes (GPUs) per node: auto (all GPUs; 1 on CPU) or a "
                                                          "count; Slurm's under srun")
     num_nodes: PositiveInt = arg(1, "nodes; Slurm's under srun")
+    dist_timeout_s: PositiveInt = arg(1800, "seconds a rank waits for the others (at start-up and in every collective) "
+                                            "before the run fails")
     strategy: Literal["fsdp", "fsdp2", "ddp", "auto"] = arg("fsdp", "auto is a single device")
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = arg(
         "SHARD_GRAD_OP", "FSDP/FSDP2 sharding")
@@ -112,7 +116,7 @@ class TrainConfig:
     cache_max_gb: NonNegativeFloat = arg(0.0, "size limit of the node-local cache in GiB; 0: no limit")
     verify_data: bool = arg(False, "hash every chunk against its manifest's sha256 before training (ranks share the "
                                    "work)")
-    seed: int = arg(42, "seed of the initial weights and the sample order")
+    seed: Seed = arg(42, "seed of the initial weights and the sample order")
 # ---------------------------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -177,6 +181,9 @@ def resolve(argv: list[str] | None) -> tuple[TrainConfig, Config, str, bool]:
         blamed = " ".join(f"--{k} {v}" for k, v in overrides.items())
         raise InputError(f"model config ({blamed}): {e}" if overrides else f"--model_name: {e}") from None
     named = Config.from_name(cfg.model_name).to_dict()
+    if config.block_size > named["block_size"]:  # RoPE and the model's shapes were chosen for its context length
+        raise InputError(f"--block_size {config.block_size} is above {cfg.model_name}'s context length "
+                         f"{named['block_size']}")
     printed = changed_settings_yaml(cfg, {k: v for k, v in overrides.items() if v != named[k]})
     cfg.out_dir = cfg.out_dir or f"out/{cfg.model_name}"
     if cfg.max_tokens:
@@ -254,12 +261,16 @@ def load_data(fabric: Fabric, cfg: TrainConfig, config: Config) -> tuple[PackedD
     # InputErrors naming the file; the flag is added here.
     with naming_flag("train_data_dir"):
         train_data = PackedDataset(cfg.train_sources, cfg.train_weights, **common, **cache)
+    preflight.check_one_sample(train_data, "train_data_dir")  # names --block_size
+    with naming_flag("train_data_dir"):
         if cfg.verify_data:
             fabric.print(f"Verified the checksums of {train_data.verify_checksums()} training chunks")
     val_data = None
     if cfg.val_data_dir:
         with naming_flag("val_data_dir"):
             val_data = PackedDataset([cfg.val_data_dir], None, **common)
+        preflight.check_one_sample(val_data, "val_data_dir")
+        with naming_flag("val_data_dir"):
             if cfg.verify_data:
                 fabric.print(f"Verified the checksums of {val_data.verify_checksums()} validation chunks")
     return train_data, val_data
@@ -460,10 +471,10 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         project=cfg.wandb_project, name=cfg.wandb_name, entity=cfg.wandb_entity,
         tags=[t for t in cfg.wandb_tags.split(",") if t]))
     closing.append(loggers)
-    loggers.log_hparams({**asdict(cfg), **config.to_dict()})
     peak = device_peak_flops(fabric.device)
     log = RunLog(SpeedMonitor(flops_per_token(config, n_params), W, peak), metrics, loggers, progress,
                  cfg.log_interval, cfg.max_steps, fabric.device, fabric.print)
+    log.hparams({**asdict(cfg), **config.to_dict()})
     fabric.print(f"{cfg.model_name}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
                  f"{cfg.global_batch_size} samples x {config.block_size} tokens per step | {cfg.max_steps} steps")
     if peak:
@@ -491,7 +502,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm, tokens, stop_requested = train_step(fabric, model, optimizer, micro_batches, data_error, cfg,
-                                                             preemption.requested)
+                                                             preemption.requested or log.failure is not None)
         datapoints.record(progress.step, torch.cat([mb["sample_index"] for mb in micro_batches]))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
@@ -508,7 +519,10 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         if val_data is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
             log.validation(progress, validate(fabric, model, val_data, cfg))
         stop_now = stop_requested or step == cfg.stop_at_step
-        if ((step % cfg.save_interval == 0 or step == cfg.max_steps) and not nonfinite_in_a_row) or stop_now:
+        saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps) and not nonfinite_in_a_row) or stop_now
+        if saving and (failure := fabric.broadcast(log.failure, src=0)):  # no checkpoint past a lost record
+            return records_failed(fabric, failure, step, run)
+        if saving:
             save(fabric, cfg, config, model, optimizer, progress, train_data, datapoints)
         if stop_now:
             if launcher == "slurm" and rank == 0:
@@ -518,7 +532,18 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     profile.step(progress.step)
     if val_data is not None:
         log.validation(progress, validate(fabric, model, val_data, cfg))
+    if failure := fabric.broadcast(log.failure, src=0):
+        return records_failed(fabric, failure, progress.step, run)
     return 0
+
+
+def records_failed(fabric: Fabric, failure: str, step: int, run: RunDir) -> int:
+    good = latest_checkpoint(run.path, verify=False)
+    fabric.print(f"error: {failure}; stopped at step {step} without saving"
+                 + (f" (the last checkpoint is {good.name})" if good else "")
+                 + "; once it can be written, --resume auto trains the steps after that checkpoint again",
+                 file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_float32_matmul_precision("high")
     fabric = Fabric(accelerator=accel, devices=devices, num_nodes=nodes, precision=cfg.precision,
-                    strategy=make_strategy(cfg.strategy, devices * nodes, nodes, cfg.sharding_strategy))
+                    strategy=make_strategy(cfg.strategy, devices * nodes, nodes, cfg.sharding_strategy,
+                                           timeout=timedelta(seconds=cfg.dist_timeout_s)))
     fabric.launch()
     closing: list = []  # loggers and the profiler window, closed however the run ends
     try:
@@ -546,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             _remove_empty_dirs(out_dir)  # a failed start leaves no trace
         return 2
     except SaveError as e:  # e.g. a full disk: the earlier checkpoints are kept
-        print(f"error: {e}", file=sys.stderr)
+        fabric.print(f"error: {e}", file=sys.stderr)  # every rank has the same message (rank 0's verdict)
         return 1
     finally:
         for item in closing:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -106,7 +107,7 @@ def write_weights(model: LazyStateDict, config: Config, out: Path, dtype: torch.
                 tensors[name] = t.contiguous()
                 weight_map[name] = filename
                 total += t.nbytes
-        save_file(tensors, out / filename, metadata={"format": "pt"})
+        _save_safetensors(save_file, tensors, out / filename)
         del tensors
         for key in keys:
             model.release(key)  # source pages that were written as they are (export dtype == checkpoint dtype)
@@ -114,6 +115,19 @@ def write_weights(model: LazyStateDict, config: Config, out: Path, dtype: torch.
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
+
+
+def _save_safetensors(save_file, tensors: dict, path: Path) -> None:
+    """safetensors reports a failed write (a full disk) as a SafetensorError quoting Rust's I/O error: raised here
+    as the OSError it was, so that the export says it in one line."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:
+        code = re.search(r"Os \{ code: (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
 
 
 # ------------------------------------------------------------------ config, tokenizer, model card
@@ -183,8 +197,6 @@ def write_model_card(out: Path, ckpt: dict, config: Config, checkpoint: Path, dt
 def verify_export(export_dir: Path, model: LazyStateDict, config: Config, tokenizer_dir: Path,
                   dtype: torch.dtype, seed: int = 0) -> float:
     """Max abs logit difference between the export (via transformers) and our model; raises above tolerance."""
-    import os
-
     import torch
 
 

@@ -79,14 +79,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lit_gpt.corpus import InputError
+    from lit_gpt.data_pipeline.executor import disk_full
     from lit_gpt.data_pipeline.prepare import PrepareOptions, prepare
+    from lit_gpt.errors import InputError  # the base: the pipeline's own and those of the helpers it uses
 
     try:
         prepare(PrepareOptions(**vars(args)))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise  # a bug: its traceback
+        print(f"error: --output_dir {args.output_dir}: {full.strerror} (writing {full.filename or 'it'}); the data "
+              f"in place is kept, and a re-run continues the work done", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -359,3 +359,41 @@ def test_sharded_checkpoint_exports_like_full(tmp_path, tokenizer_dir, kind):
         assert torch.equal(exports["sharded"][name], tensor), name
         assert torch.equal(exports["fabric"][name], tensor), name
     assert any(not torch.equal(exports["full"][n], untrained[n]) for n in untrained)  # the step moved weights
+
+
+def test_export_to_a_full_disk_is_one_error_and_keeps_the_old_export(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    config = small_config(1)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    out = tmp_path / "hf"
+    assert convert_main(["--checkpoint", str(ckpt), "--out_dir", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full_disk(tensors, filename, metadata=None):  # what safetensors raises when the write meets a full disk
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28): '
+                              'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    err = _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(out), "--overwrite"],
+                        f"--out_dir {out}: no space left on device (writing ", "model.safetensors")
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+@pytest.mark.parametrize("where", ["loop", "loop/hf"])
+def test_symlink_loop_as_out_dir_is_one_error(tmp_path, tokenizer_dir, capsys, where):
+    config = small_config(1)
+    ckpt = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config))
+    (tmp_path / "loop").symlink_to("loop")
+    _expect_error(capsys, ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / where)],
+                  f"--out_dir {tmp_path / where}: Too many levels of symbolic links")
+    result = subprocess.run(["bash", "scripts/create.sh", str(ckpt), str(tmp_path / where)], cwd=ROOT,
+                            capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
+                                                                 "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stderr.startswith(f"error: --out_dir {tmp_path / where}: Too many"), \
+        result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr

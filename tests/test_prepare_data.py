@@ -1,4 +1,5 @@
 """scripts/prepare_data.py: input formats, ids, the train/val split, chunk files, errors, re-runs and resumption."""
+import errno
 import json
 import os
 import struct
@@ -233,11 +234,16 @@ def test_refuses_foreign_output_and_bad_flags(tokenizer_dir, tmp_path, capsys):
     assert "--output_dir" in capsys.readouterr().err
     assert prepare("--input", corpus, "--output_dir", tmp_path / "out", "--tokenizer", tokenizer_dir,
                    "--overwrite", "--workers", "1") == 0
-    for flag, value in [("--val_fraction", "1.5"), ("--chunk_size", "0"), ("--tokenizer", str(tmp_path / "nope"))]:
+    (tmp_path / "loop").symlink_to("loop")
+    capsys.readouterr()
+    for flag, value in [("--val_fraction", "1.5"), ("--chunk_size", "0"), ("--tokenizer", str(tmp_path / "nope")),
+                        ("--shard_mb", "nan"), ("--shard_mb", "inf"), ("--output_dir", str(tmp_path / "loop")),
+                        ("--output_dir", str(tmp_path / "loop" / "data"))]:
         argv = {"--input": str(corpus), "--output_dir": str(tmp_path / "o2"), "--tokenizer": str(tokenizer_dir),
                 flag: value}
         assert prepare(*[x for kv in argv.items() for x in kv]) == 2
-        assert flag in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("lines", [
@@ -351,3 +357,31 @@ def test_help_and_bad_flags_load_neither_torch_nor_datatrove(argv):
         assert result.returncode == 0 and "--slurm_args" in result.stdout
     else:
         assert result.returncode == 2 and "--workers: invalid int value" in result.stderr
+
+
+@pytest.mark.parametrize("stage", ["task", "finalize"])
+def test_overwrite_on_a_full_disk_is_one_error_and_keeps_the_old_dataset(tokenizer_dir, tmp_path, capsys, stage):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=200, seed=3)
+    out = tmp_path / "data"
+    base = ["--input", corpus, "--output_dir", out, "--tokenizer", tokenizer_dir, "--workers", "1"]
+    assert prepare(*base, "--chunk_size", "4000") == 0
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # A tokenizing task's part file, or a chunk of the finished dataset, meets a full disk.
+    target, method = (packing.PartWriter, "add") if stage == "task" else (packing.Layout, "write_chunk")
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / STAGING / "somewhere"))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(target, method, full)
+        assert prepare(*base, "--chunk_size", "1000", "--overwrite") == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --output_dir {out}: No space left on device (writing {out / STAGING / 'somewhere'}); "
+                      f"the data in place is kept, and a re-run continues the work done"], err
+    assert "Traceback" not in err, err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and STAGING not in
+            p.parts} == old
+    assert prepare(*base, "--chunk_size", "1000", "--overwrite") == 0  # space again: the new dataset
+    assert json.loads((out / "train" / "manifest.json").read_text())["chunk_size"] == 1000

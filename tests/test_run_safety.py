@@ -147,3 +147,82 @@ def test_a_sharded_checkpoint_without_checksums_is_resumed_only_with_allow_unver
     passed_over = train(prepared_data, run, resume="auto", **sharded)
     assert f"Resumed from {run / 'iter-00000002-ckpt.pth'}" in passed_over.stdout
     assert f"warning: passing over {run / 'iter-00000004-ckpt.pth'}: has no checksums.sha256" in passed_over.stderr
+
+
+# ------------------------------------------------------------------ records that cannot be written (issue 22)
+def run_with_injected_failure(data: dict, out: Path, setup: str, **overrides):
+    """The trainer, in a process where `setup` (Python) has replaced a write primitive first."""
+    wrapper = out.parent / f"{out.name}_wrapper.py"
+    wrapper.write_text("import errno, os, runpy, sys\n" + setup
+                       + "\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return run_script(str(wrapper), *trainer_args(data, out, **overrides), check=False)
+
+
+def one_error(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+METRICS_READ_ONLY_FROM_STEP_3 = """
+import lit_gpt.metrics_log as metrics_log
+appends = []
+def open_or_refuse(path, mode='r', *args, **kwargs):
+    if str(path).endswith('metrics.jsonl') and mode == 'a':
+        appends.append(path)
+        if len(appends) >= 3:  # made read-only after hparams.json was written and two steps were logged
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return open(path, mode, *args, **kwargs)
+metrics_log.open = open_or_refuse
+"""
+
+TENSORBOARD_DISK_FULL_FROM_STEP_3 = """
+from tensorboard.summary.writer import record_writer
+real_write, writes = record_writer.RecordWriter.write, []
+def write_or_full(self, data):
+    writes.append(1)
+    if len(writes) > 25:  # the file version, hparams and the scalars of about two steps reach the disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(self, data)
+record_writer.RecordWriter.write = write_or_full
+"""
+
+
+@pytest.mark.parametrize("setup,path,cause", [
+    (METRICS_READ_ONLY_FROM_STEP_3, "metrics.jsonl", "Permission denied"),
+    (TENSORBOARD_DISK_FULL_FROM_STEP_3, "tensorboard", "No space left on device"),
+])
+def test_a_record_that_cannot_be_written_stops_the_run_and_loses_nothing(prepared_data, tmp_path, setup, path,
+                                                                           cause):
+    reference = tmp_path / "reference"
+    train(prepared_data, reference, max_steps=6, save_interval=2, logger="tensorboard,csv")
+    out = tmp_path / "run"
+    result = run_with_injected_failure(prepared_data, out, setup, max_steps=6, save_interval=2,
+                                       logger="tensorboard,csv")
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = one_error(result)
+    assert f"{out / path}" in error and cause in error, error
+    # No checkpoint after the lost records: resuming trains those steps again, and every record is there.
+    checkpoints = sorted(p.name for p in out.glob("iter-*"))
+    assert all(name < "iter-00000004" for name in checkpoints), checkpoints
+    train(prepared_data, out, max_steps=6, save_interval=2, logger="tensorboard,csv", resume="auto")
+    assert train_losses(out) == train_losses(reference)
+    assert sorted(r["step"] for r in metrics(out)) == list(range(1, 7))
+
+
+def test_a_full_disk_in_a_two_process_sharded_save_is_one_error(prepared_data, tmp_path):
+    # rank 0 (the process the wrapper patches; Fabric starts rank 1 from the trainer itself) cannot write its shard
+    setup = ("import torch.distributed.checkpoint.filesystem as fs\n"
+             "real_write = fs._write_item\n"
+             "def write_or_full(*args, **kwargs):\n"
+             "    if 'iter-00000004' in str(getattr(args[1], 'name', '')):  # the stream of a shard file\n"
+             "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+             "    return real_write(*args, **kwargs)\n"
+             "fs._write_item = write_or_full\n")
+    out = tmp_path / "run"
+    result = run_with_injected_failure(prepared_data, out, setup, max_steps=6, save_interval=2, devices=2,
+                                       strategy="fsdp", state_dict_type="sharded", global_batch_size=8)
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = one_error(result)
+    assert "iter-00000004-ckpt.pth" in error and "no space left on device" in error.lower(), error
+    assert sorted(p.name for p in out.glob("iter-*")) == ["iter-00000002-ckpt.pth"]

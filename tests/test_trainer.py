@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, run_script
+from test_packed_dataset import write_litpkds
 
 TRAINER = "pretrain/tinyllama_fabric.py"
 STEPS = 5
@@ -312,21 +313,42 @@ def test_print_config_prints_what_was_set_and_follows_another_model_name(tmp_pat
         (dict(learning_rate="inf"), "--learning_rate"),
         (dict(block_size=0), "--block_size"),
         (dict(meta_init="yes"), "--meta_init"),
+        # Tracebacks after ~40 s, a wait without end, a run on one padded sample (issue 22).
+        (dict(seed=-1), "--seed"),
+        (dict(seed=99999999999999), "--seed"),
+        (dict(num_nodes=2), "--num_nodes"),
+        (dict(block_size=129), "--block_size"),  # above micro's 128
+        (dict(out_dir="LOOP"), "--out_dir"),
+        (dict(out_dir="LOOP/run"), "--out_dir"),
+        (dict(resume="HFDIR"), "--resume"),
+        (dict(val_data_dir="TINY"), "--block_size 128"),  # a split of 50 tokens: not one sample of 129
     ],
 )
 def test_bad_inputs_fail_before_training(prepared_data, tmp_path, overrides, flag):
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "hf").mkdir()  # an exported model
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "tiny").mkdir()
+    write_litpkds(tmp_path / "tiny" / "val_0000000000.bin", range(3, 53))
     places = {"EMPTY": empty, "FILE": tmp_path / "file", "VAL": prepared_data["val"],
-              "TOKFILE": prepared_data["tokenizer"] / "tokenizer.model"}
-    overrides = {k: places.get(str(v), str(v).replace("FILE", str(tmp_path / "file")))
-                 for k, v in overrides.items()}
+              "TOKFILE": prepared_data["tokenizer"] / "tokenizer.model", "HFDIR": tmp_path / "hf",
+              "TINY": tmp_path / "tiny"}
+    overrides = {k: places.get(str(v), str(v).replace("FILE", str(tmp_path / "file"))
+                               .replace("LOOP", str(tmp_path / "loop"))) for k, v in overrides.items()}
     out_dir = Path(overrides.pop("out_dir", tmp_path / "out"))
-    result = train(prepared_data, out_dir, check=False, **overrides)
+    launcher_free = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))
+                     and k not in ("RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *trainer_args(prepared_data, out_dir, **overrides)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**launcher_free, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and flag in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "no checksums" not in result.stderr
+    assert time.perf_counter() - start < 120  # before training (a multi-node run without a launcher waited forever)
     assert not out_dir.exists(), list(out_dir.rglob("*"))  # a failed start leaves no (empty) out_dir behind
 
 

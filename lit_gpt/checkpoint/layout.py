@@ -20,7 +20,8 @@ class DamagedError(InputError, ValueError):
 
 
 class SaveError(RuntimeError):
-    """A checkpoint could not be written (e.g. the disk is full); raised on every rank, names the path."""
+    """A checkpoint (raised on every rank) or a run record (rank 0) could not be written, e.g. the disk is full;
+    the message names the path and the cause."""
 
 
 def clean_key(key: str) -> str:

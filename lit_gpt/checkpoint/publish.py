@@ -46,6 +46,18 @@ def open_atomically(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_path(path: Path, flag: str) -> None:
+    """Refuse an output path that cannot be looked up (a symlink loop, a file as a parent) or is a dangling symlink,
+    up front: pathlib calls such a path absent, and the first write would fail with a traceback."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CheckpointError(f"{flag} {path}: a symlink to {os.readlink(path)}, which does not exist") from None
+    except OSError as e:  # ELOOP, ENOTDIR, ENAMETOOLONG, EACCES
+        raise CheckpointError(f"{flag} {path}: {e.strerror}") from None
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     with open_atomically(path) as f:
         f.write(data)
@@ -202,6 +214,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool, flag: str = "--out_dir",
     directory was complete), never absent.
     """
     out_dir = Path(out_dir)
+    check_output_path(out_dir, flag)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{flag} {out_dir}: exists and is not a directory")
     for input_flag, path in (inputs or {}).items():

@@ -11,6 +11,7 @@ finalize job has removed the staging area.
 """
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import shlex
@@ -28,6 +29,7 @@ from lit_gpt.corpus import InputError
 from lit_gpt.data_pipeline.finalize import Finalize
 from lit_gpt.data_pipeline.plan import STAGING, Plan
 from lit_gpt.data_pipeline.steps import STEPS, RecordError, failures
+from lit_gpt.errors import os_error_in
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_ENV = ROOT / "cluster" / "exec" / "prepare_data_env.sh"  # sourced by each job script datatrove writes
@@ -35,10 +37,17 @@ _START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn
 
 
 def _one_line_record_errors(record: dict) -> None:
-    # A malformed record is the user's input, not a bug: datatrove's log of the failed task needs no traceback.
+    # A malformed record is the user's input and a full disk the machine's, not bugs: datatrove's log of the failed
+    # task needs no traceback (the command ends with one error line).
     exception = record["exception"]
-    if exception is not None and isinstance(exception.value, RecordError):
+    if exception is not None and (isinstance(exception.value, RecordError) or disk_full(exception.value)):
         record["exception"] = None
+
+
+def disk_full(error: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind `error` (itself or in its chain of causes), if that is what it is."""
+    found = os_error_in(error)
+    return found if found is not None and found.errno in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 def run_local(work: Path, plan: Plan, tasks: int, workers: int) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lit_gpt.checkpoint.publish import check_output_path
 from lit_gpt.corpus import InputError, document_names, expand_inputs, plan_shards
 from lit_gpt.data_pipeline import executor, switch
 from lit_gpt.data_pipeline.finalize import finalize, is_complete, report
@@ -101,8 +103,8 @@ def validate(options: PrepareOptions, tokenizer: Tokenizer) -> None:
     for flag in ("workers", "tasks"):
         if getattr(options, flag) < 1:
             raise InputError(f"--{flag} {getattr(options, flag)}: must be at least 1")
-    if options.shard_mb <= 0:
-        raise InputError(f"--shard_mb {options.shard_mb}: must be positive")
+    if not options.shard_mb > 0 or not math.isfinite(options.shard_mb):
+        raise InputError(f"--shard_mb {options.shard_mb}: must be a positive number")
     if options.dedup_min_chars < 0:
         raise InputError(f"--dedup_min_chars {options.dedup_min_chars}: must not be negative")
     for flag in ("min_token_ratio", "max_token_ratio"):
@@ -111,6 +113,7 @@ def validate(options: PrepareOptions, tokenizer: Tokenizer) -> None:
     low, high = options.min_token_ratio, options.max_token_ratio
     if None not in (low, high) and low > high:
         raise InputError(f"--min_token_ratio {low}: above --max_token_ratio {high}")
+    check_output_path(options.output_dir, "--output_dir")
     if options.output_dir.exists() and not options.output_dir.is_dir():
         raise InputError(f"--output_dir {options.output_dir}: exists and is not a directory")
     if tokenizer.eos_id is None:
