@@ -97,3 +97,10 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.path / "profile"
+
+
+def remove_empty_dirs(root: Path) -> None:
+    """Remove the empty directories under `root` and `root` itself if it ends up empty (what a failed start made)."""
+    for path in sorted((p for p in [root, *root.rglob("*")] if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()

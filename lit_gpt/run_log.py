@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from lit_gpt.checkpoint.find import latest_checkpoint
 from lit_gpt.checkpoint.layout import SaveError
 from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.config import Config
@@ -18,7 +20,7 @@ from lit_gpt.loggers import RunLoggers
 from lit_gpt.metrics_log import MetricsLog
 from lit_gpt.resume import Progress
 from lit_gpt.run_dir import RunDir
-from lit_gpt.speed_monitor import SpeedMonitor
+from lit_gpt.speed_monitor import MFU_CONVENTION, SpeedMonitor, matmul_parameters
 
 
 def write_run_files(run: RunDir, hparams: dict, config: Config, tokenizer_path: str) -> None:
@@ -58,6 +60,33 @@ class RunLog:
             log_metrics()
         except SaveError as e:
             self.failure = str(e)
+
+    def describe(self, model_name: str, config: Config, n_params: int, world: str, global_batch_size: int) -> None:
+        """The run's size in one line, and how MFU is counted where it is (on a GPU of known peak)."""
+        self.print(f"{model_name}: {n_params / 1e6:.1f}M parameters | {world} | {global_batch_size} samples x "
+                   f"{config.block_size} tokens per step | {self.max_steps} steps")
+        if self.monitor.peak_flops:
+            self.print(f"MFU: {MFU_CONVENTION} ({matmul_parameters(config, n_params) / 1e6:.1f}M), over "
+                       f"{self.monitor.peak_flops / 1e12:.0f} TFLOP/s dense bf16 per "
+                       f"{torch.cuda.get_device_name(self.device)}")
+
+    def stop_nonfinite(self, steps_in_a_row: int, run: RunDir) -> int:
+        """Exit status 1, after saying where the run can go on from (collective: every rank calls it)."""
+        good = latest_checkpoint(run.path)
+        self.print(f"error: {steps_in_a_row} consecutive non-finite steps; stopping. "
+                   + (f"The last good checkpoint is {good}" if good else "No checkpoint was written before."),
+                   file=sys.stderr)
+        return 1
+
+    def stop_records_lost(self, failure: str, step: int, run: RunDir) -> int:
+        """Exit status 1 for a record that could not be written: no checkpoint is saved past it, so a resume trains
+        those steps again once it can be written."""
+        good = latest_checkpoint(run.path, verify=False)
+        self.print(f"error: {failure}; stopped at step {step} without saving"
+                   + (f" (the last checkpoint is {good.name})" if good else "")
+                   + "; once it can be written, --resume auto trains the steps after that checkpoint again",
+                   file=sys.stderr)
+        return 1
 
     def step(self, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -226,7 +226,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt import preflight
 from lit_gpt.attention import DocumentMask, resolve_backend
-from lit_gpt.checkpoint import SaveError, latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from lit_gpt.checkpoint import SaveError, load_training_state, load_weights, save_checkpoint
 from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.cli import naming_flag
 from lit_gpt.datapoints import DatapointLogger
@@ -246,10 +246,10 @@ from lit_gpt.resume import (
     set_aside_checkpoints_after,
 )
 from lit_gpt.rng import RNGState
-from lit_gpt.run_dir import RunDir
+from lit_gpt.run_dir import RunDir, remove_empty_dirs
 from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
-from lit_gpt.speed_monitor import MFU_CONVENTION, SpeedMonitor, device_peak_flops, flops_per_token, matmul_parameters
+from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
 
 
 # ------------------------------------------------- set-up ------------------------------------------------------
@@ -475,11 +475,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     log = RunLog(SpeedMonitor(flops_per_token(config, n_params), W, peak), metrics, loggers, progress,
                  cfg.log_interval, cfg.max_steps, fabric.device, fabric.print)
     log.hparams({**asdict(cfg), **config.to_dict()})
-    fabric.print(f"{cfg.model_name}: {n_params / 1e6:.1f}M parameters | world_size={W} ({launcher}) | "
-                 f"{cfg.global_batch_size} samples x {config.block_size} tokens per step | {cfg.max_steps} steps")
-    if peak:
-        fabric.print(f"MFU: {MFU_CONVENTION} ({matmul_parameters(config, n_params) / 1e6:.1f}M), over "
-                     f"{peak / 1e12:.0f} TFLOP/s dense bf16 per {torch.cuda.get_device_name(fabric.device)}")
+    log.describe(cfg.model_name, config, n_params, f"world_size={W} ({launcher})", cfg.global_batch_size)
     profile = ProfileWindow(cfg.profile_steps, run.path, rank, fabric.device)
     closing.append(profile)  # a run that stops inside the window keeps what was recorded
     lr_at = LRSchedule.from_settings(asdict(cfg))
@@ -510,18 +506,14 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                             progress.skipped + (not finite))
         log.step(progress, loss, grad_norm, lr)
         if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            good = latest_checkpoint(run.path)
-            fabric.print(f"error: {nonfinite_in_a_row} consecutive non-finite steps; stopping. "
-                         + (f"The last good checkpoint is {good}" if good else "No checkpoint was written before."),
-                         file=sys.stderr)
-            return 1
+            return log.stop_nonfinite(nonfinite_in_a_row, run)
         step = progress.step
         if val_data is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
             log.validation(progress, validate(fabric, model, val_data, cfg))
         stop_now = stop_requested or step == cfg.stop_at_step
         saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps) and not nonfinite_in_a_row) or stop_now
         if saving and (failure := fabric.broadcast(log.failure, src=0)):  # no checkpoint past a lost record
-            return records_failed(fabric, failure, step, run)
+            return log.stop_records_lost(failure, step, run)
         if saving:
             save(fabric, cfg, config, model, optimizer, progress, train_data, datapoints)
         if stop_now:
@@ -533,17 +525,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     if val_data is not None:
         log.validation(progress, validate(fabric, model, val_data, cfg))
     if failure := fabric.broadcast(log.failure, src=0):
-        return records_failed(fabric, failure, progress.step, run)
+        return log.stop_records_lost(failure, progress.step, run)
     return 0
-
-
-def records_failed(fabric: Fabric, failure: str, step: int, run: RunDir) -> int:
-    good = latest_checkpoint(run.path, verify=False)
-    fabric.print(f"error: {failure}; stopped at step {step} without saving"
-                 + (f" (the last checkpoint is {good.name})" if good else "")
-                 + "; once it can be written, --resume auto trains the steps after that checkpoint again",
-                 file=sys.stderr)
-    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         if not existed and fabric.global_rank == 0:
-            _remove_empty_dirs(out_dir)  # a failed start leaves no trace
+            remove_empty_dirs(out_dir)  # a failed start leaves no trace
         return 2
     except SaveError as e:  # e.g. a full disk: the earlier checkpoints are kept
         fabric.print(f"error: {e}", file=sys.stderr)  # every rank has the same message (rank 0's verdict)
@@ -577,12 +560,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for item in closing:
             item.close()
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    for path in sorted((p for p in [root, *root.rglob("*")] if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(path.iterdir()):
-            path.rmdir()
 
 
 if __name__ == "__main__":
