@@ -28,7 +28,7 @@ from lit_gpt.packed_dataset import PackedDataset
 from lit_gpt.resume import check_out_dir, resume_checkpoint
 from lit_gpt.run_dir import RunDir, checkpoint_step
 from lit_gpt.speed_monitor import PEAK_BF16_FLOPS, device_peak_flops, flops_per_token, matmul_parameters
-from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
+from lit_gpt.tokenizer import Tokenizer, tokenizer_digests
 
 if TYPE_CHECKING:
     from pretrain.tinyllama_fabric import TrainConfig
@@ -116,7 +116,7 @@ def check_inputs(cfg: TrainConfig, config: Config, world_size: int) -> None:
 def _check_data_tokenizer(cfg: TrainConfig) -> None:
     """Data prepared with another tokenizer than --tokenizer_path trains on ids that mean other tokens: compare the
     tokenizer files each split's manifest recorded (prepare_data.py) with those of --tokenizer_path."""
-    ours = {path.name: file_sha256(path) for path in tokenizer_files(Path(cfg.tokenizer_path))}
+    ours = tokenizer_digests(Path(cfg.tokenizer_path))
     for flag in ("train_data_dir", "val_data_dir"):
         for directory in filter(None, getattr(cfg, flag).split(",")):
             manifest = Path(directory) / "manifest.json"

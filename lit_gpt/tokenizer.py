@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 # The one sha256 helper, under the name the tokenizer provenance and data manifests have always imported it by
-from lit_gpt.checkpoint.verify import sha256_file as file_sha256
+from lit_gpt.checkpoint.verify import sha256_file
 
 # Files `AutoTokenizer.from_pretrained(dir)` reads for a tokenizer.json directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -188,7 +188,7 @@ class Tokenizer:
 
         Paths are left out (the same tokenizer copied elsewhere describes the same), as are library versions."""
         return {"backend": self.backend,
-                "files": {f.name: file_sha256(f) for f in self.files},
+                "files": {f.name: sha256_file(f) for f in self.files},
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
                 "add_bos": self.default_bos}
 
@@ -208,6 +208,11 @@ def tokenizer_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
+
+
+def tokenizer_digests(path: Path) -> dict[str, str]:
+    """{file name: sha256} of `tokenizer_files(path)`: what manifests and provenance.json record and compare."""
+    return {p.name: sha256_file(p) for p in tokenizer_files(path)}
 
 
 def load_auto_tokenizer(directory: Path):
@@ -258,7 +263,7 @@ def _proven_sentencepiece(directory: Path):
     if set(attributes) != set(PROVEN_ATTRIBUTES) or "tokenizer.model" not in recorded:
         return None
     entries = {entry.name: entry for entry in directory.iterdir() if entry.name != PROVENANCE_FILE}
-    if set(entries) != set(recorded) or not all(entry.is_file() and file_sha256(entry) == recorded[name]
+    if set(entries) != set(recorded) or not all(entry.is_file() and sha256_file(entry) == recorded[name]
                                                 for name, entry in entries.items()):
         return None
     import sentencepiece as spm

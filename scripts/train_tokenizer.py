@@ -219,14 +219,13 @@ def write_provenance(args: argparse.Namespace, files: list[Path]) -> None:
         PROVEN_ATTRIBUTES,
         PROVENANCE_FILE,
         Tokenizer,
-        file_sha256,
-        tokenizer_files,
+        tokenizer_digests,
     )
 
     tokenizer = Tokenizer(args.output_dir)  # through AutoTokenizer: provenance.json is not there yet
     provenance = {"backend": tokenizer.backend, "vocab_size": args.vocab_size, "proven_against": PROVEN_AGAINST,
                   "attributes": {name: getattr(tokenizer, name) for name in PROVEN_ATTRIBUTES},
-                  "files_sha256": {p.name: file_sha256(p) for p in tokenizer_files(args.output_dir)},
+                  "files_sha256": tokenizer_digests(args.output_dir),
                   "trained_on": [str(p) for p in files]}
     write_atomically(args.output_dir / PROVENANCE_FILE, json.dumps(provenance, indent=1).encode("utf-8"))
 

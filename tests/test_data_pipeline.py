@@ -21,7 +21,7 @@ from lit_gpt import cleaning, corpus  # noqa: E402
 from lit_gpt.data_pipeline import switch  # noqa: E402
 from lit_gpt.data_pipeline.plan import STAGING  # noqa: E402
 from lit_gpt.data_pipeline.steps import HashParagraphs, Tokenize  # noqa: E402
-from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files  # noqa: E402
+from lit_gpt.tokenizer import Tokenizer, tokenizer_digests  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def test_manifest_and_tokenizer_dir_record_files_and_backend(prepared_data):
     manifest = json.loads((prepared_data["train"] / "manifest.json").read_text())["tokenizer"]
     backend = Tokenizer(tokenizer).backend
     assert provenance["backend"] == manifest["backend"] == backend
-    expected = {p.name: file_sha256(p) for p in tokenizer_files(tokenizer)}
+    expected = tokenizer_digests(tokenizer)
     assert {"tokenizer.model", "tokenizer.json"} <= set(expected)
     assert provenance["files_sha256"] == manifest["files_sha256"] == expected
     assert manifest["vocab_size"] == Tokenizer(tokenizer).vocab_size

@@ -31,7 +31,7 @@ from lit_gpt.data_pipeline.plan import (
 )
 from lit_gpt.data_pipeline.steps import failures
 from lit_gpt.litpkds import token_dtype
-from lit_gpt.tokenizer import Tokenizer, file_sha256, tokenizer_files
+from lit_gpt.tokenizer import Tokenizer, tokenizer_digests
 
 
 @dataclass
@@ -84,7 +84,7 @@ def prepare(options: PrepareOptions) -> None:
 def settings_fingerprint(options: PrepareOptions, files: list[Path]) -> tuple[str, dict]:
     """A hash of everything the output depends on (inputs by path, size and mtime; tokenizer by content)."""
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    tok = {p.name: file_sha256(p) for p in tokenizer_files(options.tokenizer)}
+    tok = tokenizer_digests(options.tokenizer)
     settings = {"format_version": FORMAT_VERSION, "inputs": stats, "tokenizer": tok,
                 "text_field": options.text_field, "id_field": options.id_field, "chunk_size": options.chunk_size,
                 "val_fraction": options.val_fraction, "seed": options.seed,
