@@ -9,6 +9,17 @@ atomically right before the checkpoint of upto_step is saved, so a checkpoint's 
 not contain. A run resumed at step k (on any world size) first drops logged steps >= k. The documents of a
 sample follow from the dataset (its chunk indexes), pinned by the fingerprint in dataset.json; `DatapointLog`
 answers the questions `scripts/datapoints.py` asks.
+
+Samples a loss-spike rollback skipped (lit_gpt.rollback) are never in the step segments (the continuation reads
+past them); each rollback writes one file beside the segments (rank 0, when it happens):
+  datapoints/skipped-CCCCCCCC-SSSSSSSS-NNN.npz   rolled back to the checkpoint of step C at the spike of step S,
+                              the run's N-th rollback (1-based); arrays: `rollback` N, `spike_step` S and
+                              `checkpoint_step` C (scalars; S and C count steps as metrics.jsonl and the checkpoint
+                              names do: step S is the S-th optimizer step), `steps` [k] the skipped training steps
+                              as the segments number them (0-based: the spike's own step is S - 1), `data_steps` [k]
+                              the data steps they read (see lit_gpt.data_skips), `samples` [k, G] their global
+                              sample ids in global order (all ranks). `read_skipped` reads them.
+A resume at step k sets the files with C >= k aside with the segments (the resumed run replays those rollbacks).
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ from lit_gpt.run_dir import RunDir
 
 DATASET_FILE = "dataset.json"
 _SEGMENT = re.compile(r"^steps-(\d{8})-(\d{8})-rank(\d{5})-of(\d{5})\.npz$")
+_SKIPPED = re.compile(r"^skipped-(\d{8})-(\d{8})-(\d{3,})\.npz$")
 
 
 def _segment_name(first: int, last: int, rank: int, world_size: int) -> str:
@@ -49,7 +61,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 class DatapointLogger:
-    def __init__(self, out_dir, rank: int, world_size: int, dataset: PackedDataset, resume_step: int = 0) -> None:
+    def __init__(self, out_dir, rank: int, world_size: int, dataset: PackedDataset, resume_step: int = 0,
+                 rolled_back: bool = False) -> None:
+        """`rolled_back`: made for an in-process rollback to `resume_step`, which keeps the files of the earlier
+        rollbacks to that same checkpoint (a resume at that step replays them, and so sets them aside)."""
         self.dir = RunDir(out_dir).datapoints
         self.rank, self.world_size = rank, world_size
         self.dtype = np.uint32 if dataset.samples_per_epoch < 2**32 else np.int64
@@ -60,7 +75,7 @@ class DatapointLogger:
         if rank == 0:  # the other ranks write only at flush, after collectives that follow this
             self.dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.dir / DATASET_FILE, json.dumps(dataset.manifest, indent=1).encode("utf-8"))
-            self._drop_from(resume_step)
+            self._drop_from(resume_step, resume_step + rolled_back)
 
     def _check_dataset(self, manifest: dict, resume_step: int) -> None:
         path = self.dir / DATASET_FILE
@@ -71,10 +86,14 @@ class DatapointLogger:
                                  f"(fingerprint {logged.get('fingerprint')}, now {manifest['fingerprint']}); "
                                  f"resuming would mix two sample orders")
 
-    def _drop_from(self, step: int) -> None:
-        """Set the logged steps >= `step` aside (they belong to the continuation this run replaces): whole segment
-        files move to `replaced-at-XXXXXXXX/` (never deleted); a segment that straddles `step` keeps its earlier part."""
+    def _drop_from(self, step: int, rollbacks_from: int) -> None:
+        """Set the logged steps >= `step` and the rollbacks to checkpoints >= `rollbacks_from` aside (they belong to
+        the continuation this run replaces): whole files move to `replaced-at-XXXXXXXX/` (never deleted); a segment
+        that straddles `step` keeps its earlier part."""
         replaced = self.dir / f"replaced-at-{step:08d}"
+        for path in sorted(self.dir.glob("skipped-*.npz")):
+            if (match := _SKIPPED.match(path.name)) is not None and int(match.group(1)) >= rollbacks_from:
+                _move_into(path, replaced)
         for path in sorted(self.dir.glob("steps-*.npz")):
             match = _SEGMENT.match(path.name)
             if match is None or int(match.group(2)) < step:
@@ -86,11 +105,17 @@ class DatapointLogger:
                 last = int(data["steps"][keep].max())
                 _write_npz(self.dir / _segment_name(int(match.group(1)), last, rank, world),
                            steps=data["steps"][keep], samples=data["samples"][keep])
-            replaced.mkdir(exist_ok=True)
-            target = replaced / path.name
-            if target.exists():  # from an earlier resume at the same step
-                set_aside(target, "old")
-            path.rename(target)
+            _move_into(path, replaced)
+
+    def write_skipped(self, rollback: int, spike_step: int, checkpoint_step: int, steps: np.ndarray,
+                      data_steps: np.ndarray, samples: np.ndarray) -> Path:
+        """The samples a rollback skipped (rank 0; see the module's docstring for the format)."""
+        path = self.dir / f"skipped-{checkpoint_step:08d}-{spike_step:08d}-{rollback:03d}.npz"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_npz(path, rollback=np.int64(rollback), spike_step=np.int64(spike_step),
+                   checkpoint_step=np.int64(checkpoint_step), steps=np.asarray(steps, dtype=np.int64),
+                   data_steps=np.asarray(data_steps, dtype=np.int64), samples=np.asarray(samples).astype(self.dtype))
+        return path
 
     def record(self, step: int, sample_index) -> None:
         """This rank's global sample ids of optimizer step `step` (a tensor or array); kept in memory."""
@@ -110,6 +135,25 @@ class DatapointLogger:
         _write_npz(path, steps=steps, samples=samples)
         del self._steps[:n], self._samples[:n]
         return path
+
+
+def _move_into(path: Path, directory: Path) -> None:
+    directory.mkdir(exist_ok=True)
+    target = directory / path.name
+    if target.exists():  # from an earlier resume at the same step
+        set_aside(target, "old")
+    path.rename(target)
+
+
+def read_skipped(run_dir) -> list[dict]:
+    """The run's rollbacks with the samples they skipped, in rollback order: dicts of the skipped-*.npz arrays
+    (scalars as ints)."""
+    found = []
+    for path in sorted(RunDir(run_dir).datapoints.glob("skipped-*.npz")):
+        if _SKIPPED.match(path.name):
+            data = _read_npz(path)
+            found.append({key: int(value) if value.ndim == 0 else value for key, value in data.items()})
+    return sorted(found, key=lambda d: d["rollback"])
 
 
 class DatapointLog:

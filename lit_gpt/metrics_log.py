@@ -2,13 +2,15 @@
 
 Appends are not atomic, so a node crash can leave a torn last line; readers drop it with a warning. A resumed run
 replaces the records after its checkpoint's step; the files holding them are set aside whole, never truncated, and
-replaced by one rename each (a kill in between is finished by the next start).
+replaced by one rename each (a kill in between is finished by the next start). Records with an "event" key (e.g. a
+rollback, see lit_gpt.rollback) have none of the CSV's columns and are written to metrics.jsonl only.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from lit_gpt.checkpoint.layout import SaveError
@@ -26,15 +28,17 @@ class MetricsLog:
                "skipped_steps", "memory_gb", "time")
 
     def __init__(self, out_dir: Path, resume_step: int | None, enabled: bool, log=print,
-                 existing: tuple[list[dict], bool] | None = None, write_csv: bool = True) -> None:
+                 existing: tuple[list[dict], bool] | None = None, write_csv: bool = True,
+                 keep: Callable[[dict], bool] | None = None) -> None:
         """`existing`: what `read_metrics` returned for out_dir, if the caller read it already (to check it before
-        changing anything); `write_csv`: keep metrics.csv beside metrics.jsonl."""
+        changing anything); `write_csv`: keep metrics.csv beside metrics.jsonl; `keep`: which records after
+        `resume_step` stay as well."""
         self.jsonl, self.csv = RunDir(out_dir).metrics_jsonl, RunDir(out_dir).metrics_csv
         self.enabled, self.write_csv = enabled, write_csv
         if not enabled:
             return
         records, torn = existing or read_metrics(self.jsonl, log)
-        kept = [r for r in records if resume_step is not None and r["step"] <= resume_step]
+        kept = [r for r in records if resume_step is not None and (r["step"] <= resume_step or keep and keep(r))]
         # Each file is kept aside (hard link) and then replaced by one rename, so a kill never loses a record; the
         # CSV is rebuilt from the kept JSONL records whenever it differs, which also finishes a replacement that a
         # kill cut between the two files.
@@ -44,7 +48,7 @@ class MetricsLog:
             table = io.StringIO(newline="")
             writer = csv.DictWriter(table, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(r for r in kept if "event" not in r)
             replaced.append((self.csv, table.getvalue().encode()))
         for path, content in replaced:
             if path.exists() and path.read_bytes() == content:
@@ -61,7 +65,7 @@ class MetricsLog:
         try:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.write_csv:
+            if self.write_csv and "event" not in record:
                 path = self.csv
                 with open(path, "a", newline="") as f:
                     csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(record)

@@ -30,6 +30,7 @@ import torch
 
 from lit_gpt.attention import DocumentMask
 from lit_gpt.checkpoint import ranks, verify
+from lit_gpt.data_skips import DataSkips
 from lit_gpt.errors import InputError
 from lit_gpt.litpkds import HEADER_SIZE, ChunkFormatError, read_header
 from lit_gpt.node_cache import NodeCache
@@ -384,10 +385,12 @@ class PackedDataset:
 
 
 class StepLoader:
-    """Yields (step, micro_batches) forever from `start_step`; micro_batches are this rank's share of the step."""
+    """Yields (step, micro_batches) forever from `start_step`; micro_batches are this rank's share of the step.
+    Training step s reads data step d = `skips`.data_step(s) (d = s without skips), positions d*G + rank*G/W + i."""
 
     def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0, num_workers: int = 0) -> None:
+                 world_size: int = 1, start_step: int = 0, num_workers: int = 0,
+                 skips: DataSkips | None = None) -> None:
         G, b, W = global_batch_size, micro_batch_size, world_size
         if min(G, b, W) < 1 or G % (W * b):
             raise ValueError(f"global_batch_size {G} must be a positive multiple of micro_batch_size {b} x "
@@ -399,11 +402,12 @@ class StepLoader:
         self.dataset, self.global_batch_size, self.micro_batch_size = dataset, G, b
         self.rank, self.world_size, self.start_step, self.num_workers = rank, W, start_step, num_workers
         self.per_rank = G // W
+        self.skips = skips or DataSkips()
         self.group_steps = max(1, GROUP_TOKENS // (self.per_rank * dataset.sample_tokens))
 
     def positions(self, step: int, steps: int = 1) -> np.ndarray:
-        """Global sample positions of this rank for `steps` consecutive steps from `step`."""
-        firsts = np.arange(step, step + steps, dtype=np.int64) * self.global_batch_size + self.rank * self.per_rank
+        """Global sample positions of this rank for `steps` consecutive training steps from `step`."""
+        firsts = self.skips.data_steps(step, steps) * self.global_batch_size + self.rank * self.per_rank
         return (firsts[:, None] + np.arange(self.per_rank, dtype=np.int64)).ravel()
 
     def step_rows(self, step: int, steps: int = 1) -> torch.Tensor:

@@ -88,7 +88,20 @@ class RunLog:
                    file=sys.stderr)
         return 1
 
-    def step(self, progress: Progress, loss: float, grad_norm: float, lr: float) -> None:
+    def restart(self, progress: Progress, metrics: MetricsLog) -> None:
+        """After an in-process rollback: the records go on from `progress`, in `metrics` (made for its step); the
+        speed is measured anew (the token count went back)."""
+        self.metrics = metrics
+        self.monitor.records.clear()
+        self.monitor.update(progress.step, progress.tokens_seen)
+
+    def event(self, record: dict, line: str) -> None:
+        """A record of something that happened (it has an "event" key: metrics.jsonl only) and its console line."""
+        self._write(record, lambda: None)
+        self.print(line)
+
+    def step(self, progress: Progress, loss: float, grad_norm: float, lr: float, extra: dict | None = None) -> None:
+        """`extra`: more fields for the step's record (e.g. goodput), written when the step is logged."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.print(f"step {progress.step}: update skipped: non-finite " + " and ".join(
                 f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
@@ -103,7 +116,7 @@ class RunLog:
                   "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                   "tokens": progress.tokens_seen, "tokens_per_sec": tps, "tokens_per_sec_smoothed": smoothed,
                   "mfu": mfu, "skipped_steps": progress.skipped, "memory_gb": memory,
-                  "time": time.perf_counter() - self.start_time}
+                  "time": time.perf_counter() - self.start_time, **(extra or {})}
         self._write(record, lambda: self.loggers.log(
             {k: v for k, v in record.items() if v is not None and k not in ("step", "time")}, progress.step))
         self.print(f"step {progress.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f}"

@@ -11,6 +11,7 @@ iter-{step:08d}-ckpt.pth.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -117,6 +118,14 @@ class TrainConfig:
     verify_data: bool = arg(False, "hash every chunk against its manifest's sha256 before training (ranks share the "
                                    "work)")
     seed: Seed = arg(42, "seed of the initial weights and the sample order")
+    # Loss-spike rollback (lit_gpt.rollback, lit_gpt.spikes)
+    max_rollbacks: NonNegativeInt = arg(3, "on a loss spike (or --max_nonfinite_steps non-finite steps in a row) go "
+                                           "back to the newest good checkpoint before it and skip the spike's data, "
+                                           "at most this often (then stop); 0: no rollback")
+    spike_window: PositiveInt = arg(100, "a spike is a loss above the mean of the last this many steps' losses ...")
+    spike_sigma: PositiveFloat = arg(6.0, "... by more than this many of their standard deviations")
+    spike_skip_steps: PositiveInt = arg(10, "a rollback skips the data of the spike's step and of the steps before "
+                                            "it, this many in all (none before the checkpoint)")
 # ---------------------------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -125,6 +134,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise InputError(f"--{f.name} must be a finite number, got {value}")
+        if self.spike_window < 2:  # one loss has no spread
+            raise InputError(f"--spike_window must be >= 2, got {self.spike_window}")
         unknown = [name for name in self.loggers if name not in LOGGERS]
         if unknown:
             raise InputError(f"--logger: {', '.join(map(repr, unknown))} not among {', '.join(LOGGERS)}")
@@ -231,6 +242,7 @@ from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.cli import naming_flag
 from lit_gpt.datapoints import DatapointLogger
 from lit_gpt.distributed import make_strategy
+from lit_gpt.goodput import Goodput
 from lit_gpt.loggers import RunLoggers
 from lit_gpt.loss import token_losses
 from lit_gpt.metrics_log import MetricsLog, has_final_records, read_metrics
@@ -246,10 +258,12 @@ from lit_gpt.resume import (
     set_aside_checkpoints_after,
 )
 from lit_gpt.rng import RNGState
-from lit_gpt.run_dir import RunDir, remove_empty_dirs
+from lit_gpt.rollback import Rollbacks, keeps_rollbacks_to, rollback_record, samples_of_data_steps
+from lit_gpt.run_dir import RunDir, checkpoint_step, remove_empty_dirs
 from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
 from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
+from lit_gpt.spikes import Spike
 
 
 # ------------------------------------------------- set-up ------------------------------------------------------
@@ -311,11 +325,12 @@ def build_model(fabric: Fabric, cfg: TrainConfig, config: Config):
     return model, optimizer, n_params
 
 
-def restore(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer,
-            train_data: PackedDataset) -> tuple[Path | None, Progress]:
-    """Load the checkpoint to resume from (if any) into model and optimizer, check that this run can continue it and
-    restore the RNG states. Changes nothing in out_dir."""
-    path = resume_checkpoint(cfg.resume, cfg.out_dir, allow_unverified=cfg.allow_unverified)
+def restore(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, train_data: PackedDataset,
+            rollbacks: Rollbacks, path: Path | None = None) -> tuple[Path | None, Progress]:
+    """Load the checkpoint to resume from (if any; `path`: this one, for a rollback) into model and optimizer, check
+    that this run can continue it and restore the RNG states and the rollback state. Changes nothing in out_dir."""
+    if path is None:
+        path = resume_checkpoint(cfg.resume, cfg.out_dir, allow_unverified=cfg.allow_unverified)
     if path is None:
         return None, Progress()
     try:
@@ -334,6 +349,7 @@ def restore(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer,
     # Elastic resume (another world size): per-rank streams cannot carry over; fresh ones are derived deterministically
     saved_rng = ckpt.get("rng") if ckpt.get("world_size") == fabric.world_size else None
     RNGState().resume(saved_rng, fabric.global_rank, fabric.world_size, cfg.seed, progress.step)
+    rollbacks.load_state_dict(ckpt)
     writers = ckpt.get("world_size")
     fabric.print(f"Resumed from {path} at step {progress.step} (" + (
         f"written by {writers} rank{'s' if writers != 1 else ''}, now {fabric.world_size})" if writers else
@@ -419,10 +435,11 @@ def validate(fabric: Fabric, model, val_data: PackedDataset, cfg: TrainConfig) -
 
 
 def save(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, progress: Progress,
-         train_data: PackedDataset, datapoints: DatapointLogger) -> None:
+         train_data: PackedDataset, datapoints: DatapointLogger, rollbacks: Rollbacks) -> None:
     datapoints.flush(progress.step)
     G = cfg.global_batch_size
-    meta = {**progress.state_dict(), "world_size": fabric.world_size, "rng": gather(RNGState().state_dict()),
+    meta = {**progress.state_dict(), **rollbacks.state_dict(), "world_size": fabric.world_size,
+            "rng": gather(RNGState().state_dict()),
             "hparams": asdict(cfg), "config": config.to_dict(),
             "data": {"global_batch_size": G, "samples_seen": progress.step * G, "manifest": train_data.manifest}}
     path = RunDir(cfg.out_dir).checkpoint(progress.step)
@@ -435,6 +452,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     """The run, top to bottom; what must be closed however it ends (loggers, profiler) is appended to `closing`."""
     run = RunDir(cfg.out_dir)
     rank, W = fabric.global_rank, fabric.world_size
+    goodput = Goodput()  # from here on: start-up counts as unproductive time
     fabric.seed_everything(cfg.seed)  # identical initial weights on every rank
     preemption = Preemption()  # before the (possibly long) set-up: a signal would otherwise kill the job unsaved
     train_data, val_data = load_data(fabric, cfg, config)
@@ -442,7 +460,9 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         fabric.print(f"--eval_iters {cfg.eval_iters}: the validation split holds {validation_batches(val_data, cfg)} "
                      f"batches of --global_batch_size {cfg.global_batch_size} samples; each validation uses those")
     model, optimizer, n_params = build_model(fabric, cfg, config)
-    resume_path, progress = restore(fabric, cfg, config, model, optimizer, train_data)
+    rollbacks = Rollbacks(cfg.spike_window, cfg.spike_sigma, cfg.max_nonfinite_steps, cfg.max_rollbacks,
+                          cfg.spike_skip_steps)
+    resume_path, progress = restore(fabric, cfg, config, model, optimizer, train_data, rollbacks)
     with naming_flag("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
         existing_metrics = read_metrics(run.metrics_jsonl, fabric.print) if rank == 0 else None
     if progress.step >= cfg.max_steps:  # a finished run started again (e.g. a requeued job)
@@ -480,53 +500,115 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     closing.append(profile)  # a run that stops inside the window keeps what was recorded
     lr_at = LRSchedule.from_settings(asdict(cfg))
 
+    if rank == 0 and existing_metrics[0]:  # steps up to the last record had been trained (at least) before
+        goodput.lost_until(max(r["step"] for r in existing_metrics[0]))
     if val_data is not None and progress.step == 0:
-        log.validation(progress, validate(fabric, model, val_data, cfg))  # the untrained baseline
-    batches = iter(StepLoader(train_data, global_batch_size=cfg.global_batch_size,
-                              micro_batch_size=cfg.micro_batch_size, rank=rank, world_size=W,
-                              start_step=progress.step, num_workers=cfg.num_workers))
-    nonfinite_in_a_row = 0
+        with goodput.phase("validation"):
+            log.validation(progress, validate(fabric, model, val_data, cfg))  # the untrained baseline
+    batches = step_batches(train_data, cfg, rank, W, progress.step, rollbacks)
     while progress.step < cfg.max_steps:
         profile.step(progress.step)
-        try:  # a damaged chunk (or one of another tokenizer) is found when a rank first reads it
-            data_step, micro_batches = next(batches)
-            data_error = None
-        except InputError as e:  # names the file; anything else is a bug and propagates with its traceback
-            data_step, micro_batches, data_error = progress.step, [], e
-        assert data_step == progress.step, f"data loader at step {data_step}, trainer at {progress.step}"
-        lr = lr_at(progress.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm, tokens, stop_requested = train_step(fabric, model, optimizer, micro_batches, data_error, cfg,
-                                                             preemption.requested or log.failure is not None)
-        datapoints.record(progress.step, torch.cat([mb["sample_index"] for mb in micro_batches]))
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-        progress = Progress(progress.step + 1, progress.iter_num + len(micro_batches), progress.tokens_seen + tokens,
-                            progress.skipped + (not finite))
-        log.step(progress, loss, grad_norm, lr)
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            return log.stop_nonfinite(nonfinite_in_a_row, run)
+        with goodput.training_step(progress.step):
+            try:  # a damaged chunk (or one of another tokenizer) is found when a rank first reads it
+                data_step, micro_batches = next(batches)
+                data_error = None
+            except InputError as e:  # names the file; anything else is a bug and propagates with its traceback
+                data_step, micro_batches, data_error = progress.step, [], e
+            assert data_step == progress.step, f"data loader at step {data_step}, trainer at {progress.step}"
+            lr = lr_at(progress.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm, tokens, stop_requested = train_step(fabric, model, optimizer, micro_batches, data_error,
+                                                                 cfg, preemption.requested or log.failure is not None)
+            datapoints.record(progress.step, torch.cat([mb["sample_index"] for mb in micro_batches]))
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            progress = dataclasses.replace(progress, step=progress.step + 1,
+                                           iter_num=progress.iter_num + len(micro_batches),
+                                           tokens_seen=progress.tokens_seen + tokens,
+                                           skipped=progress.skipped + (not finite))
+            log.step(progress, loss, grad_norm, lr, extra={"goodput": goodput.share()})
+        if spike := rollbacks.observe(progress.step, loss, finite):  # the same on every rank: the loss is all-reduced
+            went_back = roll_back(fabric, cfg, config, model, optimizer, train_data, rollbacks, spike, run, log,
+                                  goodput)
+            if went_back is None:
+                return 1
+            progress, datapoints = went_back  # a stop request is answered after the next step, with its checkpoint
+            batches = step_batches(train_data, cfg, rank, W, progress.step, rollbacks)
+            continue
         step = progress.step
         if val_data is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
-            log.validation(progress, validate(fabric, model, val_data, cfg))
+            with goodput.phase("validation"):
+                log.validation(progress, validate(fabric, model, val_data, cfg))
         stop_now = stop_requested or step == cfg.stop_at_step
-        saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps) and not nonfinite_in_a_row) or stop_now
+        saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps)
+                  and not rollbacks.detector.nonfinite_in_a_row) or stop_now
         if saving and (failure := fabric.broadcast(log.failure, src=0)):  # no checkpoint past a lost record
             return log.stop_records_lost(failure, step, run)
         if saving:
-            save(fabric, cfg, config, model, optimizer, progress, train_data, datapoints)
+            with goodput.phase("checkpoint"):
+                save(fabric, cfg, config, model, optimizer, progress, train_data, datapoints, rollbacks)
         if stop_now:
             if launcher == "slurm" and rank == 0:
                 preemption.requeue(fabric.print)
-            fabric.print(f"Stopped at step {step}; resume with --resume auto")
+            fabric.print(f"Stopped at step {step}; resume with --resume auto. {goodput.summary()}")
             return 0
     profile.step(progress.step)
     if val_data is not None:
-        log.validation(progress, validate(fabric, model, val_data, cfg))
+        with goodput.phase("validation"):
+            log.validation(progress, validate(fabric, model, val_data, cfg))
     if failure := fabric.broadcast(log.failure, src=0):
         return log.stop_records_lost(failure, progress.step, run)
+    fabric.print(goodput.summary())
     return 0
+
+
+def step_batches(train_data: PackedDataset, cfg: TrainConfig, rank: int, world_size: int, step: int,
+                 rollbacks: Rollbacks):
+    """This rank's (step, micro-batches) from training step `step` on, past the data that rollbacks skipped."""
+    return iter(StepLoader(train_data, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+                           rank=rank, world_size=world_size, start_step=step, num_workers=cfg.num_workers,
+                           skips=rollbacks.skips))
+
+
+def roll_back(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, train_data: PackedDataset,
+              rollbacks: Rollbacks, spike: Spike, run: RunDir, log: RunLog,
+              goodput: Goodput) -> tuple[Progress, DatapointLogger] | None:
+    """Go back to the newest good checkpoint before the spike and skip its data (lit_gpt.rollback); the run's
+    progress and datapoint logger from there, or None after the error line when the run must stop (collective)."""
+    if not rollbacks.enabled:  # only a run of non-finite steps is a spike then: it ends the run, as it always did
+        log.stop_nonfinite(spike.nonfinite_in_a_row, run)
+        return None
+    if refusal := rollbacks.exhausted(spike):
+        fabric.print(f"error: {refusal}", file=sys.stderr)
+        return None
+    with goodput.phase("rollback"):
+        target = rollbacks.checkpoint_before(run.path, spike.step)
+        if target is None and spike.nonfinite_in_a_row:  # the message of a run without rollback
+            log.stop_nonfinite(spike.nonfinite_in_a_row, run)
+            return None
+        if target is None:
+            fabric.print(f"error: {rollbacks.no_checkpoint(spike, cfg.save_interval)}", file=sys.stderr)
+            return None
+        before = (rollbacks.skips, rollbacks.count)
+        steps, data_steps = rollbacks.skipped_steps(spike, checkpoint_step(target))
+        _, progress = restore(fabric, cfg, config, model, optimizer, train_data, rollbacks, path=target)
+        rollbacks.rolled_back(data_steps, before)
+        rank, c = fabric.global_rank, progress.step
+        # As a resume to step c would, but the records of the earlier rollbacks to c stay: they are this run's past.
+        datapoints = DatapointLogger(run.path, rank=rank, world_size=fabric.world_size, dataset=train_data,
+                                     resume_step=c, rolled_back=True)
+        samples = samples_of_data_steps(train_data, data_steps, cfg.global_batch_size)
+        if rank == 0:
+            set_aside_checkpoints_after(run.path, c, fabric.print)
+            datapoints.write_skipped(rollbacks.count, spike.step, c, steps, data_steps, samples)
+        log.restart(progress, MetricsLog(run.path, resume_step=c, enabled=rank == 0, log=fabric.print,
+                                         write_csv="csv" in cfg.loggers, keep=keeps_rollbacks_to(c)))
+        log.event(rollback_record(spike, rollbacks.count, target, steps, data_steps, samples),
+                  f"{spike.describe()}: rollback {rollbacks.count} of at most {cfg.max_rollbacks} to {target.name}; "
+                  f"skipping the data of steps {int(steps[0]) + 1}-{spike.step} (data steps "
+                  f"{int(data_steps[0])}-{int(data_steps[-1])}, {samples.size} samples)")
+    goodput.lost_until(spike.step)
+    return progress, datapoints
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,7 +89,7 @@ def killed_run(prepared_data, out_dir, wrapper, kill_at: str, **overrides) -> su
 
 def records(out_dir) -> list[dict]:
     """metrics.jsonl without the fields that depend on timing."""
-    timing = {"time", "tokens_per_sec", "tokens_per_sec_smoothed", "mfu", "memory_gb"}
+    timing = {"time", "tokens_per_sec", "tokens_per_sec_smoothed", "mfu", "memory_gb", "goodput"}
     return [{k: v for k, v in r.items() if k not in timing} for r in metrics(out_dir)]
 
 
