@@ -18,9 +18,10 @@ REWORK = "rework"
 
 
 class Goodput:
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, started: float | None = None) -> None:
+        """`started`: when the run began on `clock` (e.g. before the imports); default now."""
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started
         self.seconds: dict[str, float] = defaultdict(float)
         self._open: list[str] = []  # the phases entered and not left, innermost last
         self._since = self.started  # when the innermost phase last started counting

@@ -11,6 +11,10 @@ iter-{step:08d}-ckpt.pth.
 """
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # goodput counts the start-up (imports included) as unproductive time
+
 import dataclasses
 import math
 import sys
@@ -452,7 +456,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     """The run, top to bottom; what must be closed however it ends (loggers, profiler) is appended to `closing`."""
     run = RunDir(cfg.out_dir)
     rank, W = fabric.global_rank, fabric.world_size
-    goodput = Goodput()  # from here on: start-up counts as unproductive time
+    goodput = Goodput(started=STARTED)
     fabric.seed_everything(cfg.seed)  # identical initial weights on every rank
     preemption = Preemption()  # before the (possibly long) set-up: a signal would otherwise kill the job unsaved
     train_data, val_data = load_data(fabric, cfg, config)

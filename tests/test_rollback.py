@@ -4,16 +4,20 @@ metrics.jsonl) across resumes and rollbacks, and the goodput accounting."""
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_kill_resume import KILLER, killed_run, records
 from test_packed_dataset import write_litpkds
+from test_trainer import metrics, samples_per_step, train, train_losses
 
 from lit_gpt.data_skips import DataSkips
 from lit_gpt.datapoints import DatapointLogger, read_skipped
 from lit_gpt.goodput import Goodput
+from lit_gpt.litpkds import HEADER_SIZE
 from lit_gpt.metrics_log import MetricsLog
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
 from lit_gpt.rollback import Rollbacks, keeps_rollbacks_to, rollback_record, samples_of_data_steps
@@ -224,3 +228,111 @@ def test_goodput_counts_each_second_once_in_its_innermost_phase():
     with goodput.phase("step"):  # an open phase counts up to now
         clock.now += 5
         assert goodput.totals()["step"] == 15 and goodput.share() == pytest.approx(15 / 50)
+
+
+# ------------------------------------------------------------------ real runs on a poisoned corpus
+G = 8  # test_trainer's global batch
+POISONED_STEP = 13  # the data step of random tokens: the 14th optimizer step trains on it
+ROLLBACK = dict(max_steps=20, save_interval=4, spike_window=6, spike_sigma=8.0, spike_skip_steps=2, max_rollbacks=2)
+
+
+def poison(train_dir: Path, data_step: int, seed: int = 0) -> np.ndarray:
+    """Overwrite the tokens of every sample of `data_step` (micro: 129 tokens each) in the chunk files with uniformly
+    random ones; returns those sample ids. Checksums are not checked without --verify_data."""
+    ds = PackedDataset([train_dir], block_size=128, seed=1234)
+    ids = ds.sample_ids(np.arange(data_step * G, (data_step + 1) * G))
+    source, rng = ds.sources[0], np.random.default_rng(seed)
+    for _, start in zip(*ds.locate(ids)):
+        for c, chunk in enumerate(source.chunks):
+            lo = max(int(start), int(source.offsets[c]))
+            hi = min(int(start) + ds.sample_tokens, int(source.offsets[c + 1]))
+            if lo < hi:
+                tokens = np.memmap(chunk["path"], dtype=chunk["dtype"], mode="r+", offset=HEADER_SIZE)
+                tokens[lo - source.offsets[c]:hi - source.offsets[c]] = rng.integers(3, 512, size=hi - lo)
+                tokens.flush()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def poisoned(prepared_data, tmp_path_factory) -> dict:
+    """The test corpus with one step of random tokens, and an uninterrupted run on it."""
+    base = tmp_path_factory.mktemp("poisoned")
+    shutil.copytree(prepared_data["train"], base / "train")
+    data = {**prepared_data, "train": base / "train"}
+    samples = poison(base / "train", POISONED_STEP)
+    out = train(data, base / "reference", **ROLLBACK)
+    return {"data": data, "samples": samples, "reference": base / "reference", "stdout": out.stdout}
+
+
+@pytest.mark.slow
+def test_a_poisoned_step_is_rolled_back_and_skipped_and_a_healthy_run_is_not(prepared_data, poisoned, tmp_path):
+    run = poisoned["reference"]
+    (event,) = [r for r in metrics(run) if r.get("event") == "rollback"]
+    spike = POISONED_STEP + 1
+    assert event["spike_step"] == spike and event["checkpoint"] == "iter-00000012-ckpt.pth" and event["step"] == 13
+    assert event["spike_loss"] > event["window_mean"] + 8 * event["window_std"]
+    # skipped: the data of steps 13 and 14 (data steps 12 and 13), the poisoned samples among them
+    ds = PackedDataset([poisoned["data"]["train"]], block_size=128, seed=1234)
+    expected = ds.sample_ids(np.arange(12 * G, 14 * G)).reshape(2, G)
+    assert event["skipped_data_steps"] == [12, 13] and event["skipped_samples"] == expected.tolist()
+    assert expected[1].tolist() == poisoned["samples"].tolist()
+    (logged,) = read_skipped(run)
+    assert logged["spike_step"] == spike and logged["checkpoint_step"] == 12 and logged["rollback"] == 1
+    assert logged["steps"].tolist() == [12, 13] and np.array_equal(logged["samples"], expected)
+    # every step logged once; from step 12 on (0-based) two data steps later: the skipped ones are never trained on
+    log = samples_per_step(run)
+    assert sorted(log) == list(range(20))
+    for step in range(20):
+        data_step = step if step < 12 else step + 2
+        assert log[step] == ds.sample_ids(np.arange(data_step * G, (data_step + 1) * G)).tolist()
+    assert sorted(train_losses(run)) == list(range(1, 21)) and max(train_losses(run).values()) < event["spike_loss"]
+    assert "rollback 1 of at most 2 to iter-00000012-ckpt.pth" in poisoned["stdout"]
+    assert "Goodput" in poisoned["stdout"] and all("goodput" in r for r in metrics(run) if "loss" in r)
+    # the same settings on the clean corpus: no rollback; the poisoned run's losses were the same up to the
+    # poisoned step (those of steps 13 and 14 before the rollback are in the records it set aside)
+    healthy = tmp_path / "healthy"
+    train(prepared_data, healthy, **ROLLBACK)
+    assert not [r for r in metrics(healthy) if "event" in r] and read_skipped(healthy) == []
+    clean, dirty = train_losses(healthy), train_losses(run)
+    assert all(clean[s] == dirty[s] for s in range(1, 13)) and dirty[13] != clean[13]
+    before = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl.replaced").read_text().splitlines())}
+    assert sorted(before) == list(range(1, spike + 1)) and before[13] == clean[13]
+    assert before[spike] == event["spike_loss"] > clean[spike] + 1
+
+
+@pytest.mark.slow
+def test_killed_after_a_rollback_resumes_to_the_losses_of_the_run_that_never_stopped(poisoned, tmp_path):
+    wrapper = tmp_path / "killer.py"
+    wrapper.write_text(KILLER)
+    data, run = poisoned["data"], tmp_path / "run"
+    # after the rollback, before the next checkpoint: the resume from checkpoint 12 replays the spike and rollback
+    killed_run(data, run, wrapper, "step:15", **ROLLBACK)
+    out = killed_run(data, run, wrapper, "step:18", resume="auto", **ROLLBACK)
+    assert "rollback 1 of at most 2" in out.stdout
+    out = train(data, run, resume="auto", **ROLLBACK)  # from checkpoint 16: the skip is in its state
+    assert f"Resumed from {run / 'iter-00000016-ckpt.pth'}" in out.stdout and "rollback 1 of" not in out.stdout
+    assert train_losses(run) == train_losses(poisoned["reference"])
+    assert records(run) == records(poisoned["reference"])
+    assert [r["rollback"] for r in read_skipped(run)] == [1]
+    assert samples_per_step(run) == samples_per_step(poisoned["reference"])
+
+
+@pytest.mark.slow
+def test_rollbacks_run_out_or_find_no_checkpoint_with_one_error_line(prepared_data, tmp_path):
+    shutil.copytree(prepared_data["train"], tmp_path / "train")
+    data = {**prepared_data, "train": tmp_path / "train"}
+    for step in (POISONED_STEP, POISONED_STEP + 1):  # two poisoned steps, one skipped per rollback: a second spike
+        poison(tmp_path / "train", step, seed=step)
+    settings = {**ROLLBACK, "max_steps": 16, "spike_skip_steps": 1, "max_rollbacks": 1}
+    out = train(data, tmp_path / "out", check=False, **settings)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "rollback 1 of at most 1 to iter-00000012-ckpt.pth" in out.stdout
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: loss spike at step {POISONED_STEP + 1}: loss ")
+    assert error.endswith("; the run has rolled back 1 time already (--max_rollbacks 1): giving up")
+    out = train(data, tmp_path / "early", check=False, **{**settings, "save_interval": 100})
+    assert out.returncode == 1
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: loss spike at step {POISONED_STEP + 1}: loss ") and error.endswith(
+        f", and no checkpoint of a step before {POISONED_STEP + 1} to roll back to (the first is saved at step "
+        f"--save_interval 100)")
