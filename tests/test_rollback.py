@@ -336,3 +336,16 @@ def test_rollbacks_run_out_or_find_no_checkpoint_with_one_error_line(prepared_da
     assert error.startswith(f"error: loss spike at step {POISONED_STEP + 1}: loss ") and error.endswith(
         f", and no checkpoint of a step before {POISONED_STEP + 1} to roll back to (the first is saved at step "
         f"--save_interval 100)")
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_roll_back_while_rollbacks_remain(prepared_data, tmp_path):
+    # An absurd learning rate blows the weights up in the first update: from step 2 on every step is non-finite, and
+    # the only checkpoint before them (step 1) already holds the blown-up weights.
+    out = train(prepared_data, tmp_path, check=False, learning_rate=1e30, min_lr=1e30, warmup_steps=0, grad_clip=0,
+                max_steps=20, max_nonfinite_steps=3, save_interval=1, max_rollbacks=1)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert ("3 consecutive non-finite steps up to step 4: rollback 1 of at most 1 to iter-00000001-ckpt.pth; "
+            "skipping the data of steps 2-4") in out.stdout  # --spike_skip_steps 10, none before the checkpoint
+    assert out.stderr.strip().splitlines()[-1] == ("error: 3 consecutive non-finite steps up to step 4; the run has "
+                                                   "rolled back 1 time already (--max_rollbacks 1): giving up")
