@@ -43,6 +43,7 @@ def step_segments(dataset: PackedDataset, sample_ids: np.ndarray) -> tuple[list[
     last segment, as the loader's doc ids do)."""
     sources, starts = dataset.locate(sample_ids)
     segments: list[dict] = []
+    places: list[tuple[int, int]] = []  # (source, document number) of each segment
     segment_of = np.empty((len(sample_ids), dataset.sample_tokens), dtype=np.int64)
     for row, (s, start, sample) in enumerate(zip(sources.tolist(), starts.tolist(), sample_ids.tolist())):
         source = dataset.sources[s]
@@ -53,16 +54,19 @@ def step_segments(dataset: PackedDataset, sample_ids: np.ndarray) -> tuple[list[
         firsts = np.concatenate([[0], np.flatnonzero(np.diff(numbers)) + 1])
         positions = np.minimum(np.arange(dataset.sample_tokens), real - 1)
         segment_of[row] = len(segments) + np.searchsorted(firsts, positions, side="right") - 1
-        ids = document_ids(source, numbers[firsts])
-        for first, number, doc_id in zip(firsts.tolist(), numbers[firsts].tolist(), ids):
+        for first, number in zip(firsts.tolist(), numbers[firsts].tolist()):
             position = start + first  # in the source's token stream
             chunk = int(source.chunk_of(position))
-            segments.append({"document": doc_id, "source": str(source.directory),
-                             "file": str(source.chunks[chunk]["path"]),
+            places.append((s, number))
+            segments.append({"source": str(source.directory), "file": str(source.chunks[chunk]["path"]),
                              "file_position": position - int(source.offsets[chunk]),
                              "document_offset": position - source.doc_start(number),
                              "sample": sample, "sample_position": first})
-    return segments, segment_of
+    names: dict[tuple[int, int], str] = {}
+    for s in sorted({s for s, _ in places}):  # each source's chunk indexes are read once, not once per sample
+        numbers = sorted({number for t, number in places if t == s})
+        names.update(zip([(s, n) for n in numbers], document_ids(dataset.sources[s], np.asarray(numbers))))
+    return [{"document": names[place], **segment} for place, segment in zip(places, segments)], segment_of
 
 
 @torch.no_grad()
@@ -105,6 +109,9 @@ def rank_step_documents(log: DatapointLog, step: int, model, document_masking: b
     require_logged(log, step)
     sample_ids = log.samples(step)
     dataset = log.dataset
+    if dataset.block_size > model.config.block_size:
+        raise InputError(f"--checkpoint: the model's block_size {model.config.block_size} is shorter than the run's "
+                         f"samples ({dataset.block_size} inputs); a checkpoint of another run?")
     segments, segment_of = step_segments(dataset, sample_ids)
     loss_sums, counts = segment_losses(model, dataset, sample_ids, segment_of, document_masking, device, batch_size)
     scored = [{"loss": loss_sum / count if count else None, "tokens": count, **segment}

@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub.add_parser("summary", help="logged steps and world sizes")
     spike = sub.add_parser("spike", help="the documents of one step's global batch, ranked by their own loss")
     spike.add_argument("--step", "--spike", dest="step", type=int, required=True,
-                       help="the optimizer step, 0-based as in the log (metrics.jsonl's step STEP + 1)")
+                       help="the optimizer step as the datapoint log numbers it, from 0 (metrics.jsonl logs its loss "
+                       "as step STEP + 1)")
     spike.add_argument("--checkpoint", type=Path, help="the weights to score with (default: the newest checkpoint "
                        "iter-N of the run with N <= STEP that verifies); its folder is the run directory")
     spike.add_argument("--top", type=int, default=20, help="list the N highest-loss documents (0: all; default 20)")
@@ -145,7 +146,7 @@ def spike(args: argparse.Namespace, log) -> None:
     result.update(checkpoint=str(checkpoint), document_masking=masking)
     shown = result["documents"][:args.top] if args.top else result["documents"]
     if args.json:
-        print(json.dumps({**result, "documents": shown}, ensure_ascii=False))
+        print(json.dumps({**result, "pieces": len(result["documents"]), "documents": shown}, ensure_ascii=False))
         return
     print(f"step {args.step}: {result['samples']} samples, {len(result['documents'])} document pieces, loss "
           f"{result['loss']:.4f} over {result['tokens']} tokens under {checkpoint}"

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from test_datapoints import simulate
+from conftest import ROOT, run_script
+from test_datapoints import reference_documents, simulate
 from test_packed_dataset import write_litpkds
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -160,3 +160,41 @@ def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, 
         assert code == 2
         err = capsys.readouterr().err
         assert flag in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_spike_of_a_trained_run_gives_back_the_loss_the_trainer_logged(prepared_data, tmp_path):
+    """A real run with document masking: the pieces of step 2 under checkpoint iter-2 (the weights step 2 started
+    from) add up to the loss metrics.jsonl logged for it, and each is the loss of its own tokens."""
+    from test_trainer import train, train_losses
+
+    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.datapoints import DatapointLog
+
+    train(prepared_data, tmp_path, max_steps=4, save_interval=2, document_masking="true")
+    step = 2
+    out = run_script("scripts/datapoints.py", "spike", "--run", str(tmp_path), "--step", str(step), "--top", "0",
+                     "--json")
+    result = json.loads(out.stdout)
+    assert result["checkpoint"] == str(tmp_path / "iter-00000002-ckpt.pth") and result["document_masking"] is True
+    assert result["loss"] == pytest.approx(train_losses(tmp_path)[step + 1], abs=1e-5)
+    log = DatapointLog(tmp_path)
+    ds = PackedDataset([prepared_data["train"]], block_size=128, seed=1234, with_doc_ids=True)
+    sample_ids = log.samples(step)
+    assert np.array_equal(sample_ids, ds.sample_ids(np.arange(8 * step, 8 * step + 8)))
+    listed = result["documents"]
+    assert {d["document"] for d in listed} == reference_documents(ds, sample_ids)
+    assert result["tokens"] == int((ds.get_batch(sample_ids)["labels"] != -100).sum())
+    # The top pieces, each from its sample as the loader builds it (document mask included), its own targets only.
+    model = load_gpt(tmp_path / "iter-00000002-ckpt.pth", with_tokenizer=False)[0]
+    starts = {(d["sample"], d["sample_position"]) for d in listed}
+    for piece in listed[:3]:
+        batch = ds.get_batch([piece["sample"]])
+        end = min([p for s, p in starts if s == piece["sample"] and p > piece["sample_position"]], default=129)
+        keep = torch.zeros(128, dtype=torch.bool)
+        keep[max(piece["sample_position"], 1) - 1:end - 1] = True
+        labels = batch["labels"].masked_fill(~keep, -100)
+        with torch.no_grad():
+            loss = token_losses(model(batch["input_ids"], doc_mask=batch["doc_mask"]), labels)[0]
+        assert piece["tokens"] == int((labels != -100).sum())
+        assert piece["loss"] == pytest.approx(loss.item() / piece["tokens"], rel=1e-5)
