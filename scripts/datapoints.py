@@ -128,7 +128,7 @@ def main(argv=None) -> int:
 
 
 def spike(args: argparse.Namespace, log) -> None:
-    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.checkpoint.load import load_gpt, trained_with_document_masking
     from lit_gpt.hf_convert import TORCH_DTYPES
     from lit_gpt.spike_attribution import checkpoint_before, rank_step_documents, require_logged
 
@@ -138,10 +138,7 @@ def spike(args: argparse.Namespace, log) -> None:
         print(f"warning: --checkpoint {checkpoint} has trained on step {args.step} already: these are the losses "
               f"after it", file=sys.stderr)
     model, _, _, meta = load_gpt(checkpoint, dtype=TORCH_DTYPES[args.dtype], with_tokenizer=False)
-    masking = args.document_masking
-    if masking is None:
-        hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
-        masking = bool(hparams.get("document_masking", False))
+    masking = trained_with_document_masking(meta) if args.document_masking is None else args.document_masking
     result = rank_step_documents(log, args.step, model.to(args.device), masking, args.device, args.batch_size)
     result.update(checkpoint=str(checkpoint), document_masking=masking)
     shown = result["documents"][:args.top] if args.top else result["documents"]
