@@ -78,7 +78,7 @@ def segment_losses(model, dataset: PackedDataset, sample_ids: np.ndarray, segmen
     vocab = model.config.padded_vocab_size
     for at in range(0, len(sample_ids), batch_size):
         batch = dataset.get_batch(sample_ids[at:at + batch_size])
-        top = int(batch["input_ids"].max())
+        top = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
         if top >= vocab:
             raise InputError(f"--checkpoint: token id {top} of the logged training data is outside the model's "
                              f"vocabulary ({vocab}); a checkpoint of another run?")

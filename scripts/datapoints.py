@@ -145,7 +145,7 @@ def spike(args: argparse.Namespace, log) -> None:
     if args.json:
         print(json.dumps({**result, "pieces": len(result["documents"]), "documents": shown}, ensure_ascii=False))
         return
-    print(f"step {args.step}: {result['samples']} samples, {len(result['documents'])} document pieces, loss "
+    print(f"step {args.step} (metrics.jsonl: step {args.step + 1}): {result['samples']} samples, {len(result['documents'])} document pieces, loss "
           f"{result['loss']:.4f} over {result['tokens']} tokens under {checkpoint}"
           f"{' (document masking)' if masking else ''}", file=sys.stderr)
     print("loss\ttokens\tdocument\tfile\tfile_position\tdocument_offset\tsample\tsample_position")

@@ -150,9 +150,15 @@ def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, 
     assert float(first[0]) == pytest.approx(direct_loss(model, stream, layout, piece, False), abs=1e-4)
 
     # One-line errors naming the flag.
+    short = GPT(Config.from_name("micro", block_size=16))
+    save_checkpoint(tmp_path / "short.pth", short, torch.optim.SGD(short.parameters()), {"config": short.config.to_dict()},
+                    "full")
     for argv, flag in ((["--step", "999"], "--step 999: not in the datapoint log"),
                        (["--step", "0"], "--step 0: no checkpoint at or before step 0"),
-                       (["--step", str(step), "--checkpoint", str(tmp_path / "nope.pth")], "--checkpoint")):
+                       (["--step", str(step), "--checkpoint", str(tmp_path / "nope.pth")], "--checkpoint"),
+                       (["--step", str(step), "--checkpoint", str(tmp_path / "short.pth")],
+                        "--checkpoint: the model's block_size 16 is shorter than the run's samples"),
+                       (["--step", str(step), "--top", "-1"], "--top -1: must be at least 0")):
         try:
             code = datapoints_cli.main(["spike", "--run", str(out), *argv])
         except SystemExit as e:
