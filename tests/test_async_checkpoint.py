@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 from test_checkpoints import trained
+from test_trainer import train, train_losses, trainer_args
 
-from lit_gpt.checkpoint.async_save import AsyncCheckpointer
+from lit_gpt.checkpoint.async_save import STALL_WRITE_ENV, AsyncCheckpointer
 from lit_gpt.checkpoint.find import latest_checkpoint, list_checkpoints, verify_checkpoint
 from lit_gpt.checkpoint.layout import SaveError
 from lit_gpt.checkpoint.load import load_training_state
@@ -126,3 +128,76 @@ def test_close_abandons_the_save_in_flight(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [RunDir(tmp_path).checkpoint(1).name]
     assert messages[-1] == f"note: abandoned the unfinished checkpoint {RunDir(tmp_path).checkpoint(2)}"
     assert checkpointer.pending is None
+
+
+def test_async_checkpoint_true_with_full_checkpoints_is_refused(prepared_data, tmp_path):
+    result = run_script(*trainer_args(prepared_data, tmp_path / "run", async_checkpoint="true",
+                                      state_dict_type="full"), check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--async_checkpoint true" in errors[0] and "--state_dict_type sharded" in errors[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ the trainer, 2 ranks (FSDP, gloo)
+TWO_RANKS = dict(devices=2, strategy="fsdp", state_dict_type="sharded", max_steps=6, save_interval=2,
+                 val_data_dir="", keep_last_checkpoints=0)
+
+
+def shard_digests(checkpoint: Path) -> list[str]:
+    return sorted(line for line in (checkpoint / "checksums.sha256").read_text().splitlines()
+                  if line.endswith(".distcp"))
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name.startswith("iter-"))
+
+
+@pytest.fixture(scope="module")
+def synchronous_run(prepared_data, tmp_path_factory) -> Path:
+    """The reference: the same 2-rank run with synchronous checkpoints."""
+    out = tmp_path_factory.mktemp("sync")
+    train(prepared_data, out, async_checkpoint="false", **TWO_RANKS)
+    return out
+
+
+@pytest.mark.slow
+def test_async_checkpoints_train_and_resume_like_synchronous_ones(prepared_data, synchronous_run, tmp_path):
+    sync, async_ = synchronous_run, tmp_path / "async"
+    out = train(prepared_data, async_, async_checkpoint="true", **TWO_RANKS)
+    reference = train_losses(sync)
+    assert sorted(reference) == list(range(1, 7)) and train_losses(async_) == reference  # exactly
+    expected = [RunDir(async_).checkpoint(s).name for s in (2, 4, 6)]
+    assert checkpoint_names(async_) == checkpoint_names(sync) == expected  # no .tmp left behind
+    assert all(f"Saved {async_ / name}" in out.stdout for name in expected)
+    for name in expected:
+        assert verify_checkpoint(async_ / name) is True
+        assert torch.load(async_ / name / "meta.pt", weights_only=True)["step_count"] == int(name[5:13])
+        # each rank's shard holds the same bytes as the synchronous save's: the state of the same step
+        assert shard_digests(async_ / name) == shard_digests(sync / name) and len(shard_digests(sync / name)) == 2
+    # Resumed from its middle checkpoint, the async run retrains steps 5 and 6 to the same losses.
+    resumed = train(prepared_data, async_, resume=async_ / expected[1], async_checkpoint="true", **TWO_RANKS)
+    assert f"Resumed from {async_ / expected[1]}" in resumed.stdout
+    assert train_losses(async_) == reference
+
+
+@pytest.mark.slow
+def test_sigkill_mid_async_write_resumes_from_the_previous_checkpoint(prepared_data, synchronous_run, tmp_path):
+    from test_kill_resume import KILLER, killed_run
+
+    wrapper = tmp_path / "killer.py"
+    wrapper.write_text(KILLER)
+    run = tmp_path / "run"
+    common = dict(TWO_RANKS, async_checkpoint="true")
+    os.environ[STALL_WRITE_ENV] = "4"  # checkpoint 4's shards are written, its index never is
+    try:
+        killed_run(prepared_data, run, wrapper, "step:6", **common)  # training went on during the write
+    finally:
+        del os.environ[STALL_WRITE_ENV]
+    assert checkpoint_names(run) == [RunDir(run).checkpoint(2).name, f"{RunDir(run).checkpoint(4).name}.tmp"]
+    assert any((run / f"{RunDir(run).checkpoint(4).name}.tmp").glob("*.distcp"))  # killed mid-write
+    assert latest_checkpoint(run) == RunDir(run).checkpoint(2)
+    out = train(prepared_data, run, resume="auto", **common)
+    assert f"Resumed from {RunDir(run).checkpoint(2)}" in out.stdout
+    assert train_losses(run) == train_losses(synchronous_run)
+    assert checkpoint_names(run) == [RunDir(run).checkpoint(s).name for s in (2, 4, 6)]

@@ -30,7 +30,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from lit_gpt.checkpoint import ranks
@@ -73,7 +73,7 @@ class AsyncCheckpointer:
         self._log = log
         self._timeout = timeout
         self._group = None  # the checkpoint collectives' own process group, made at the first save
-        self._pinned_stager: DefaultStager | None = None  # CUDA: pinned host buffers, reused by every save
+        self._pinned_stager: BlockingAsyncStager | None = None  # CUDA: pinned host buffers, reused by every save
         self.pending: PendingSave | None = None
 
     def start(self, path: Path, model, optimizer, meta: dict[str, Any]) -> None:
@@ -83,18 +83,14 @@ class AsyncCheckpointer:
         pending = PendingSave(path, prepare_to_save(path), dict(meta))
         model, optimizer = unwrap(model, optimizer)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        on_cuda = next(model.parameters()).is_cuda
-        stager = self._stager(on_cuda)
         try:
             future = dcp.async_save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=pending.tmp,
                                     storage_writer=_writer_for_tests(pending), process_group=self._process_group(),
-                                    async_stager=stager)
+                                    async_stager=self._stager(next(model.parameters()).is_cuda))
         except (Exception, CheckpointException) as e:  # the staging copy failed: a SaveError at finish
             pending.error = describe_failure(path, pending.tmp, e)
             pending.written.set()
         else:
-            if not on_cuda:  # a fresh host copy per save: its memory is freed once written
-                future.add_done_callback(lambda _: stager.close())
             future.add_done_callback(pending.settle)
         self.pending = pending
 
@@ -127,18 +123,15 @@ class AsyncCheckpointer:
             if ranks.is_rank_zero():
                 remove(pending.tmp)
                 self._log(f"note: abandoned the unfinished checkpoint {pending.path}")
-        if self._pinned_stager is not None:
-            self._pinned_stager.close()
-            self._pinned_stager = None
+        self._pinned_stager = None  # frees the pinned buffers
 
-    def _stager(self, on_cuda: bool) -> DefaultStager:
-        # Synchronous staging: the step may change the parameters as soon as `start` returns.
-        if not on_cuda:
-            return DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                                use_async_staging=False, use_non_blocking_copy=False))
+    def _stager(self, on_cuda: bool) -> BlockingAsyncStager:
+        """The copy to host memory, finished when `async_save` returns (the step may then change the parameters).
+        DCP's newer DefaultStager cannot copy FSDP1's ShardedTensors; this one handles them and DTensors."""
+        if not on_cuda:  # a fresh copy per save, freed once written
+            return BlockingAsyncStager()
         if self._pinned_stager is None:
-            self._pinned_stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                               use_async_staging=False, use_non_blocking_copy=True))
+            self._pinned_stager = BlockingAsyncStager(cache_staged_state_dict=True)
         return self._pinned_stager
 
     def _process_group(self):
