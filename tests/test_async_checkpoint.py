@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 from test_checkpoints import trained
 from test_trainer import train, train_losses, trainer_args
 
@@ -201,3 +205,32 @@ def test_sigkill_mid_async_write_resumes_from_the_previous_checkpoint(prepared_d
     assert f"Resumed from {RunDir(run).checkpoint(2)}" in out.stdout
     assert train_losses(run) == train_losses(synchronous_run)
     assert checkpoint_names(run) == [RunDir(run).checkpoint(s).name for s in (2, 4, 6)]
+
+
+@pytest.mark.slow
+def test_preemption_waits_for_the_write_in_flight_then_checkpoints(prepared_data, tmp_path):
+    out = tmp_path / "run"
+    args = trainer_args(prepared_data, out, max_steps=100_000, warmup_steps=10, save_interval=2,
+                        state_dict_type="sharded", async_checkpoint="true")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", STALL_WRITE_ENV: "2:8"}  # checkpoint 2 is written for 8 s
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or max(train_losses(out), default=0) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    assert not RunDir(out).checkpoint(2).exists()  # still being written when the signal comes
+    proc.send_signal(signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    # The stop comes at the step after the signal, or after the wait for checkpoint 2 at step 4's save: every
+    # checkpoint up to the stop is published, in order, and the run's last step is the last one.
+    last = max(train_losses(out))
+    steps = [*range(2, last, 2), last]
+    assert last <= 5 and checkpoint_names(out) == [RunDir(out).checkpoint(s).name for s in steps], log
+    saved = [log.index(f"Saved {RunDir(out).checkpoint(s)}") for s in steps]
+    assert saved == sorted(saved) and f"Stopped at step {last}" in log
+    for step in steps:
+        assert verify_checkpoint(RunDir(out).checkpoint(step)) is True
+        meta = torch.load(RunDir(out).checkpoint(step) / "meta.pt", weights_only=True)
+        assert meta["step_count"] == step

@@ -39,8 +39,8 @@ from lit_gpt.checkpoint.publish import remove
 from lit_gpt.checkpoint.save import conclude_save, describe_failure, hash_my_shards, prepare_to_save
 from lit_gpt.run_dir import checkpoint_step
 
-# Test-only: the step whose checkpoint's write stalls (for minutes) after its shard files are written, so that a
-# test's kill lands mid-write deterministically.
+# Test-only: "STEP[:SECONDS]", the step whose checkpoint's write stalls (600 s unless given) after its shard files
+# are written, so that a test's kill or signal lands mid-write deterministically.
 STALL_WRITE_ENV = "LLAMMLEIN_TEST_STALL_ASYNC_WRITE_OF_STEP"
 
 
@@ -143,15 +143,19 @@ class AsyncCheckpointer:
 class _StallingWriter(FileSystemWriter):
     """Test-only: writes the shard files, then stalls before the index (`.metadata`) is written."""
 
+    def __init__(self, path: Path, seconds: float) -> None:
+        super().__init__(path)
+        self.seconds = seconds
+
     def write_data(self, plan, planner):
         written = super().write_data(plan, planner)
         written.wait()
-        time.sleep(600)
+        time.sleep(self.seconds)
         return written
 
 
 def _writer_for_tests(pending: PendingSave) -> FileSystemWriter | None:
-    stall_at = os.environ.get(STALL_WRITE_ENV)
-    if stall_at and int(stall_at) == checkpoint_step(pending.path):
-        return _StallingWriter(pending.tmp)
+    step, _, seconds = os.environ.get(STALL_WRITE_ENV, "").partition(":")
+    if step and int(step) == checkpoint_step(pending.path):
+        return _StallingWriter(pending.tmp, float(seconds or 600))
     return None
