@@ -1,8 +1,8 @@
 """Sharded checkpoints written in the background, with torch distributed checkpoint's own `async_save`.
 
 The training step stalls only while this rank's state is copied to host memory (pinned on CUDA); DCP's writer thread
-writes the shard files while training goes on and, once they are written, hashes this rank's share of them in the
-same thread. Publishing needs every rank at once (gather the digests; rank 0 writes meta.pt and the checksums,
+writes the shard files while training goes on and, once they are written, hashes (and fsyncs) this rank's share of
+them in the same thread. Publishing needs every rank at once (gather the digests; rank 0 writes meta.pt and the checksums,
 renames the `.tmp` into place and rotates: `lit_gpt.checkpoint.save.conclude_save`, the synchronous save's last steps),
 so the caller decides when: the trainer adds `done_locally()` to the all-reduce every step makes anyway, and when the
 sum is the world size every rank calls `finish()` after that same step. At most one save is in flight: `start`
@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from lit_gpt.checkpoint import ranks
 from lit_gpt.checkpoint.layout import unwrap
-from lit_gpt.checkpoint.publish import remove
+from lit_gpt.checkpoint.publish import fsync_tree, remove
 from lit_gpt.checkpoint.save import conclude_save, describe_failure, hash_my_shards, prepare_to_save
 from lit_gpt.run_dir import checkpoint_step
 
@@ -58,6 +58,8 @@ class PendingSave:
         """The write's done-callback (in the writer thread): hash this rank's shard files, or record the failure."""
         try:
             self.digests = hash_my_shards(self.tmp, future.result())
+            for name in self.digests:  # here rather than in the publishing rename, which the training step waits for
+                fsync_tree(self.tmp / name)
         except (Exception, CheckpointException) as e:  # dcp raises on every rank when any rank failed
             self.error = describe_failure(self.path, self.tmp, e)
         finally:
