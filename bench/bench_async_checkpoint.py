@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -29,8 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lit_gpt.checkpoint.async_save import AsyncCheckpointer
+from lit_gpt.checkpoint.save import save_checkpoint
+from lit_gpt.run_dir import RunDir
 
 
 def build(width: int, layers: int, fsdp: int):
@@ -68,9 +68,6 @@ def worker(rank: int, args, port: int, results) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # FSDP1's ShardedTensor deprecation notes, once per tensor
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
-    from lit_gpt.checkpoint.async_save import AsyncCheckpointer
-    from lit_gpt.checkpoint.save import save_checkpoint
-    from lit_gpt.run_dir import RunDir
 
     model, optimizer = build(args.width, args.layers, args.fsdp)
     step(model, optimizer, args.width)  # AdamW's moments exist from here on
