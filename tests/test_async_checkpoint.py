@@ -234,3 +234,16 @@ def test_preemption_waits_for_the_write_in_flight_then_checkpoints(prepared_data
         assert verify_checkpoint(RunDir(out).checkpoint(step)) is True
         meta = torch.load(RunDir(out).checkpoint(step) / "meta.pt", weights_only=True)
         assert meta["step_count"] == step
+
+
+def test_async_checkpoint_auto_follows_the_checkpoint_layout():
+    sys.path.insert(0, str(ROOT))
+    from lit_gpt.errors import InputError
+    from pretrain.tinyllama_fabric import parse_args
+
+    for layout, flag, expected in [("sharded", "auto", True), ("full", "auto", False), ("sharded", "false", False),
+                                   ("sharded", "true", True), ("full", "false", False)]:
+        cfg = parse_args(["--state_dict_type", layout, "--async_checkpoint", flag])[0]
+        assert cfg.async_checkpoints is expected, (layout, flag)
+    with pytest.raises(InputError, match="--async_checkpoint true needs --state_dict_type sharded"):
+        parse_args(["--state_dict_type", "full", "--async_checkpoint", "true"])
