@@ -237,8 +237,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt import preflight
 from lit_gpt.attention import DocumentMask, resolve_backend
-from lit_gpt.checkpoint import SaveError, load_training_state, load_weights, save_checkpoint
-from lit_gpt.checkpoint.async_save import AsyncCheckpointer
+from lit_gpt.checkpoint import AsyncCheckpointer, SaveError, load_training_state, load_weights, save_checkpoint
 from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.cli import naming_flag
 from lit_gpt.datapoints import DatapointLogger
