@@ -122,6 +122,10 @@ class TrainConfig:
     verify_data: bool = arg(False, "hash every chunk against its manifest's sha256 before training (ranks share the "
                                    "work)")
     seed: Seed = arg(42, "seed of the initial weights and the sample order")
+    # Asynchronous checkpoints (lit_gpt.checkpoint.async_save)
+    async_checkpoint: Literal["auto", "true", "false"] = arg("auto", "write sharded checkpoints in the background "
+                                                                    "while training goes on; auto: on for "
+                                                                    "--state_dict_type sharded")
     # Loss-spike rollback (lit_gpt.rollback, lit_gpt.spikes)
     max_rollbacks: NonNegativeInt = arg(3, "on a loss spike (or --max_nonfinite_steps non-finite steps in a row) go "
                                            "back to the newest good checkpoint before it and skip the spike's data, "
@@ -147,6 +151,9 @@ class TrainConfig:
             parse_window(self.profile_steps)
         except ValueError as e:  # parse_window reads nothing else: its ValueError is about this flag
             raise InputError(f"--profile_steps: {e}") from None
+        if self.async_checkpoint == "true" and self.state_dict_type == "full":
+            raise InputError("--async_checkpoint true needs --state_dict_type sharded (a full checkpoint is one file "
+                             "written by rank 0, synchronously)")
         if self.train_data_weights:
             try:
                 weights = self.train_weights
@@ -165,6 +172,10 @@ class TrainConfig:
     def train_weights(self) -> list[float] | None:
         """The mixing weights (None: proportional to size); checked against the sources when the config is made."""
         return [float(w) for w in self.train_data_weights.split(",")] if self.train_data_weights else None
+
+    @property
+    def async_checkpoints(self) -> bool:
+        return self.async_checkpoint == "true" or (self.async_checkpoint == "auto" and self.state_dict_type == "sharded")
 
     @property
     def loggers(self) -> list[str]:
@@ -241,7 +252,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt import preflight
 from lit_gpt.attention import DocumentMask, resolve_backend
-from lit_gpt.checkpoint import SaveError, load_training_state, load_weights, save_checkpoint
+from lit_gpt.checkpoint import AsyncCheckpointer, SaveError, load_training_state, load_weights, save_checkpoint
 from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.cli import naming_flag
 from lit_gpt.datapoints import DatapointLogger
@@ -374,9 +385,10 @@ def _doc_mask(mb: dict, cfg: TrainConfig, fabric: Fabric) -> DocumentMask | None
 
 
 def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data_error: Exception | None,
-               cfg: TrainConfig, stop_signal: bool) -> tuple[float, float, int, bool]:
+               cfg: TrainConfig, stop_signal: bool, save_written: bool = False) -> tuple[float, float, int, bool, bool]:
     """One optimizer step over this rank's micro-batches of the global batch: (mean loss over the global batch's
-    real tokens, gradient norm before clipping, real tokens of the global batch, whether any rank must stop)."""
+    real tokens, gradient norm before clipping, real tokens of the global batch, whether any rank must stop, whether
+    every rank has written its part of the checkpoint in flight)."""
     W = fabric.world_size
     # Normalise by the real tokens of the whole global batch: every token weighs the same whatever the split into
     # ranks and micro-batches (and padding). A rank whose data could not be read says so in the same collective, so
@@ -399,17 +411,19 @@ def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data
     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip or float("inf"),
                                        error_if_nonfinite=False)  # non-finite steps are skipped below
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    # One collective and one host sync per step: the loss, and whether any rank was asked to stop (so that all ranks
-    # stop after the same step). A non-finite step is skipped on the device by the fused AdamW itself (`found_inf`,
+    # One collective and one host sync per step: the loss, whether any rank was asked to stop (so that all ranks
+    # stop after the same step) and how many have written the checkpoint in flight (so that all of them publish it
+    # after the same step). A non-finite step is skipped on the device by the fused AdamW itself (`found_inf`,
     # the hook GradScaler uses), so the update is queued before the host reads anything.
-    loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, stop_signal)]), reduce_op="sum")
+    loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, stop_signal),
+                                                   torch.full_like(loss_sum, save_written)]), reduce_op="sum")
     finite = torch.isfinite(loss_and_stop[0]) & torch.isfinite(grad_norm)
     getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_total, norm, stop, tokens = torch.stack([loss_and_stop[0], grad_norm.float(), loss_and_stop[1],
-                                                  global_real]).tolist()
-    return loss_total / tokens, norm, int(tokens), stop > 0
+    loss_total, norm, stop, written, tokens = torch.stack([loss_and_stop[0], grad_norm.float(), loss_and_stop[1],
+                                                           loss_and_stop[2], global_real]).tolist()
+    return loss_total / tokens, norm, int(tokens), stop > 0, written == W
 
 
 def validation_batches(val_data: PackedDataset, cfg: TrainConfig) -> int:
@@ -439,7 +453,10 @@ def validate(fabric: Fabric, model, val_data: PackedDataset, cfg: TrainConfig) -
 
 
 def save(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, progress: Progress,
-         train_data: PackedDataset, datapoints: DatapointLogger, rollbacks: Rollbacks) -> None:
+         train_data: PackedDataset, datapoints: DatapointLogger, rollbacks: Rollbacks,
+         checkpointer: AsyncCheckpointer | None) -> None:
+    """Checkpoint this step; with `checkpointer`, the write goes on in the background (the datapoints up to this step
+    are flushed now either way: a resume from an earlier checkpoint sets them aside)."""
     datapoints.flush(progress.step)
     G = cfg.global_batch_size
     meta = {**progress.state_dict(), **rollbacks.state_dict(), "world_size": fabric.world_size,
@@ -447,6 +464,9 @@ def save(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, pro
             "hparams": asdict(cfg), "config": config.to_dict(),
             "data": {"global_batch_size": G, "samples_seen": progress.step * G, "manifest": train_data.manifest}}
     path = RunDir(cfg.out_dir).checkpoint(progress.step)
+    if checkpointer is not None:
+        checkpointer.start(path, model, optimizer, meta)  # prints "Saved" when published
+        return
     save_checkpoint(path, model, optimizer, meta, cfg.state_dict_type, keep_last=cfg.keep_last_checkpoints)
     fabric.print(f"Saved {path}")
 
@@ -503,6 +523,10 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     profile = ProfileWindow(cfg.profile_steps, run.path, rank, fabric.device)
     closing.append(profile)  # a run that stops inside the window keeps what was recorded
     lr_at = LRSchedule.from_settings(asdict(cfg))
+    checkpointer = None
+    if cfg.async_checkpoints:  # closing it abandons a write still in flight when the run ends by an exception
+        checkpointer = AsyncCheckpointer(cfg.keep_last_checkpoints, fabric.print, timedelta(seconds=cfg.dist_timeout_s))
+        closing.append(checkpointer)
 
     if rank == 0 and existing_metrics[0]:  # steps up to the last record had been trained (at least) before
         goodput.lost_until(max(r["step"] for r in existing_metrics[0]))
@@ -522,8 +546,12 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
             lr = lr_at(progress.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm, tokens, stop_requested = train_step(fabric, model, optimizer, micro_batches, data_error,
-                                                                 cfg, preemption.requested or log.failure is not None)
+            loss, grad_norm, tokens, stop_requested, save_written = train_step(
+                fabric, model, optimizer, micro_batches, data_error, cfg,
+                preemption.requested or log.failure is not None, checkpointer is not None and checkpointer.done_locally())
+            if save_written:  # every rank's write is done: all of them publish it now
+                with goodput.phase("checkpoint"):
+                    checkpointer.finish()
             datapoints.record(progress.step, torch.cat([mb["sample_index"] for mb in micro_batches]))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             progress = dataclasses.replace(progress, step=progress.step + 1,
@@ -533,7 +561,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
             log.step(progress, loss, grad_norm, lr, extra={"goodput": goodput.share()})
         if spike := rollbacks.observe(progress.step, loss, finite):  # the same on every rank: the loss is all-reduced
             went_back = roll_back(fabric, cfg, config, model, optimizer, train_data, rollbacks, spike, run, log,
-                                  goodput)
+                                  goodput, checkpointer)
             if went_back is None:
                 return 1
             progress, datapoints = went_back  # a stop request is answered after the next step, with its checkpoint
@@ -550,16 +578,21 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
             return log.stop_records_lost(failure, step, run)
         if saving:
             with goodput.phase("checkpoint"):
-                save(fabric, cfg, config, model, optimizer, progress, train_data, datapoints, rollbacks)
+                save(fabric, cfg, config, model, optimizer, progress, train_data, datapoints, rollbacks, checkpointer)
         if stop_now:
+            if checkpointer is not None:
+                checkpointer.wait_and_finish()
             if launcher == "slurm" and rank == 0:
                 preemption.requeue(fabric.print)
             fabric.print(f"Stopped at step {step}; resume with --resume auto. {goodput.summary()}")
             return 0
     profile.step(progress.step)
-    if val_data is not None:
+    if val_data is not None:  # overlaps with the last checkpoint's write
         with goodput.phase("validation"):
             log.validation(progress, validate(fabric, model, val_data, cfg))
+    if checkpointer is not None:
+        with goodput.phase("checkpoint"):
+            checkpointer.wait_and_finish()
     if failure := fabric.broadcast(log.failure, src=0):
         return log.stop_records_lost(failure, progress.step, run)
     fabric.print(goodput.summary())
@@ -575,8 +608,8 @@ def step_batches(train_data: PackedDataset, cfg: TrainConfig, rank: int, world_s
 
 
 def roll_back(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, train_data: PackedDataset,
-              rollbacks: Rollbacks, spike: Spike, run: RunDir, log: RunLog,
-              goodput: Goodput) -> tuple[Progress, DatapointLogger] | None:
+              rollbacks: Rollbacks, spike: Spike, run: RunDir, log: RunLog, goodput: Goodput,
+              checkpointer: AsyncCheckpointer | None) -> tuple[Progress, DatapointLogger] | None:
     """Go back to the newest good checkpoint before the spike and skip its data (lit_gpt.rollback); the run's
     progress and datapoint logger from there, or None after the error line when the run must stop (collective)."""
     if not rollbacks.enabled:  # only a run of non-finite steps is a spike then: it ends the run, as it always did
@@ -586,6 +619,8 @@ def roll_back(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer
         fabric.print(f"error: {refusal}", file=sys.stderr)
         return None
     with goodput.phase("rollback"):
+        if checkpointer is not None:  # the checkpoint in flight (of a step before the spike) may be the one to take
+            checkpointer.wait_and_finish()
         target = rollbacks.checkpoint_before(run.path, spike.step)
         if target is None and spike.nonfinite_in_a_row:  # the message of a run without rollback
             log.stop_nonfinite(spike.nonfinite_in_a_row, run)

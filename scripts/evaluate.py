@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # before torch is imported: --help and flag errors answer at once
     import torch
 
-    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.checkpoint.load import load_gpt, trained_with_document_masking
     from lit_gpt.hf_convert import TORCH_DTYPES
     from lit_gpt.packed_dataset import PackedDataset
 
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
             raise InputError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
         masking = args.document_masking
         if masking is None:
-            hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
-            masking = bool(hparams.get("document_masking", False))
+            masking = trained_with_document_masking(meta)
         try:
             dataset = PackedDataset([args.data_dir], block_size=block_size, with_doc_ids=masking)
         except InputError as e:  # names the file

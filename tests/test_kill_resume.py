@@ -75,7 +75,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 LAYOUTS = {"one_rank_full": dict(devices=1, strategy="auto", state_dict_type="full"),
-           "two_ranks_fsdp_sharded": dict(devices=2, strategy="fsdp", state_dict_type="sharded")}
+           # the synchronous save, which the hooks above reach (a kill mid async write: test_async_checkpoint.py)
+           "two_ranks_fsdp_sharded": dict(devices=2, strategy="fsdp", state_dict_type="sharded",
+                                          async_checkpoint="false")}
 
 
 def killed_run(prepared_data, out_dir, wrapper, kill_at: str, **overrides) -> subprocess.CompletedProcess:

@@ -210,7 +210,8 @@ def test_a_record_that_cannot_be_written_stops_the_run_and_loses_nothing(prepare
     assert sorted(r["step"] for r in metrics(out)) == list(range(1, 7))
 
 
-def test_a_full_disk_in_a_two_process_sharded_save_is_one_error(prepared_data, tmp_path):
+@pytest.mark.parametrize("async_checkpoint", ["false", "true"])
+def test_a_full_disk_in_a_two_process_sharded_save_is_one_error(prepared_data, tmp_path, async_checkpoint):
     # rank 0 (the process the wrapper patches; Fabric starts rank 1 from the trainer itself) cannot write its shard
     setup = ("import torch.distributed.checkpoint.filesystem as fs\n"
              "real_write = fs._write_item\n"
@@ -221,7 +222,8 @@ def test_a_full_disk_in_a_two_process_sharded_save_is_one_error(prepared_data, t
              "fs._write_item = write_or_full\n")
     out = tmp_path / "run"
     result = run_with_injected_failure(prepared_data, out, setup, max_steps=6, save_interval=2, devices=2,
-                                       strategy="fsdp", state_dict_type="sharded", global_batch_size=8)
+                                       strategy="fsdp", state_dict_type="sharded", global_batch_size=8,
+                                       async_checkpoint=async_checkpoint)
     assert result.returncode == 1, result.stderr[-3000:]
     error = one_error(result)
     assert "iter-00000004-ckpt.pth" in error and "no space left on device" in error.lower(), error

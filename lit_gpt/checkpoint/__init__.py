@@ -6,6 +6,7 @@
     ranks     collective decisions (rank 0 decides, every rank gets the verdict)
     find      which checkpoints a run directory holds, the newest that verifies
     save      atomic, verified training checkpoints (full or sharded) and rotation
+    async_save  sharded ones written in the background (torch's async save), published when every rank is done
     original  the original TinyLlama/LLäMmlein trainer's checkpoints, read as ours
     load      load_training_state (resume) and load_weights (export, generation, --init_from), configs, tokenizers
 
@@ -23,6 +24,7 @@ _EXPORTS = {
     "verify": ("check_checkpoint", "sha256_file"),
     "find": ("latest_checkpoint", "list_checkpoints", "verify_checkpoint"),
     "save": ("save_checkpoint",),
+    "async_save": ("AsyncCheckpointer",),
     "original": ("is_original_checkpoint", "load_original_checkpoint"),
     "load": ("LazyStateDict", "load_gpt", "load_training_state", "load_weights", "resolve_config"),
 }

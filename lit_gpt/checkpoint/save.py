@@ -41,17 +41,13 @@ from lit_gpt.run_dir import RunDir
 
 
 def save_checkpoint(path: Path, model, optimizer, meta: dict[str, Any], state_dict_type: str, keep_last: int = 0) -> None:
-    """Write a checkpoint atomically (collective: every rank must call it); keep the newest `keep_last` (0: all)."""
+    """Write a checkpoint atomically (collective: every rank must call it); keep the newest `keep_last` (0: all).
+    `lit_gpt.checkpoint.async_save` writes sharded ones in the background through the same steps."""
     path = Path(path)
     if state_dict_type not in ("full", "sharded"):
         raise ValueError(f"state_dict_type must be 'full' or 'sharded', got {state_dict_type!r}")
-    tmp = temporary_name(path)
+    tmp = prepare_to_save(path)
     model, optimizer = unwrap(model, optimizer)
-    if ranks.is_rank_zero():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for interrupted in RunDir(path.parent).checkpoint_leftovers():  # saves that crashed, this step's or another's
-            roll_forward(interrupted)
-    ranks.barrier()
     error, digests = None, {}
     if state_dict_type == "full":
         on_cuda = next(model.parameters()).is_cuda
@@ -63,9 +59,27 @@ def save_checkpoint(path: Path, model, optimizer, meta: dict[str, Any], state_di
         model_sd, optim_sd = get_state_dict(model, optimizer)
         try:
             written = dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-            error = _attempt(path, tmp, lambda: digests.update(_hash_my_shards(tmp, written)))
+            error = _attempt(path, tmp, lambda: digests.update(hash_my_shards(tmp, written)))
         except (CheckpointException, OSError) as e:  # dcp raises on every rank when any rank failed
-            error = _describe_failure(path, tmp, e)
+            error = describe_failure(path, tmp, e)
+    conclude_save(path, tmp, state_dict_type, meta, error, digests, keep_last)
+
+
+def prepare_to_save(path: Path) -> Path:
+    """Clean up after interrupted saves (collective); the temporary name to write the checkpoint `path` under."""
+    if ranks.is_rank_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for interrupted in RunDir(path.parent).checkpoint_leftovers():  # saves that crashed, this step's or another's
+            roll_forward(interrupted)
+    ranks.barrier()
+    return temporary_name(path)
+
+
+def conclude_save(path: Path, tmp: Path, state_dict_type: str, meta: dict[str, Any], error: str | None,
+                  digests: dict[str, str], keep_last: int) -> None:
+    """Collective, once every rank has written its part to `tmp`: with this rank's `error` (None: written) and the
+    sha256 of its share of the shard files, publish the checkpoint and rotate, or raise one SaveError on every rank
+    (the partial checkpoint removed, the earlier ones kept)."""
     reports = ranks.gather((error, digests))
     errors = [e for e, _ in reports if e]
     all_digests = {name: digest for _, shard_digests in reports for name, digest in shard_digests.items()}
@@ -119,11 +133,11 @@ def _attempt(path: Path, tmp: Path, write: Callable[[], Any]) -> str | None:
     try:
         write()
     except Exception as e:  # torch wraps I/O errors in RuntimeErrors; every failure must reach every rank
-        return _describe_failure(path, tmp, e)
+        return describe_failure(path, tmp, e)
     return None
 
 
-def _describe_failure(path: Path, tmp: Path, e: BaseException) -> str:
+def describe_failure(path: Path, tmp: Path, e: BaseException) -> str:
     os_error = _os_error_in(e)
     if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = f"no space left on device ({os_error.filename or tmp})"
@@ -144,7 +158,7 @@ def _os_error_in(e: BaseException | None) -> OSError | None:
     return e
 
 
-def _hash_my_shards(tmp: Path, written) -> dict[str, str]:
+def hash_my_shards(tmp: Path, written) -> dict[str, str]:
     """sha256 of this rank's share of the shard files (every rank knows them all from the returned metadata)."""
     names = sorted({info.relative_path for info in (written.storage_data or {}).values()})
     rank, world_size = ranks.rank_and_world_size()
