@@ -54,13 +54,16 @@ class StragglerReport:
     def gather(self, fabric) -> list[dict]:
         """Every rank calls this at the same step; all get the same list."""
         import torch
+        import torch.distributed
 
         mine = statistics.median(self.interval) if self.interval else 0.0
         self.interval = []
         if fabric.world_size < 2:
             return []
-        times = fabric.all_gather(torch.tensor([mine], dtype=torch.float64, device=fabric.device))
-        named = name_stragglers(times.reshape(-1).tolist(), self.hosts, self.pct)
+        # (Not Fabric's all_gather: it goes through a deprecated autograd wrapper that warns on every rank.)
+        times = torch.zeros(fabric.world_size, dtype=torch.float64, device=fabric.device)
+        torch.distributed.all_gather_single(times, torch.tensor([mine], dtype=torch.float64, device=fabric.device))
+        named = name_stragglers(times.tolist(), self.hosts, self.pct)
         self.history.append(named)
         return named
 

@@ -234,7 +234,7 @@ if [ "$status" = "$HANG_EXIT_CODE" ] || [ -n "$hang_nodes_file" ]; then
     # waits until this job is pending (requeued on hold), sets the exclusion and releases it.
     helper="for i in \$(seq 600); do case \"\$(scontrol show job $SLURM_JOB_ID)\" in *JobState=PENDING*) break ;; esac;"
     helper+=" sleep 1; done; scontrol update JobId=$SLURM_JOB_ID ExcNodeList=$excluded; scontrol release $SLURM_JOB_ID"
-    if sbatch --job-name="exclude-nodes-$SLURM_JOB_ID" --nodes=1 --ntasks=1 --cpus-per-task=1 --time=15 \
+    if sbatch --job-name="exclude-nodes-$SLURM_JOB_ID" --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=15 \
               --output="$(dirname "$hang_nodes_file")/exclude-nodes-%j.out" \
               ${SLURM_JOB_PARTITION:+--partition="$SLURM_JOB_PARTITION"} \
               ${SLURM_JOB_ACCOUNT:+--account="$SLURM_JOB_ACCOUNT"} --wrap "$helper"; then
