@@ -14,9 +14,11 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ HANG_EXIT_CODE = 75
 WARMUP_STEPS = 3  # steps timed against --dist_timeout_s: compilation, allocator and cache warm-up
 STEP_HISTORY = 100  # the median is over this many recent steps
 DUMP_GRACE_S = 30.0  # rank 0 waits this long for the other ranks' dumps (less when all are there)
-NCCL_TRACE_DIR = "nccl-flight-recorder"  # in out_dir: where each rank's NCCL flight recorder dumps to
+NCCL_TRACE_DIR = "llammlein-nccl-flight-recorder"  # in the node's temp dir, per job: the NCCL dumps and pipes
 # Test-only: "RANK:STEP:SECONDS" makes rank RANK sleep SECONDS inside step STEP (its computing phase, before the
 # step's first collective); STEP "all" slows every step. Applies only to a job's first run (not after a requeue).
 TEST_SLEEP_ENV = "LLAMMLEIN_TEST_SLOW_RANK"
@@ -96,24 +98,27 @@ def describe_hang(report: dict, hang_dir: Path) -> str:
             f"collective: {named}; stacks in {hang_dir}; exiting with code {HANG_EXIT_CODE}")
 
 
-def configure_nccl_flight_recorder(out_dir: Path) -> None:
-    """Before the process group exists: keep NCCL's flight recorder, dump it on a timeout and on request (the pipe
-    the watchdog writes to), into out_dir. Settings the user made are kept."""
-    trace_dir = Path(out_dir).resolve() / NCCL_TRACE_DIR
-    trace_dir.mkdir(parents=True, exist_ok=True)
+def configure_nccl_flight_recorder() -> None:
+    """Before the process group exists: keep NCCL's flight recorder and dump it on a timeout and on request (the
+    named pipe the watchdog writes to). Node-local, beside the pipes (out_dir would keep a failed start's pipes); a
+    hang's dumps are moved into its hang directory. Settings the user made are kept."""
+    trace_dir = Path(tempfile.gettempdir()) / f"{NCCL_TRACE_DIR}-{os.environ.get('SLURM_JOB_ID') or os.getpid()}"
+    trace_dir.mkdir(parents=True, exist_ok=True)  # ProcessGroupNCCL makes its pipe there or fails
     for name, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
                         ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(trace_dir / "rank_")),
-                        ("TORCH_NCCL_DEBUG_INFO_PIPE_FILE", str(trace_dir / "pipe_rank_"))):
+                        ("TORCH_NCCL_DEBUG_INFO_PIPE_FILE", str(trace_dir / "rank_"))):
         os.environ.setdefault(name, value)
 
 
 def _request_nccl_dump(rank: int) -> Path | None:
-    """Ask this rank's NCCL watchdog for its flight recorder (it reads the pipe torch made); its dump file or None."""
-    pipe, dump = os.environ.get("TORCH_NCCL_DEBUG_INFO_PIPE_FILE"), os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
-    if not pipe or not dump or not Path(f"{pipe}{rank}").exists():
+    """Ask this rank's NCCL watchdog for its flight recorder (it polls the named pipe it made at start-up); the file
+    the dump goes to, or None without an NCCL process group."""
+    stem, dump = os.environ.get("TORCH_NCCL_DEBUG_INFO_PIPE_FILE"), os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+    pipe = Path(f"{stem}{rank}.pipe")  # the name ProcessGroupNCCL's DumpPipe gives it
+    if not stem or not dump or not pipe.exists():
         return None
     try:
-        fd = os.open(f"{pipe}{rank}", os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
         os.write(fd, b"1\n")
         os.close(fd)
     except OSError:  # no reader (no NCCL process group): nothing to dump
@@ -220,7 +225,7 @@ class StepWatch:
                 self._wait_for(lambda: (hang_dir / "report.json").exists()
                                and (hang_dir / "report.json").stat().st_mtime >= detected - 1, DUMP_GRACE_S + 10)
             if nccl is not None and self._wait_for(nccl.exists, 5):
-                nccl.replace(hang_dir / f"nccl-rank-{self.rank}.trace")
+                shutil.move(nccl, hang_dir / f"nccl-rank-{self.rank}.trace")  # node-local to out_dir's file system
         except OSError as e:  # e.g. a full disk: the exit code still tells the job script
             print(f"error: rank {self.rank}: could not write the hang dump to {hang_dir}: {e}", file=sys.stderr)
         sys.stdout.flush()

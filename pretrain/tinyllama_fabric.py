@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_float32_matmul_precision("high")
     if accel == "cuda":  # before the process group exists
-        configure_nccl_flight_recorder(out_dir)
+        configure_nccl_flight_recorder()
     fabric = Fabric(accelerator=accel, devices=devices, num_nodes=nodes, precision=cfg.precision,
                     strategy=make_strategy(cfg.strategy, devices * nodes, nodes, cfg.sharding_strategy,
                                            timeout=timedelta(seconds=cfg.dist_timeout_s)))

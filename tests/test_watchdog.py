@@ -100,6 +100,38 @@ def test_a_step_within_the_limit_is_no_hang(tmp_path):
     assert 0.05 <= compute < 0.2  # the time outside the collective only
 
 
+def test_a_hang_asks_nccls_flight_recorder_for_its_dump_and_keeps_it(tmp_path, monkeypatch):
+    """CUDA runs: the watchdog writes to the named pipe ProcessGroupNCCL polls (here a stand-in reader plays torch's
+    part) and moves the dump it writes into the hang directory."""
+    for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+                 "TORCH_NCCL_DEBUG_INFO_PIPE_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")  # the user's setting is kept
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    monkeypatch.setattr(watchdog.tempfile, "gettempdir", lambda: str(tmp_path / "node-tmp"))
+    watchdog.configure_nccl_flight_recorder()
+    trace_dir = tmp_path / "node-tmp" / f"{watchdog.NCCL_TRACE_DIR}-4711"
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(trace_dir / "rank_")
+    pipe = trace_dir / "rank_0.pipe"  # ProcessGroupNCCL's name: the stem, the rank, ".pipe"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+
+    def nccl_watchdog():  # what torch does when the pipe has data: dump to TEMP_FILE + rank
+        while not os.read(reader, 128):
+            time.sleep(0.01)
+        (trace_dir / "rank_0").write_bytes(b"flight recorder entries")
+
+    torch_side = threading.Thread(target=nccl_watchdog, daemon=True)
+    torch_side.start()
+    monkeypatch.setattr(watchdog, "DUMP_GRACE_S", 0.1)
+    watch = StepWatch(tmp_path / "run", 0, [("h", "n")], factor=0, floor_s=1, long_s=60)
+    assert watch.on_hang({"step": 3, "phase": "waiting", "arrivals": 1}, 9.0, 2.0) == HANG_EXIT_CODE
+    torch_side.join(5)
+    os.close(reader)
+    assert (tmp_path / "run" / "hang-3" / "nccl-rank-0.trace").read_bytes() == b"flight recorder entries"
+
+
 def test_stragglers_are_ranks_well_above_the_median_rank():
     named = name_stragglers([1.0, 1.1, 3.0, 1.05], ["a", "b", "c", "d"], pct=50)
     assert named == [{"rank": 2, "host": "c", "compute_s": 3.0, "slower_pct": round(100 * (3.0 / 1.075 - 1), 1)}]
