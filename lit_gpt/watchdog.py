@@ -25,6 +25,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch.distributed
+
 # EX_TEMPFAIL: "try again later". The job script requeues the job without the nodes the hang report names.
 HANG_EXIT_CODE = 75
 WARMUP_STEPS = 3  # steps timed against --dist_timeout_s: compilation, allocator and cache warm-up
@@ -46,8 +48,6 @@ def gather_hosts(fabric) -> list[tuple[str, str]]:
     mine = (socket.gethostname(), node_name())
     if fabric.world_size < 2:
         return [mine]
-    import torch.distributed
-
     hosts: list = [None] * fabric.world_size
     torch.distributed.all_gather_object(hosts, mine)
     return [tuple(h) for h in hosts]
