@@ -4,8 +4,8 @@ The process group's timeout (--dist_timeout_s) stays long: start-up, the first s
 loads and saves may take long, and it is the only bound there. Inside a training step the watchdog is stricter: once
 WARMUP_STEPS steps were timed, a step that runs longer than --hang_factor times the median step so far (at least
 --hang_min_s) is a hang. Then every rank whose Python still runs writes its stacks (all threads) and where it was
-(computing, or waiting in one of the step's collectives) to out_dir/hang-STEP/rank-R.txt; rank 0 waits up to
-DUMP_GRACE_S for the others, writes hang-STEP/report.json and hang-STEP/exclude_nodes naming the ranks that did not
+(computing, or waiting in one of the step's collectives) to out_dir/hang-STEP/rank-R.txt; rank 0 (or rank 1, when
+rank 0 does not report) waits up to DUMP_GRACE_S for the others, writes hang-STEP/report.json and hang-STEP/exclude_nodes naming the ranks that did not
 arrive at the collective the others wait in (a rank that wrote nothing counts as not arrived), and every rank exits
 with HANG_EXIT_CODE. The Slurm job script (cluster/exec/train_fabric.sh) then excludes those nodes and requeues.
 """
@@ -143,10 +143,13 @@ class StepWatch:
     (waiting inside backward's gradient all-reduce, which overlaps compute, cannot be told apart and does)."""
 
     def __init__(self, out_dir: Path, rank: int, hosts: list[tuple[str, str]], factor: float, floor_s: float,
-                 long_s: float, log: Callable[[str], None] = print, exit_fn: Callable[[int], None] = os._exit) -> None:
+                 long_s: float, log: Callable[[str], None] | None = None,
+                 exit_fn: Callable[[int], None] = os._exit) -> None:
         self.out_dir, self.rank, self.hosts = Path(out_dir), rank, hosts
         self.factor, self.floor_s, self.long_s = factor, floor_s, long_s
-        self.log, self.exit_fn = log, exit_fn
+        # (Not Fabric's print: that prints on each node's first rank, and rank 1 may have to report.)
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.exit_fn = exit_fn
         self.durations: list[float] = []
         self._lock = threading.Lock()
         self.step: int | None = None  # None between steps: validation and checkpoints are the process group's
@@ -221,9 +224,12 @@ class StepWatch:
             nccl = _request_nccl_dump(self.rank)
             if self.rank == 0:
                 self._report(hang_dir, header["step"], limit)
-            else:  # exit only once rank 0 has reported: srun would kill it with the first rank that exits
-                self._wait_for(lambda: (hang_dir / "report.json").exists()
-                               and (hang_dir / "report.json").stat().st_mtime >= detected - 1, DUMP_GRACE_S + 10)
+            # The others exit only once rank 0 has reported (srun kills every task once the first one exits). When
+            # rank 0 is too stuck to report, rank 1 stands in for it.
+            elif not self._wait_for(lambda: (hang_dir / "report.json").exists() and
+                                    (hang_dir / "report.json").stat().st_mtime >= detected - 1, 2 * DUMP_GRACE_S) \
+                    and self.rank == 1:
+                self._report(hang_dir, header["step"], limit)
             if nccl is not None and self._wait_for(nccl.exists, 5):
                 shutil.move(nccl, hang_dir / f"nccl-rank-{self.rank}.trace")  # node-local to out_dir's file system
         except OSError as e:  # e.g. a full disk: the exit code still tells the job script
@@ -235,7 +241,7 @@ class StepWatch:
     def _report(self, hang_dir: Path, step: int, limit: float) -> None:
         world = len(self.hosts)
         paths = [hang_dir / f"rank-{r}.txt" for r in range(world)]
-        self._wait_for(lambda: all(p.exists() for p in paths), DUMP_GRACE_S)
+        self._wait_for(lambda: all(p.exists() for p in paths), DUMP_GRACE_S if self.rank == 0 else 0)
         dumps = {}
         for r, p in enumerate(paths):
             if p.exists():

@@ -505,8 +505,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                               micro_batch_size=cfg.micro_batch_size, rank=rank, world_size=W,
                               start_step=progress.step, num_workers=cfg.num_workers))
     hosts = gather_hosts(fabric)
-    watch = StepWatch(run.path, rank, hosts, cfg.hang_factor, cfg.hang_min_s, cfg.dist_timeout_s,
-                      log=lambda message: fabric.print(message, file=sys.stderr))
+    watch = StepWatch(run.path, rank, hosts, cfg.hang_factor, cfg.hang_min_s, cfg.dist_timeout_s)
     stragglers = StragglerReport([host for host, _ in hosts], cfg.straggler_pct, log=fabric.print)
     closing += [watch, stragglers]  # the straggler summary is the run's last line
     nonfinite_in_a_row = 0

@@ -84,6 +84,25 @@ def test_watchdog_thread_dumps_reports_and_exits_with_the_hang_code(tmp_path, mo
     assert len(logged) == 1 and "rank 1 on host-b" in logged[0]
 
 
+def test_rank_1_reports_when_rank_0_does_not(tmp_path, monkeypatch):
+    """Rank 0 stuck too hard to run its watchdog (no dump, no report): rank 1 waits for the report, then writes it."""
+    monkeypatch.setattr(watchdog, "DUMP_GRACE_S", 0.2)
+    logged = []
+    watch = StepWatch(tmp_path, 1, [("host-a", "node-a"), ("host-b", "node-b")], factor=0, floor_s=1, long_s=60,
+                      log=logged.append)
+    assert watch.on_hang({"step": 9, "phase": "waiting", "arrivals": 2}, 30.0, 20.0) == HANG_EXIT_CODE
+    report = json.loads((tmp_path / "hang-9" / "report.json").read_text())
+    assert report["not_arrived"] == [{"rank": 0, "host": "host-a", "node": "node-a", "phase": "no dump"}]
+    assert report["ranks"]["1"] == {"host": "host-b", "phase": "waiting"}
+    assert len(logged) == 1 and "rank 0 on host-a" in logged[0]
+    # Any other rank only waits: one report, not one per rank.
+    (tmp_path / "hang-9" / "report.json").unlink()
+    other = StepWatch(tmp_path, 2, [("a", "a"), ("b", "b"), ("c", "c")], factor=0, floor_s=1, long_s=60,
+                      log=logged.append)
+    assert other.on_hang({"step": 9, "phase": "waiting", "arrivals": 2}, 30.0, 20.0) == HANG_EXIT_CODE
+    assert not (tmp_path / "hang-9" / "report.json").exists() and len(logged) == 1
+
+
 def test_a_step_within_the_limit_is_no_hang(tmp_path):
     fired = []
     watch = StepWatch(tmp_path, 0, [("h", "n")], factor=10, floor_s=0.3, long_s=60, exit_fn=fired.append)
