@@ -21,6 +21,7 @@ from lit_gpt.metrics_log import MetricsLog
 from lit_gpt.resume import Progress
 from lit_gpt.run_dir import RunDir
 from lit_gpt.speed_monitor import MFU_CONVENTION, SpeedMonitor, matmul_parameters
+from lit_gpt.stragglers import describe as describe_stragglers
 
 
 def write_run_files(run: RunDir, hparams: dict, config: Config, tokenizer_path: str) -> None:
@@ -100,13 +101,18 @@ class RunLog:
         self._write(record, lambda: None)
         self.print(line)
 
-    def step(self, progress: Progress, loss: float, grad_norm: float, lr: float, extra: dict | None = None) -> None:
+    def logs_at(self, step: int) -> bool:
+        """Whether the step after which `step` steps are done gets a record and a log line."""
+        return step % self.log_interval == 0 or step == self.max_steps
+
+    def step(self, progress: Progress, loss: float, grad_norm: float, lr: float,
+             stragglers: list[dict] | None = None, extra: dict | None = None) -> None:
         """`extra`: more fields for the step's record (e.g. goodput), written when the step is logged."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.print(f"step {progress.step}: update skipped: non-finite " + " and ".join(
                 f"{name} ({value})" for name, value in (("loss", loss), ("gradient norm", grad_norm))
                 if not math.isfinite(value)))
-        if progress.step % self.log_interval and progress.step != self.max_steps:
+        if not self.logs_at(progress.step):
             return
         self.monitor.update(progress.step, progress.tokens_seen)
         eta = self.monitor.eta_seconds(self.max_steps)
@@ -117,12 +123,15 @@ class RunLog:
                   "tokens": progress.tokens_seen, "tokens_per_sec": tps, "tokens_per_sec_smoothed": smoothed,
                   "mfu": mfu, "skipped_steps": progress.skipped, "memory_gb": memory,
                   "time": time.perf_counter() - self.start_time, **(extra or {})}
+        if stragglers:  # lit_gpt/stragglers.py: named only when some rank was markedly slower
+            record["stragglers"] = stragglers
         self._write(record, lambda: self.loggers.log(
-            {k: v for k, v in record.items() if v is not None and k not in ("step", "time")}, progress.step))
+            {k: v for k, v in record.items() if v is not None and k not in ("step", "time", "stragglers")}, progress.step))
         self.print(f"step {progress.step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f}"
                    + (f" | {tps:,.0f} tok/s ({smoothed:,.0f} smoothed)" if tps else "")
                    + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {memory:.1f} GiB"
-                   + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""))
+                   + (f" | ETA {eta / 60:.1f} min" if eta is not None else "")
+                   + (f" | stragglers: {describe_stragglers(stragglers)}" if stragglers else ""))
 
     def validation(self, progress: Progress, val_loss: float) -> None:
         self._write({"iter": progress.iter_num, "step": progress.step, "val_loss": val_loss},

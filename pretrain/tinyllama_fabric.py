@@ -102,7 +102,8 @@ class TrainConfig:
                                                          "count; Slurm's under srun")
     num_nodes: PositiveInt = arg(1, "nodes; Slurm's under srun")
     dist_timeout_s: PositiveInt = arg(1800, "seconds a rank waits for the others (at start-up and in every collective) "
-                                            "before the run fails")
+                                            "before the run fails; training steps are bounded sooner by "
+                                            "--hang_factor")
     strategy: Literal["fsdp", "fsdp2", "ddp", "auto"] = arg("fsdp", "auto is a single device")
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = arg(
         "SHARD_GRAD_OP", "FSDP/FSDP2 sharding")
@@ -126,6 +127,16 @@ class TrainConfig:
     async_checkpoint: Literal["auto", "true", "false"] = arg("auto", "write sharded checkpoints in the background "
                                                                     "while training goes on; auto: on for "
                                                                     "--state_dict_type sharded")
+    # Hang detection and stragglers (lit_gpt/watchdog.py, lit_gpt/stragglers.py). --dist_timeout_s stays the bound of
+    # start-up, the first steps, validation and checkpoints; these bound a training step once the run is under way.
+    hang_factor: NonNegativeFloat = arg(10.0, "a training step (after the first 3) taking longer than this many times "
+                                              "the median step is a hang: each rank dumps its stacks into "
+                                              "out_dir/hang-STEP, rank 0 names the ranks that did not arrive at the "
+                                              "step's collective, and the run exits with code 75; 0: off")
+    hang_min_s: PositiveFloat = arg(300.0, "no step counts as a hang before this many seconds")
+    straggler_pct: PositiveFloat = arg(50.0, "each log interval, name the ranks whose median step compute time "
+                                             "(without waiting for others) is this many percent above the median "
+                                             "rank's")
     # Loss-spike rollback (lit_gpt.rollback, lit_gpt.spikes)
     max_rollbacks: NonNegativeInt = arg(3, "on a loss spike (or --max_nonfinite_steps non-finite steps in a row) go "
                                            "back to the newest good checkpoint before it and skip the spike's data, "
@@ -279,6 +290,8 @@ from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
 from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
 from lit_gpt.spikes import Spike
+from lit_gpt.stragglers import StragglerReport
+from lit_gpt.watchdog import StepWatch, configure_nccl_flight_recorder, gather_hosts, slow_down_for_test
 
 
 # ------------------------------------------------- set-up ------------------------------------------------------
@@ -385,18 +398,22 @@ def _doc_mask(mb: dict, cfg: TrainConfig, fabric: Fabric) -> DocumentMask | None
 
 
 def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data_error: Exception | None,
-               cfg: TrainConfig, stop_signal: bool, save_written: bool = False) -> tuple[float, float, int, bool, bool]:
+               cfg: TrainConfig, stop_signal: bool, watch: StepWatch,
+               save_written: bool = False) -> tuple[float, float, int, bool, bool]:
     """One optimizer step over this rank's micro-batches of the global batch: (mean loss over the global batch's
     real tokens, gradient norm before clipping, real tokens of the global batch, whether any rank must stop, whether
-    every rank has written its part of the checkpoint in flight)."""
+    every rank has written its part of the checkpoint in flight). `watch` learns when this rank waits in the step's
+    collectives (hang reports, straggler times)."""
     W = fabric.world_size
     # Normalise by the real tokens of the whole global batch: every token weighs the same whatever the split into
     # ranks and micro-batches (and padding). A rank whose data could not be read says so in the same collective, so
     # that all ranks stop with the error instead of waiting for each other.
     real = float(sum((mb["labels"] != -100).sum() for mb in micro_batches))
-    real_and_error = fabric.all_reduce(torch.tensor([real, data_error is not None], dtype=torch.float32)
-                                       .to(fabric.device), reduce_op="sum")
-    if real_and_error[1].item():  # a sync, but the device is idle here: the last step ended with one
+    with watch.collective():
+        real_and_error = fabric.all_reduce(torch.tensor([real, data_error is not None], dtype=torch.float32)
+                                           .to(fabric.device), reduce_op="sum")
+        data_failed = real_and_error[1].item()  # a sync, but the device is idle here: the last step ended with one
+    if data_failed:
         raise InputError(f"--train_data_dir: {data_error}" if data_error else
                          "--train_data_dir: another rank found unusable training data (its error names the file)")
     global_real = real_and_error[0].clamp(min=1)
@@ -415,14 +432,16 @@ def train_step(fabric: Fabric, model, optimizer, micro_batches: list[dict], data
     # stop after the same step) and how many have written the checkpoint in flight (so that all of them publish it
     # after the same step). A non-finite step is skipped on the device by the fused AdamW itself (`found_inf`,
     # the hook GradScaler uses), so the update is queued before the host reads anything.
-    loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, stop_signal),
-                                                   torch.full_like(loss_sum, save_written)]), reduce_op="sum")
-    finite = torch.isfinite(loss_and_stop[0]) & torch.isfinite(grad_norm)
-    getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    loss_total, norm, stop, written, tokens = torch.stack([loss_and_stop[0], grad_norm.float(), loss_and_stop[1],
-                                                           loss_and_stop[2], global_real]).tolist()
+    # (Up to the host's read of its result: on CUDA the all-reduce returns at once and the read waits for it.)
+    with watch.collective():
+        loss_and_stop = fabric.all_reduce(torch.stack([loss_sum, torch.full_like(loss_sum, stop_signal),
+                                                       torch.full_like(loss_sum, save_written)]), reduce_op="sum")
+        finite = torch.isfinite(loss_and_stop[0]) & torch.isfinite(grad_norm)
+        getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_total, norm, stop, written, tokens = torch.stack([loss_and_stop[0], grad_norm.float(), loss_and_stop[1],
+                                                               loss_and_stop[2], global_real]).tolist()
     return loss_total / tokens, norm, int(tokens), stop > 0, written == W
 
 
@@ -534,8 +553,14 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         with goodput.phase("validation"):
             log.validation(progress, validate(fabric, model, val_data, cfg))  # the untrained baseline
     batches = step_batches(train_data, cfg, rank, W, progress.step, rollbacks)
+    hosts = gather_hosts(fabric)
+    watch = StepWatch(run.path, rank, hosts, cfg.hang_factor, cfg.hang_min_s, cfg.dist_timeout_s)
+    stragglers = StragglerReport([host for host, _ in hosts], cfg.straggler_pct, log=fabric.print)
+    closing += [watch, stragglers]  # the straggler summary is the run's last line
     while progress.step < cfg.max_steps:
         profile.step(progress.step)
+        watch.begin(progress.step + 1)  # steps are named after the optimizer step they make, as checkpoints are
+        slow_down_for_test(rank, progress.step + 1)
         with goodput.training_step(progress.step):
             try:  # a damaged chunk (or one of another tokenizer) is found when a rank first reads it
                 data_step, micro_batches = next(batches)
@@ -548,7 +573,9 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                 group["lr"] = lr
             loss, grad_norm, tokens, stop_requested, save_written = train_step(
                 fabric, model, optimizer, micro_batches, data_error, cfg,
-                preemption.requested or log.failure is not None, checkpointer is not None and checkpointer.done_locally())
+                preemption.requested or log.failure is not None, watch,
+                checkpointer is not None and checkpointer.done_locally())
+            stragglers.add(watch.end())
             if save_written:  # every rank's write is done: all of them publish it now
                 with goodput.phase("checkpoint"):
                     checkpointer.finish()
@@ -558,7 +585,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                                            iter_num=progress.iter_num + len(micro_batches),
                                            tokens_seen=progress.tokens_seen + tokens,
                                            skipped=progress.skipped + (not finite))
-            log.step(progress, loss, grad_norm, lr, extra={"goodput": goodput.share()})
+            log.step(progress, loss, grad_norm, lr, stragglers.gather(fabric) if log.logs_at(progress.step) else None,
+                     extra={"goodput": goodput.share()})
         if spike := rollbacks.observe(progress.step, loss, finite):  # the same on every rank: the loss is all-reduced
             went_back = roll_back(fabric, cfg, config, model, optimizer, train_data, rollbacks, spike, run, log,
                                   goodput, checkpointer)
@@ -663,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_float32_matmul_precision("high")
+    if accel == "cuda":  # before the process group exists
+        configure_nccl_flight_recorder()
     fabric = Fabric(accelerator=accel, devices=devices, num_nodes=nodes, precision=cfg.precision,
                     strategy=make_strategy(cfg.strategy, devices * nodes, nodes, cfg.sharding_strategy,
                                            timeout=timedelta(seconds=cfg.dist_timeout_s)))

@@ -1,4 +1,5 @@
-"""Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput.
+"""Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput, the ranks named as
+stragglers (most often first).
 With --expect_falling, exit 1 unless both training and validation loss fell."""
 import argparse
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 from lit_gpt.errors import InputError
 from lit_gpt.metrics_log import read_metrics
 from lit_gpt.run_dir import RunDir
+from lit_gpt.stragglers import slowest_nodes
 
 
 def main() -> int:
@@ -35,6 +37,8 @@ def main() -> int:
     speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
     if speeds:
         print(f"throughput: {sum(speeds) / len(speeds):,.0f} tokens/s; tokens seen: {last['tokens']:,}")
+    slowest, intervals = slowest_nodes(r.get("stragglers", []) for r in train)
+    print("stragglers: " + ("; ".join(slowest) if slowest else f"none in {intervals} logged steps"))
     if args.expect_falling:
         train_fell = last["loss"] < first["loss"]
         val_fell = len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]

@@ -572,6 +572,53 @@ def test_train_script_relays_the_trainers_requeue_out_of_the_container(tmp_path)
     assert not list((tmp_path / "runs" / "120m").glob(".slurm-relay-*")), "relay directory left behind"
 
 
+def _hang_cluster(tmp_path: Path, trainer_status: int, write_report: bool, container: bool = True):
+    """The job script with a trainer that (maybe) writes a hang report naming node-b and exits with a status; a
+    host-side scontrol that knows the job excludes node-x already, and an sbatch that records the helper job."""
+    _, bin_dir, env = _fake_cluster(tmp_path)
+    calls = tmp_path / "host_calls.txt"
+    _stub(bin_dir, "scontrol", f'[ "$1 $2" = "show hostnames" ] && {{ echo node-a; exit 0; }}\n'
+                               f'[ "$1 $2" = "show job" ] && {{ echo "   ReqNodeList=(null) ExcNodeList=node-x"; '
+                               f'exit 0; }}\necho "scontrol $*" >> {calls}\n')
+    _stub(bin_dir, "sbatch", f'for a in "$@"; do echo "sbatch $a" >> {calls}; done\necho "Submitted batch job 4712"\n')
+    _stub(bin_dir, "srun", 'shift\nexec "$@"\n')  # one task, here; drops --kill-on-bad-exit
+    _stub(bin_dir, "apptainer", 'shift 7\nPATH="$APPTAINERENV_PREPEND_PATH:$PATH" exec "$@"\n')
+    (bin_dir / "python").symlink_to(sys.executable)
+    if not container:
+        env.update(LLAMMLEIN_NO_CONTAINER="1", PYTHON=sys.executable)
+    report = ("from pathlib import Path\n"
+              "d = Path(os.environ['OUT_DIR']) / 'hang-12'\nd.mkdir(parents=True)\n"
+              "(d / 'exclude_nodes').write_text('node-b\\n')\n") if write_report else ""
+    (tmp_path / "repo" / "pretrain" / "tinyllama_fabric.py").write_text(
+        f"import os, sys\n{report}sys.exit({trainer_status})\n")
+    result = subprocess.run(["bash", str(TRAIN)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return result, (calls.read_text().splitlines() if calls.exists() else [])
+
+
+@pytest.mark.parametrize("container", [True, False])
+@pytest.mark.parametrize("status", [75, 143])  # 143: srun ended by another task's SIGTERM; the report counts
+def test_train_script_excludes_the_hung_node_and_requeues(tmp_path, status, container):
+    result, calls = _hang_cluster(tmp_path, status, write_report=True, container=container)
+    assert result.returncode == status, result.stdout + result.stderr
+    assert "a training step hung on node-b" in result.stdout and "without node(s) node-x,node-b" in result.stdout
+    # A helper job sets the exclusion once the job is pending (a running job's cannot change), then releases it.
+    helper = next(c for c in calls if "ExcNodeList" in c)
+    assert "scontrol update JobId=4711 ExcNodeList=node-x,node-b; scontrol release 4711" in helper
+    assert "sbatch --cpus-per-task=1" in calls and calls[-1] == "scontrol requeuehold 4711", calls
+
+
+def test_train_script_leaves_an_older_report_and_a_hang_without_a_node_alone(tmp_path):
+    out = tmp_path / "runs" / "120m" / "hang-3"
+    out.mkdir(parents=True)
+    (out / "exclude_nodes").write_text("node-a\n")
+    os.utime(out / "exclude_nodes", (1, 1))  # a report of an earlier run
+    result, calls = _hang_cluster(tmp_path, 0, write_report=False)
+    assert result.returncode == 0 and calls == [], result.stdout + result.stderr
+    (tmp_path / "again").mkdir()
+    result, calls = _hang_cluster(tmp_path / "again", 75, write_report=False)
+    assert result.returncode == 75 and calls == [] and "no node was named; not requeueing" in result.stderr
+
+
 @pytest.mark.parametrize("change, message", [
     ({"LLAMMLEIN_IMAGE": "/nonexistent/llammlein.sif"}, "build-image.sh"),
     ({"SLURM_NTASKS_PER_NODE": None}, "--ntasks-per-node"),

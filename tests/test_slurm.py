@@ -178,11 +178,16 @@ def _losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train}
 
 
-def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared_data, tmp_path: Path):
-    data = dict(MODEL_NAME="micro", TRAIN_DATA_DIR=str(prepared_data["train"]), VAL_DATA_DIR=str(prepared_data["val"]),
+def _data(prepared_data) -> dict:
+    return dict(MODEL_NAME="micro", TRAIN_DATA_DIR=str(prepared_data["train"]), VAL_DATA_DIR=str(prepared_data["val"]),
                 TOKENIZER_PATH=str(prepared_data["tokenizer"]))
-    # Reference: the same configuration as a plain 2-process run (Fabric launches the ranks), never interrupted.
-    ref = tmp_path / "reference"
+
+
+@pytest.fixture(scope="module")
+def reference_losses(prepared_data, tmp_path_factory) -> dict[int, float]:
+    """The same configuration as a plain 2-process run (Fabric launches the ranks), never interrupted."""
+    data = _data(prepared_data)
+    ref = tmp_path_factory.mktemp("reference")
     result = subprocess.run(
         [sys.executable, "pretrain/tinyllama_fabric.py", "--model_name", "micro", "--out_dir", str(ref),
          "--train_data_dir", data["TRAIN_DATA_DIR"], "--val_data_dir", data["VAL_DATA_DIR"],
@@ -192,7 +197,19 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     reference = _losses(ref)
     assert sorted(reference) == list(range(1, MAX_STEPS + 1))
+    return reference
 
+
+def _assert_same_losses(out: Path, reference: dict[int, float]) -> None:
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1)), f"steps missing or extra: {sorted(losses)}"
+    for step, loss in reference.items():
+        assert abs(losses[step] - loss) <= 1e-5, f"step {step}: {losses[step]} (Slurm, resumed) vs {loss} (reference)"
+
+
+def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared_data, reference_losses,
+                                                      tmp_path: Path):
+    data = _data(prepared_data)
     out = tmp_path / "slurm_out"
     env = {**_clean_env(), **data, "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable, "OUT_DIR": str(out),
            "MASTER_PORT": str(_free_port()), "LLAMMLEIN_NETWORK": "socket"}
@@ -226,7 +243,37 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
     assert 1 <= resume_step < MAX_STEPS, f"the signal came too late to interrupt training (step {resume_step}):\n{text}"
     assert f"iter-{resume_step:08d}-ckpt.pth" in resumed[0] and "(written by 2 ranks, now 2)" in resumed[0]
     # ... and the interruption changed nothing: the same loss at every step as the uninterrupted run.
-    losses = _losses(out)
-    assert sorted(losses) == list(range(1, MAX_STEPS + 1)), f"steps missing or extra: {sorted(losses)}"
-    for step, loss in reference.items():
-        assert abs(losses[step] - loss) <= 1e-5, f"step {step}: {losses[step]} (Slurm, resumed) vs {loss} (reference)"
+    _assert_same_losses(out, reference_losses)
+
+
+HANG_STEP = 8  # after the checkpoint of step 5 (--save_interval 5): the requeued job resumes from it
+
+
+def test_a_hang_under_slurm_excludes_the_node_and_the_requeued_job_resumes(slurm: LocalSlurm, prepared_data,
+                                                                          reference_losses, tmp_path: Path):
+    """Rank 1 sleeps inside step 8 (test hook, first run only): the trainer reports the hang naming its node, the job
+    script adds the node to the job's ExcNodeList and requeues. The cluster's only node is then excluded, so the
+    job cannot start again until the test clears the exclusion; then it resumes by itself to the reference losses."""
+    out = tmp_path / "slurm_out"
+    env = {**_clean_env(), **_data(prepared_data), "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable,
+           "OUT_DIR": str(out), "MASTER_PORT": str(_free_port()), "LLAMMLEIN_NETWORK": "socket",
+           "LLAMMLEIN_TEST_SLOW_RANK": f"1:{HANG_STEP}:300"}
+    job = slurm.sbatch(*CPU_ALLOCATION, f"--output={tmp_path}/job-%j.out", str(JOB_SCRIPT), *TRAIN_ARGS,
+                       "--hang_min_s", "6", cwd=ROOT, env=env)
+    log = tmp_path / f"job-{job}.out"
+    info = _wait_until(lambda: "localhost" in (i := slurm.job_info(job)).get("ExcNodeList", "") and i, 400,
+                       "the hung node to be excluded", slurm, job, log)
+    assert info["JobState"] == "PENDING" and int(info["Restarts"]) == 1, info
+    report = json.loads((out / f"hang-{HANG_STEP}" / "report.json").read_text())
+    assert [(e["rank"], e["node"], e["phase"]) for e in report["not_arrived"]] == [(1, "localhost", "computing")]
+    assert {p.name for p in (out / f"hang-{HANG_STEP}").glob("rank-*.txt")} == {"rank-0.txt", "rank-1.txt"}
+    text = log.read_text()
+    assert f"step {HANG_STEP} hung" in text and "requeueing without node(s) localhost" in text, text
+
+    subprocess.run(["scontrol", "update", f"JobId={job}", "ExcNodeList="], env=slurm.env, check=True, timeout=30)
+    info = _finished(slurm, job, log, timeout=600)
+    text = log.read_text()
+    assert int(info["Restarts"]) == 1 and info["ExcNodeList"] == "(null)", info
+    resumed = [line for line in text.splitlines() if line.startswith("Resumed from ")]
+    assert len(resumed) == 1 and " at step 5 " in resumed[0], text
+    _assert_same_losses(out, reference_losses)

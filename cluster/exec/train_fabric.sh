@@ -7,6 +7,9 @@
 # Slurm sends USR1 120 s before the time limit (and SIGTERM on pre-emption); the trainer then finishes its step,
 # checkpoints, runs `scontrol requeue` and exits. The requeued job (same job id) starts with --resume auto and
 # continues from that checkpoint; the log is appended to, so one file tells the whole story.
+# A hung training step (see --hang_factor) ends the trainer with exit code 75 and a report naming the node(s) whose
+# ranks did not arrive at the step's collective; this script then adds them to the job's excluded nodes and requeues
+# it, and the requeued job resumes from the last checkpoint on other nodes.
 # Knobs (environment, with defaults below): MODEL_NAME, OUT_DIR, TRAIN_DATA_DIR, VAL_DATA_DIR, TOKENIZER_PATH,
 # LLAMMLEIN_IMAGE, LLAMMLEIN_BINDS (extra binds, comma-separated), TRAIN_ARGS (extra trainer flags), PYTHON,
 # LLAMMLEIN_NO_CONTAINER=1 (run python directly: CPU tests, or an environment without Apptainer),
@@ -188,9 +191,13 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLUR
 # srun starts one trainer per task (SLURM_PROCID = global rank); --kill-on-bad-exit ends the step when one rank
 # dies instead of leaving the others hanging in a collective.
 status=0
+# Hang reports written after this moment are this run's (an older one may name a node that is fine by now).
+run_started="$(mktemp)"
+trap 'rm -f "$run_started"' EXIT
 # (${EXTRA[@]+...}: bash before 4.4 calls an empty array unbound under set -u.)
 srun --kill-on-bad-exit=1 "${LAUNCH[@]}" "${TRAINER[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$@" || status=$?
 echo "[$(date -Is)] job $SLURM_JOB_ID: trainer exited with status $status"
+
 if [ -n "${relay_dir:-}" ]; then
     requested=0
     if [ -e "$relay_dir/requeue" ]; then
@@ -201,5 +208,41 @@ if [ -n "${relay_dir:-}" ]; then
         echo "[$(date -Is)] job $SLURM_JOB_ID: requeueing (the trainer checkpointed after a pre-emption signal)"
         scontrol requeue "$SLURM_JOB_ID"
     fi
+fi
+
+# ---- hang: exclude the reported node(s) and requeue ----------------------------------------------------------------
+HANG_EXIT_CODE=75  # lit_gpt/watchdog.py
+# srun reports the status of the task that ended it; once the first rank exits, the others are killed (SIGTERM: 143),
+# so the fresh report is the sign of a hang as much as the exit code.
+hang_nodes_file="$(find "$OUT_DIR" -mindepth 2 -maxdepth 2 -path '*/hang-*/exclude_nodes' -newer "$run_started" \
+                   2>/dev/null | sort | tail -n 1 || true)"
+if [ "$status" = "$HANG_EXIT_CODE" ] || [ -n "$hang_nodes_file" ]; then
+    hang_nodes="$(cat "$hang_nodes_file" 2>/dev/null || true)"
+    if [ -z "$hang_nodes" ]; then
+        echo "[$(date -Is)] job $SLURM_JOB_ID: a training step hung, but no node was named; not requeueing" >&2
+        exit "$HANG_EXIT_CODE"
+    fi
+    excluded="$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' || true)"
+    excluded="${excluded#ExcNodeList=}"
+    if [ "$excluded" = "(null)" ]; then
+        excluded=""
+    fi
+    excluded="${excluded:+$excluded,}$hang_nodes"
+    echo "[$(date -Is)] job $SLURM_JOB_ID: a training step hung on $hang_nodes (report: $(dirname "$hang_nodes_file"));" \
+         "requeueing without node(s) $excluded"
+    # A running job's ExcNodeList cannot change, and a requeue ends this script at once. So a one-core helper job
+    # waits until this job is pending (requeued on hold), sets the exclusion and releases it.
+    helper="for i in \$(seq 600); do case \"\$(scontrol show job $SLURM_JOB_ID)\" in *JobState=PENDING*) break ;; esac;"
+    helper+=" sleep 1; done; scontrol update JobId=$SLURM_JOB_ID ExcNodeList=$excluded; scontrol release $SLURM_JOB_ID"
+    if sbatch --job-name="exclude-nodes-$SLURM_JOB_ID" --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --time=15 \
+              --output="$(dirname "$hang_nodes_file")/exclude-nodes-%j.out" \
+              ${SLURM_JOB_PARTITION:+--partition="$SLURM_JOB_PARTITION"} \
+              ${SLURM_JOB_ACCOUNT:+--account="$SLURM_JOB_ACCOUNT"} --wrap "$helper"; then
+        scontrol requeuehold "$SLURM_JOB_ID"
+    else
+        echo "warning: could not submit the job that excludes $hang_nodes; requeueing without excluding them" >&2
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit "$status"
 fi
 exit $status
