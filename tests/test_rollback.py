@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_kill_resume import KILLER, killed_run, records
 from test_packed_dataset import write_litpkds
-from test_trainer import metrics, samples_per_step, train, train_losses
+from test_trainer import assert_losses_close, metrics, samples_per_step, train, train_losses
 
 from lit_gpt.data_skips import DataSkips
 from lit_gpt.datapoints import DatapointLogger, read_skipped
@@ -350,3 +350,15 @@ def test_nonfinite_steps_roll_back_while_rollbacks_remain(prepared_data, tmp_pat
             "skipping the data of steps 2-4") in out.stdout  # --spike_skip_steps 10, none before the checkpoint
     assert out.stderr.strip().splitlines()[-1] == ("error: 3 consecutive non-finite steps up to step 4; the run has "
                                                    "rolled back 1 time already (--max_rollbacks 1): giving up")
+
+
+@pytest.mark.slow
+def test_two_ranks_roll_back_as_one_process(poisoned, tmp_path):
+    """FSDP, sharded (so asynchronous) checkpoints: every rank decides the same, restores its shards, skips the same
+    data; the losses are those of one process (to reduction-order rounding) and the rollback record the same."""
+    train(poisoned["data"], tmp_path, devices=2, strategy="fsdp", state_dict_type="sharded", **ROLLBACK)
+    assert_losses_close(train_losses(tmp_path), train_losses(poisoned["reference"]), 1e-5)
+    ours, theirs = ([{k: v for k, v in r.items() if k not in ("spike_loss", "window_mean", "window_std")}
+                     for r in metrics(run) if "event" in r] for run in (tmp_path, poisoned["reference"]))
+    assert ours == theirs and len(ours) == 1
+    assert samples_per_step(tmp_path) == samples_per_step(poisoned["reference"])
