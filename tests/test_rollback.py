@@ -362,3 +362,19 @@ def test_two_ranks_roll_back_as_one_process(poisoned, tmp_path):
                      for r in metrics(run) if "event" in r] for run in (tmp_path, poisoned["reference"]))
     assert ours == theirs and len(ours) == 1
     assert samples_per_step(tmp_path) == samples_per_step(poisoned["reference"])
+
+
+def test_rollback_state_is_plain_checkpoint_data_and_the_flags_are_checked(tmp_path):
+    from pretrain.tinyllama_fabric import InputError, TrainConfig
+
+    rollbacks = Rollbacks(window=3, sigma=2.0, max_nonfinite=2, max_rollbacks=1, skip_steps=1)
+    for step, loss in enumerate([3.0, 2.5, 2.7, math.nan], 1):
+        rollbacks.observe(step, loss, math.isfinite(loss))
+    rollbacks.rolled_back(np.array([7, 8]), (DataSkips([[2, 1]]), 0))
+    torch.save(rollbacks.state_dict(), tmp_path / "meta.pt")
+    restored = Rollbacks(window=3, sigma=2.0, max_nonfinite=2, max_rollbacks=1, skip_steps=1)
+    restored.load_state_dict(torch.load(tmp_path / "meta.pt", weights_only=True))
+    assert restored.state_dict() == {"spike_detector": {"losses": [3.0, 2.5, 2.7], "nonfinite_in_a_row": 1},
+                                     "data_skips": [[2, 1], [7, 2]], "rollbacks": 1}
+    with pytest.raises(InputError, match="--spike_window must be >= 2, got 1"):
+        TrainConfig(spike_window=1)
