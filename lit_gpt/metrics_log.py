@@ -3,7 +3,7 @@
 Appends are not atomic, so a node crash can leave a torn last line; readers drop it with a warning. A resumed run
 replaces the records after its checkpoint's step; the files holding them are set aside whole, never truncated, and
 replaced by one rename each (a kill in between is finished by the next start). Records with an "event" key (e.g. a
-rollback, see lit_gpt.rollback) have none of the CSV's columns and are written to metrics.jsonl only.
+rollback, see lit_gpt.rollback) are no step's metrics: they go to metrics.jsonl only, never into the CSV's rows.
 """
 from __future__ import annotations
 
