@@ -25,6 +25,7 @@ from lit_gpt.cli import arg, changed_settings_yaml, make_parser, parse
 from lit_gpt.config import AttnImpl, Config
 from lit_gpt.errors import InputError
 from lit_gpt.profiling import parse_window
+from lit_gpt.slurm_eval import check_sbatch_args
 
 UnitIntervalOpenAbove = restricted_number_type("UnitIntervalOpenAbove", float, [(">=", 0), ("<", 1)])  # [0, 1)
 UnitIntervalOpenBelow = restricted_number_type("UnitIntervalOpenBelow", float, [(">", 0), ("<=", 1)])  # (0, 1]
@@ -117,6 +118,12 @@ class TrainConfig:
     verify_data: bool = arg(False, "hash every chunk against its manifest's sha256 before training (ranks share the "
                                    "work)")
     seed: Seed = arg(42, "seed of the initial weights and the sample order")
+    # Benchmarks of the checkpoints (lm-eval tasks; README "Evaluation")
+    eval_tasks: str = arg("", "lm-eval tasks, comma-separated, e.g. llammlein_de,belebele_deu_Latn")
+    eval_submit_slurm: bool = arg(False, "after each checkpoint, submit cluster/exec/evaluate.sbatch to score it on "
+                                         "--eval_tasks (scores in out_dir/evals/); a failed sbatch is a warning")
+    eval_sbatch_args: str = arg("", "--eval_submit_slurm: extra sbatch options, e.g. '--partition=gpu "
+                                    "--account=proj'")
 # ---------------------------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -132,6 +139,12 @@ class TrainConfig:
             parse_window(self.profile_steps)
         except ValueError as e:  # parse_window reads nothing else: its ValueError is about this flag
             raise InputError(f"--profile_steps: {e}") from None
+        if self.eval_submit_slurm and not self.eval_tasks.strip(","):
+            raise InputError("--eval_submit_slurm scores each checkpoint on --eval_tasks: give the tasks")
+        try:
+            check_sbatch_args(self.eval_sbatch_args)
+        except ValueError as e:
+            raise InputError(f"--eval_sbatch_args {self.eval_sbatch_args!r}: {e}") from None
         if self.train_data_weights:
             try:
                 weights = self.train_weights
@@ -226,6 +239,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt import preflight
 from lit_gpt.attention import DocumentMask, resolve_backend
+from lit_gpt.benchmarks import set_aside_after as set_aside_benchmarks_after
 from lit_gpt.checkpoint import SaveError, load_training_state, load_weights, save_checkpoint
 from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.cli import naming_flag
@@ -249,6 +263,7 @@ from lit_gpt.rng import RNGState
 from lit_gpt.run_dir import RunDir, remove_empty_dirs
 from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
+from lit_gpt.slurm_eval import submit_evaluation
 from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
 
 
@@ -428,6 +443,8 @@ def save(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, pro
     path = RunDir(cfg.out_dir).checkpoint(progress.step)
     save_checkpoint(path, model, optimizer, meta, cfg.state_dict_type, keep_last=cfg.keep_last_checkpoints)
     fabric.print(f"Saved {path}")
+    if cfg.eval_submit_slurm and fabric.global_rank == 0:  # published: the job can start at once
+        submit_evaluation(path, cfg.eval_tasks, Path(cfg.out_dir), cfg.eval_sbatch_args, fabric.print)
 
 
 # ------------------------------------------------- the run -----------------------------------------------------
@@ -465,6 +482,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                         config, cfg.tokenizer_path)
         if resume_path is not None:
             set_aside_checkpoints_after(run.path, progress.step, fabric.print)
+        set_aside_benchmarks_after(run.path, progress.step, fabric.print)  # after their checkpoints: see there
     metrics = MetricsLog(run.path, resume_step=resume_step, enabled=rank == 0, log=fabric.print,
                          existing=existing_metrics, write_csv="csv" in cfg.loggers)
     loggers = RunLoggers(run.path, cfg.loggers, resume_step, enabled=rank == 0, wandb_options=dict(

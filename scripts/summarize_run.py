@@ -1,9 +1,10 @@
-"""Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput.
-With --expect_falling, exit 1 unless both training and validation loss fell."""
+"""Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput, and the newest benchmark
+score of each task (out_dir/evals/). With --expect_falling, exit 1 unless both training and validation loss fell."""
 import argparse
 import sys
 from pathlib import Path
 
+from lit_gpt.benchmarks import latest_scores, read_benchmarks
 from lit_gpt.errors import InputError
 from lit_gpt.metrics_log import read_metrics
 from lit_gpt.run_dir import RunDir
@@ -35,6 +36,9 @@ def main() -> int:
     speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
     if speeds:
         print(f"throughput: {sum(speeds) / len(speeds):,.0f} tokens/s; tokens seen: {last['tokens']:,}")
+    benchmarks = read_benchmarks(args.out_dir, log=lambda message: print(message, file=sys.stderr))
+    for task, (step, metric, value) in latest_scores(benchmarks).items():
+        print(f"{task}: {metric} {value:.4f} at step {step}")
     if args.expect_falling:
         train_fell = last["loss"] < first["loss"]
         val_fell = len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]

@@ -1,0 +1,312 @@
+"""Benchmark scores of checkpoints: evaluate.py --tasks (with a stand-in lm-eval adapter), its records beside the run's
+metrics (merged by step, set aside with the checkpoints a resume abandons, even while a job is writing), the sbatch
+submission (a failure is a warning), the Slurm job script, and the plot and summary that show them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval_stand_in
+import numpy as np
+import pytest
+from conftest import ROOT
+from hf_helpers import random_state, small_config, write_run_dir
+
+from lit_gpt import benchmarks, slurm_eval
+from lit_gpt.benchmarks import (
+    curves,
+    latest_scores,
+    make_record,
+    open_record_dir,
+    publish_record,
+    read_benchmarks,
+    set_aside_after,
+)
+from lit_gpt.checkpoint.load import load_gpt
+from lit_gpt.tokenizer import Tokenizer
+from scripts.evaluate import main as evaluate_main
+
+JOB_SCRIPT = ROOT / "cluster" / "exec" / "evaluate.sbatch"
+
+
+def _publish(run: Path, step: int, scores: dict, tokens: int | None = None, at: float | None = None) -> None:
+    record = make_record(step, run / f"iter-{step:08d}-ckpt.pth", scores, tokens=tokens, limit=None)
+    if at is not None:
+        record["time"] = at
+    fd = open_record_dir(run, f"iter-{step:08d}-ckpt.pth")
+    try:
+        publish_record(fd, record)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------- records -----------------------------------------------------------
+def test_records_merge_by_step_newest_score_wins(tmp_path):
+    run = tmp_path / "run"
+    _publish(run, 20, {"xnli_de": {"acc,none": 0.40, "acc_stderr,none": 0.01}}, tokens=2000, at=100.0)
+    _publish(run, 10, {"xnli_de": {"acc,none": 0.35}, "arc_de": {"acc,none": 0.2, "acc_norm,none": 0.25}},
+             tokens=1000, at=50.0)
+    # a later job scores step 10 again on one of its tasks, and one more task
+    _publish(run, 10, {"arc_de": {"acc,none": 0.21, "acc_norm,none": 0.27, "note": "N/A"},
+                       "lambada_openai_mt_de": {"perplexity,none": 80.0, "acc,none": 0.1}}, tokens=1000, at=60.0)
+    (run / "evals" / "iter-00000010-ckpt.pth" / ".x.json.tmp").write_text("{")  # a write in progress
+    (run / "evals" / "iter-00000010-ckpt.pth" / "broken.json").write_text("{")  # not ours
+    (run / "evals" / "logs").mkdir()
+    (run / "evals" / "logs" / "eval-7.out").write_text("job log")
+    warnings = []
+    records = read_benchmarks(run, log=warnings.append)
+    assert len(warnings) == 1 and "broken.json" in warnings[0]
+    assert [(r["step"], r["tokens"]) for r in records] == [(10, 1000), (20, 2000)]
+    assert records[0]["scores"] == {"xnli_de": {"acc,none": 0.35}, "arc_de": {"acc,none": 0.21, "acc_norm,none": 0.27},
+                                    "lambada_openai_mt_de": {"perplexity,none": 80.0, "acc,none": 0.1}}
+    assert curves(records) == {"arc_de": ("acc_norm", [(10, 1000, 0.27)]),
+                               "lambada_openai_mt_de": ("acc", [(10, 1000, 0.1)]),
+                               "xnli_de": ("acc", [(10, 1000, 0.35), (20, 2000, 0.40)])}
+    assert latest_scores(records) == {"arc_de": (10, "acc_norm", 0.27), "lambada_openai_mt_de": (10, "acc", 0.1),
+                                      "xnli_de": (20, "acc", 0.40)}
+
+
+def test_a_resume_sets_aside_the_scores_of_the_checkpoints_it_abandons(tmp_path):
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        _publish(run, step, {"xnli_de": {"acc": step / 100}})
+    # A job of step 30 has opened its record directory (before loading the checkpoint) when the resume from step 10
+    # renames it; its record follows the directory, it does not land under the new run's step 30.
+    late_job = open_record_dir(run, "iter-00000030-ckpt.pth")
+    messages = []
+    set_aside_after(run, 10, messages.append)
+    try:
+        publish_record(late_job, make_record(30, run / "iter-00000030-ckpt.pth", {"arc_de": {"acc": 0.9}},
+                                             tokens=None, limit=None))
+    finally:
+        os.close(late_job)
+    assert len(messages) == 2 and "iter-00000020-ckpt.pth.abandoned" in messages[0]
+    assert [r["step"] for r in read_benchmarks(run)] == [10]
+    assert len(list((run / "evals" / "iter-00000030-ckpt.pth.abandoned").glob("*.json"))) == 2
+    # the continuation's own checkpoint 30 is scored again and shown
+    _publish(run, 30, {"xnli_de": {"acc": 0.5}})
+    assert [(r["step"], r["scores"]) for r in read_benchmarks(run)] == [(10, {"xnli_de": {"acc": 0.1}}),
+                                                                         (30, {"xnli_de": {"acc": 0.5}})]
+    set_aside_after(run, 0, messages.append)  # a fresh run in the directory: nothing is its own
+    assert read_benchmarks(run) == [] and (run / "evals" / "iter-00000030-ckpt.pth.abandoned-2").is_dir()
+
+
+# ------------------------------------------------- evaluate.py --tasks ---------------------------------------------
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer_dir):
+    config = small_config(2)
+    path = write_run_dir(tmp_path / "run", config, tokenizer_dir, random_state(config, seed=5), step=10)
+    (path.parent / "hparams.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setenv("LLAMMLEIN_TEST_LM_EVAL_ADAPTER", "lm_eval_stand_in")
+
+
+def test_evaluate_tasks_records_the_scores_of_the_checkpoint(checkpoint, stand_in, capsys):
+    run = checkpoint.parent
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--tasks", "stand_in_de,stand_in_de_2", "--limit", "3",
+                          "--metrics_run", str(run)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # independent reference: the adapter called on the checkpoint's model directly
+    model, _, tokenizer_dir, _ = load_gpt(checkpoint)
+    expected = lm_eval_stand_in.evaluate_tasks(model, Tokenizer(tokenizer_dir), ["stand_in_de", "stand_in_de_2"],
+                                               limit=3)
+    assert 0 < expected["stand_in_de"]["acc,none"] < 1
+    assert printed["scores"] == expected
+    (record,) = read_benchmarks(run)
+    assert record["step"] == 10 and record["tokens"] == 10 * 4 * 2 * 128  # the checkpoint's tokens_seen
+    assert record["scores"] == {task: {k: v for k, v in metrics.items() if k != "acc_stderr,none"}
+                                for task, metrics in expected.items()}
+    assert Path(printed["record"]).parent == run / "evals" / checkpoint.name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "stand_in_de,nope"], "--tasks: unknown task 'nope'"),
+    (["--tasks", " , "], "--tasks ' , ': names no task"),
+    ([], "nothing to evaluate"),
+    (["--tasks", "stand_in_de", "--limit", "0"], "--limit 0"),
+    (["--data_dir", "x", "--metrics_run", "RUN"], "--metrics_run records benchmark scores: give --tasks"),
+    (["--tasks", "stand_in_de", "--metrics_run", "nowhere"], "--metrics_run nowhere: no such run directory"),
+])
+def test_evaluate_tasks_bad_flags_are_one_error_line(checkpoint, stand_in, capsys, flags, message):
+    flags = [str(checkpoint.parent) if f == "RUN" else f for f in flags]
+    assert evaluate_main(["--checkpoint", str(checkpoint), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (checkpoint.parent / "evals").exists()
+
+
+def test_evaluate_missing_checkpoint(checkpoint, stand_in, capsys):
+    gone = checkpoint.with_name("iter-00000020-ckpt.pth")
+    argv = ["--checkpoint", str(gone), "--tasks", "stand_in_de", "--metrics_run", str(checkpoint.parent)]
+    assert evaluate_main(argv) == 2  # a wrong path is an error ...
+    assert "error: " in capsys.readouterr().err
+    assert evaluate_main([*argv, "--missing_ok"]) == 0  # ... unless rotation may have deleted it (the Slurm job)
+    assert "no longer exists (deleted by --keep_last_checkpoints rotation" in capsys.readouterr().err
+    assert read_benchmarks(checkpoint.parent) == []
+
+
+def test_the_real_adapter_is_the_default(monkeypatch):
+    monkeypatch.delenv("LLAMMLEIN_TEST_LM_EVAL_ADAPTER", raising=False)
+    from scripts.evaluate import lm_eval_adapter
+
+    try:
+        adapter = lm_eval_adapter()
+    except Exception as e:  # noqa: BLE001 - before the adapter is merged: the error names it
+        assert "lit_gpt.lm_eval_adapter" in str(e)
+    else:
+        assert adapter.__name__ == "lit_gpt.lm_eval_adapter"
+
+
+# ------------------------------------------------- submission -------------------------------------------------------
+def _fake_sbatch(tmp_path: Path, body: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(f"#!/bin/bash\n{body}\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    return bin_dir
+
+
+def test_submit_evaluation_runs_sbatch_outside_the_training_job(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    bin_dir = _fake_sbatch(tmp_path, f'printf "%s\\n" "$PWD" "$@" > {calls}\nenv > {calls}.env\necho "4711;local"')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "99")  # the training job's
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/x.conf")
+    run = tmp_path / "run"
+    messages = []
+    job = slurm_eval.submit_evaluation(run / "iter-00000010-ckpt.pth", "xnli_de,arc_de", run,
+                                       "--partition=gpu --comment='two words'", messages.append)
+    assert job == "4711" and "Submitted Slurm job 4711" in messages[0]
+    argv = calls.read_text().splitlines()
+    assert argv == [str(ROOT), "--parsable", f"--output={run.resolve()}/evals/logs/eval-%j.out", "--partition=gpu",
+                    "--comment=two words", str(JOB_SCRIPT), str(run.resolve() / "iter-00000010-ckpt.pth"),
+                    "xnli_de,arc_de", "--metrics_run", str(run.resolve())]
+    env = calls.with_suffix(".env").read_text().splitlines()
+    assert "SLURM_CONF=/etc/slurm/x.conf" in env and not any(line.startswith("SLURM_JOB_ID=") for line in env)
+    assert (run / "evals" / "logs").is_dir()
+
+
+@pytest.mark.parametrize("body, reason", [
+    ('echo "sbatch: error: invalid partition specified: gpu" >&2; exit 1', "invalid partition specified"),
+    ("echo Submitted batch job", "Submitted batch job"),  # no job id
+    (None, "sbatch is not on PATH"),
+])
+def test_a_failed_submission_is_a_warning(tmp_path, monkeypatch, body, reason):
+    if body is None:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    else:
+        monkeypatch.setenv("PATH", f"{_fake_sbatch(tmp_path, body)}:{os.environ['PATH']}")
+    messages = []
+    assert slurm_eval.submit_evaluation(tmp_path / "iter-00000010-ckpt.pth", "xnli_de", tmp_path, "",
+                                        messages.append) is None
+    assert len(messages) == 1 and messages[0].startswith("warning: --eval_submit_slurm") and reason in messages[0]
+
+
+def test_trainer_flags(tmp_path):
+    from pretrain.tinyllama_fabric import parse_args
+
+    with pytest.raises(Exception, match="--eval_submit_slurm scores each checkpoint on --eval_tasks"):
+        parse_args(["--eval_submit_slurm"])
+    with pytest.raises(Exception, match="--eval_sbatch_args"):
+        parse_args(["--eval_tasks", "xnli_de", "--eval_sbatch_args", "--comment='open"])
+    cfg, _, _ = parse_args(["--eval_submit_slurm", "--eval_tasks", "xnli_de,arc_de"])
+    assert cfg.eval_submit_slurm and cfg.eval_tasks == "xnli_de,arc_de"
+
+
+# ------------------------------------------------- the job script -------------------------------------------------
+def _job(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """evaluate.sbatch without a container, its python a stub that prints its environment and arguments."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True, exist_ok=True)
+    (repo / "scripts" / "evaluate.py").write_text("")
+    stub = _fake_sbatch(tmp_path, 'echo "HF=$HF_DATASETS_OFFLINE,$HF_HUB_OFFLINE PP=$PYTHONPATH"; '
+                                  'printf "%s\\n" "$@"').parent / "bin" / "sbatch"
+    full_env = {"PATH": os.environ["PATH"], "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": str(stub),
+                "SLURM_SUBMIT_DIR": str(repo), **(env or {})}
+    return subprocess.run(["bash", str(JOB_SCRIPT), *args], env=full_env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_job_script_scores_into_the_checkpoints_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hparams.json").write_text("{}")
+    ckpt = run / "iter-00000010-ckpt.pth"
+    ckpt.write_text("")
+    result = _job(tmp_path, str(ckpt), "xnli_de,arc_de", "--limit", "5")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"HF=1,1 PP={tmp_path / 'repo'}" in lines
+    start = lines.index("scripts/evaluate.py")
+    assert lines[start:start + 11] == ["scripts/evaluate.py", "--checkpoint", str(ckpt), "--tasks", "xnli_de,arc_de",
+                                       "--missing_ok", "--metrics_run", str(run), "--limit", "5",
+                                       lines[start + 10]] and "exited with status 0" in lines[start + 10]
+    # another run's records when asked; online when asked
+    other = _job(tmp_path, str(ckpt), "xnli_de", "--metrics_run", str(tmp_path), env={"HF_DATASETS_OFFLINE": "0"})
+    assert other.stdout.count("--metrics_run") == 1 and f"--metrics_run\n{tmp_path}\n" in other.stdout
+    assert "HF=0,1" in other.stdout
+
+
+def test_job_script_of_a_deleted_checkpoint_warns_and_succeeds(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hparams.json").write_text("{}")
+    result = _job(tmp_path, str(run / "iter-00000010-ckpt.pth"), "xnli_de")
+    assert result.returncode == 0 and "warning: CHECKPOINT" in result.stderr and "rotation" in result.stderr
+    assert "scripts/evaluate.py" not in result.stdout
+    typo = _job(tmp_path, str(tmp_path / "nowhere" / "iter-00000010-ckpt.pth"), "xnli_de")
+    assert typo.returncode == 2 and "does not exist" in typo.stderr
+    usage = _job(tmp_path, "only-one")
+    assert usage.returncode == 2 and "CHECKPOINT and TASKS are required" in usage.stderr
+    assert subprocess.run(["bash", "-n", str(JOB_SCRIPT)]).returncode == 0
+
+
+# ------------------------------------------------- plot and summary ----------------------------------------------
+def test_plot_and_summary_show_the_scores(tmp_path):
+    from scripts.plot_run import build_figure, load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    train = [{"step": s, "loss": 8 - s / 10, "tokens": 100 * s, "tokens_per_sec": 1.0} for s in (10, 20, 30)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    _publish(run, 10, {"xnli_de": {"acc,none": 0.3}, "arc_de": {"acc_norm,none": 0.2},
+                       "lambada_openai_mt_de": {"perplexity,none": 90.0}}, tokens=1000)
+    _publish(run, 30, {"xnli_de": {"acc,none": 0.4}, "arc_de": {"acc_norm,none": 0.3}})  # tokens not recorded
+    _publish(run, 20, {"xnli_de": {"acc,none": math.nan}}, tokens=2000)
+    fig, axes = build_figure([load_run(run, "r")])
+
+    def line(key, label):
+        (found,) = [ln for ln in axes[key].get_lines() if ln.get_label() == label]
+        return np.asarray(found.get_xdata(), float).tolist(), np.asarray(found.get_ydata(), float).tolist()
+
+    x, y = line(("benchmark:acc", "step"), "r: xnli_de")
+    assert x == [10, 20, 30]
+    np.testing.assert_array_equal(y, [0.3, math.nan, 0.4])  # a score that is not a number is a gap
+    assert line(("benchmark:acc", "tokens"), "r: xnli_de")[0] == [1000, 2000, 3000]  # 3000 from the training records
+    assert line(("benchmark:acc_norm", "tokens"), "r: arc_de") == ([1000, 3000], [0.2, 0.3])
+    assert line(("benchmark:perplexity", "step"), "r: lambada_openai_mt_de") == ([10], [90.0])
+    # below the loss, above the learning rate panels
+    rows = [key for key in axes if key[1] == "step"]
+    assert rows[:4] == [("loss", "step"), ("benchmark:acc", "step"), ("benchmark:acc_norm", "step"),
+                        ("benchmark:perplexity", "step")]
+
+    result = subprocess.run([sys.executable, "scripts/summarize_run.py", str(run)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-3:] == ["arc_de: acc_norm 0.3000 at step 30", "lambada_openai_mt_de: "
+                                               "perplexity 90.0000 at step 10", "xnli_de: acc 0.4000 at step 30"]
+
+
+def test_main_metric_prefers_the_headline():
+    assert benchmarks.main_metric({"acc,none": 0.1, "acc_norm,none": 0.2, "acc_norm_stderr,none": 0.01}) == \
+        ("acc_norm", 0.2)
+    assert benchmarks.main_metric({"bleu": 3.0, "chrf": 2.0}) == ("bleu", 3.0)
+    assert benchmarks.main_metric({"acc_stderr,none": 0.1}) is None
