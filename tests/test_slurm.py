@@ -230,3 +230,53 @@ def test_pretrain_under_slurm_preempt_requeue_resume(slurm: LocalSlurm, prepared
     assert sorted(losses) == list(range(1, MAX_STEPS + 1)), f"steps missing or extra: {sorted(losses)}"
     for step, loss in reference.items():
         assert abs(losses[step] - loss) <= 1e-5, f"step {step}: {losses[step]} (Slurm, resumed) vs {loss} (reference)"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --eval_submit_slurm: the trainer submits cluster/exec/evaluate.sbatch after each checkpoint; the jobs' scores land in
+# the run's records under the checkpoints' steps. The lm-eval adapter is the tests' stand-in (seconds per job).
+EVAL_TASKS = ["stand_in_de", "stand_in_de_2"]
+
+
+def test_trainer_submits_evaluation_jobs(slurm: LocalSlurm, prepared_data, tmp_path: Path):
+    import lm_eval_stand_in
+
+    from lit_gpt.benchmarks import read_benchmarks
+    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    env = {**_clean_env(), "SLURM_CONF": str(slurm.conf), "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable,
+           "LLAMMLEIN_TEST_LM_EVAL_ADAPTER": "lm_eval_stand_in", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "pretrain/tinyllama_fabric.py", "--model_name", "micro", "--out_dir", str(out),
+         "--train_data_dir", str(prepared_data["train"]), "--val_data_dir", "", "--tokenizer_path",
+         str(prepared_data["tokenizer"]), "--accelerator", "cpu", "--devices", "1", "--strategy", "auto",
+         "--precision", "32-true", "--global_batch_size", "8", "--micro_batch_size", "4", "--max_steps", "6",
+         "--save_interval", "3", "--keep_last_checkpoints", "0", "--log_interval", "1", "--num_workers", "0",
+         "--eval_submit_slurm", "--eval_tasks", ",".join(EVAL_TASKS),
+         # the local node: no GPU, 2 CPUs
+         "--eval_sbatch_args", "--gres=none --cpus-per-task=1 --time=10"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    jobs = [int(line.split()[3].rstrip(":")) for line in result.stdout.splitlines()
+            if line.startswith("Submitted Slurm job ")]
+    assert len(jobs) == 2, result.stdout
+    for job in jobs:
+        _finished(slurm, job, out / "evals" / "logs" / f"eval-{job}.out", timeout=300)
+
+    records = read_benchmarks(out)
+    assert [r["step"] for r in records] == [3, 6]
+    for record in records:
+        # the same checkpoint scored here, in this process
+        model, _, tokenizer_dir, meta = load_gpt(out / f"iter-{record['step']:08d}-ckpt.pth")
+        expected = lm_eval_stand_in.evaluate_tasks(model, Tokenizer(tokenizer_dir), EVAL_TASKS)
+        assert record["tokens"] == meta["tokens_seen"]
+        assert set(record["scores"]) == set(EVAL_TASKS)
+        for task in EVAL_TASKS:
+            for metric in ("acc,none", "word_perplexity,none"):
+                assert abs(record["scores"][task][metric] - expected[task][metric]) <= 1e-9 * expected[task][metric]
+    assert records[0]["scores"] != records[1]["scores"]  # two different checkpoints were scored
+    # the trainer's own records are untouched
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5, 6]
