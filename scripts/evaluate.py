@@ -150,8 +150,12 @@ def main(argv=None) -> int:
         if tasks:
             from lit_gpt.tokenizer import Tokenizer
 
-            scores = adapter.evaluate_tasks(model, Tokenizer(tokenizer_dir), tasks, batch_size=args.batch_size,
-                                            limit=args.limit, device=args.device)
+            try:
+                scores = adapter.evaluate_tasks(model, Tokenizer(tokenizer_dir), tasks, batch_size=args.batch_size,
+                                                limit=args.limit, device=args.device)
+            except ConnectionError as e:  # a dataset that is not in the cache, offline (the Slurm job's default)
+                raise InputError(f"--tasks: {e}; pre-fetch the datasets where there is internet, into the "
+                                 f"HF_DATASETS_CACHE this node reads (README \"Evaluation\")") from None
             result.update(tasks=tasks, limit=args.limit, scores=scores)
             if record_dir is not None:
                 record = make_record(checkpoint_step(args.checkpoint), args.checkpoint, scores,

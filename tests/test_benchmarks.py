@@ -134,13 +134,24 @@ def test_evaluate_tasks_records_the_scores_of_the_checkpoint(checkpoint, stand_i
     (["--tasks", "stand_in_de", "--limit", "0"], "--limit 0"),
     (["--data_dir", "x", "--metrics_run", "RUN"], "--metrics_run records benchmark scores: give --tasks"),
     (["--tasks", "stand_in_de", "--metrics_run", "nowhere"], "--metrics_run nowhere: no such run directory"),
+    (["--tasks", "stand_in_de", "--metrics_run", "RUN", "--checkpoint", "RUN/tokenizer"],
+     "--checkpoint RUN/tokenizer: not a checkpoint name of the form iter-XXXXXXXX-ckpt.pth (--metrics_run"),
 ])
 def test_evaluate_tasks_bad_flags_are_one_error_line(checkpoint, stand_in, capsys, flags, message):
-    flags = [str(checkpoint.parent) if f == "RUN" else f for f in flags]
+    flags = [f.replace("RUN", str(checkpoint.parent)) for f in flags]
     assert evaluate_main(["--checkpoint", str(checkpoint), *flags]) == 2
     err = capsys.readouterr().err
+    message = message.replace("RUN", str(checkpoint.parent))
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not (checkpoint.parent / "evals").exists()
+
+
+def test_evaluate_offline_without_the_dataset_is_one_error_line(checkpoint, stand_in, capsys):
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--tasks", "stand_in_offline",
+                          "--metrics_run", str(checkpoint.parent)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tasks: Couldn't reach 'org/stand_in_offline'") and "pre-fetch" in err
+    assert err.count("\n") == 1 and read_benchmarks(checkpoint.parent) == []
 
 
 def test_evaluate_missing_checkpoint(checkpoint, stand_in, capsys):
