@@ -117,6 +117,13 @@ class TrainConfig:
     verify_data: bool = arg(False, "hash every chunk against its manifest's sha256 before training (ranks share the "
                                    "work)")
     seed: Seed = arg(42, "seed of the initial weights and the sample order")
+    # lm-eval tasks scored in-process on the live model (lit_gpt/train_tasks.py)
+    eval_tasks: str = arg("", "lm-eval task names or task directories (e.g. eval/tasks/llammlein_de), "
+                              "comma-separated; empty: none")
+    eval_task_interval: NonNegativeInt = arg(0, "optimizer steps between --eval_tasks runs; 0: only at the end (they "
+                                                "also run at the end)")
+    eval_limit: NonNegativeInt = arg(0, "--eval_tasks: items per task; 0: all")
+    eval_batch_size: PositiveInt = arg(8, "--eval_tasks: requests per forward pass on one rank")
 # ---------------------------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -250,6 +257,7 @@ from lit_gpt.run_dir import RunDir, remove_empty_dirs
 from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
 from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
+from lit_gpt.train_tasks import TrainTasks
 
 
 # ------------------------------------------------- set-up ------------------------------------------------------
@@ -438,6 +446,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     fabric.seed_everything(cfg.seed)  # identical initial weights on every rank
     preemption = Preemption()  # before the (possibly long) set-up: a signal would otherwise kill the job unsaved
     train_data, val_data = load_data(fabric, cfg, config)
+    tasks = TrainTasks(cfg.eval_tasks, cfg.eval_task_interval, cfg.eval_limit, cfg.eval_batch_size,
+                       cfg.tokenizer_path, fabric.device)  # an unknown task or one not available offline stops here
     if val_data is not None and validation_batches(val_data, cfg) < cfg.eval_iters:
         fabric.print(f"--eval_iters {cfg.eval_iters}: the validation split holds {validation_batches(val_data, cfg)} "
                      f"batches of --global_batch_size {cfg.global_batch_size} samples; each validation uses those")
@@ -510,6 +520,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         step = progress.step
         if val_data is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
             log.validation(progress, validate(fabric, model, val_data, cfg))
+        if tasks.due(step, cfg.max_steps):
+            log.task_scores(progress, *tasks.run(model))
         stop_now = stop_requested or step == cfg.stop_at_step
         saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps) and not nonfinite_in_a_row) or stop_now
         if saving and (failure := fabric.broadcast(log.failure, src=0)):  # no checkpoint past a lost record
@@ -524,6 +536,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     profile.step(progress.step)
     if val_data is not None:
         log.validation(progress, validate(fabric, model, val_data, cfg))
+    if tasks:
+        log.task_scores(progress, *tasks.run(model))
     if failure := fabric.broadcast(log.failure, src=0):
         return log.stop_records_lost(failure, progress.step, run)
     return 0
