@@ -4,7 +4,9 @@ Rank 0 runs `sbatch cluster/exec/evaluate.sbatch CHECKPOINT TASKS --metrics_run 
 submitted from the checkout's root), with the job's output in OUT_DIR/evals/logs/. The job needs nothing but the
 checkpoint, which exists once published, so it has no dependency and runs whenever Slurm has a GPU. Its scores land
 in OUT_DIR/evals/ (lit_gpt.benchmarks). Submitting is best effort: a failed sbatch is a warning, never a training
-failure. Checkpoint rotation (--keep_last_checkpoints) may delete a checkpoint before its job runs; the job then says
+failure. With it, the trainer does not score --eval_tasks itself; --eval_limit and --eval_batch_size go to the
+jobs. Inside the Apptainer image (no Slurm there) cluster/exec/train_fabric.sh relays the trainer's sbatch to the
+batch host. Checkpoint rotation (--keep_last_checkpoints) may delete a checkpoint before its job runs; the job then says
 so and exits 0 (keep more checkpoints, or 0 for all, to score every one).
 """
 from __future__ import annotations
@@ -29,12 +31,20 @@ def sbatch_environment() -> dict[str, str]:
             if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SRUN_"))}
 
 
-def submit_evaluation(checkpoint: Path, tasks: str, run_dir: Path, sbatch_args: str = "",
+def submit_evaluation(checkpoint: Path, tasks: str, run_dir: Path, *, limit: int | None = None,
+                      batch_size: int | None = None, sbatch_args: str = "",
                       log: Callable[[str], None] = print) -> str | None:
-    """Submit the scoring job of `checkpoint`; its Slurm job id, or None (after a warning) when sbatch failed."""
+    """Submit the scoring job of `checkpoint` on the comma-separated `tasks`; its Slurm job id, or None (after a
+    warning) when sbatch failed."""
     logs = RunDir(run_dir).eval_job_logs
+    # The job runs in the checkout's root: task directories given relative to this process's directory are made
+    # absolute.
+    tasks = ",".join(str(Path(t).resolve()) if Path(t).is_dir() else t for t in tasks.split(",") if t)
+    evaluate_flags = [*(["--limit", str(limit)] if limit else []),
+                      *(["--batch_size", str(batch_size)] if batch_size else [])]
     command = ["sbatch", "--parsable", f"--output={Path(logs).resolve()}/eval-%j.out", *shlex.split(sbatch_args),
-               str(JOB_SCRIPT), str(Path(checkpoint).resolve()), tasks, "--metrics_run", str(Path(run_dir).resolve())]
+               str(JOB_SCRIPT), str(Path(checkpoint).resolve()), tasks, "--metrics_run", str(Path(run_dir).resolve()),
+               *evaluate_flags]
     try:
         logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the output's directory
         result = subprocess.run(command, cwd=REPO_ROOT, env=sbatch_environment(), capture_output=True, text=True,

@@ -118,10 +118,17 @@ class TrainConfig:
     verify_data: bool = arg(False, "hash every chunk against its manifest's sha256 before training (ranks share the "
                                    "work)")
     seed: Seed = arg(42, "seed of the initial weights and the sample order")
-    # Benchmarks of the checkpoints (lm-eval tasks; README "Evaluation")
-    eval_tasks: str = arg("", "lm-eval tasks, comma-separated, e.g. llammlein_de,belebele_deu_Latn")
-    eval_submit_slurm: bool = arg(False, "after each checkpoint, submit cluster/exec/evaluate.sbatch to score it on "
-                                         "--eval_tasks (scores in out_dir/evals/); a failed sbatch is a warning")
+    # lm-eval tasks scored in-process on the live model (lit_gpt/train_tasks.py)
+    eval_tasks: str = arg("", "lm-eval task names or task directories (e.g. eval/tasks/llammlein_de), "
+                              "comma-separated; empty: none")
+    eval_task_interval: NonNegativeInt = arg(0, "optimizer steps between --eval_tasks runs; 0: only at the end (they "
+                                                "also run at the end)")
+    eval_limit: NonNegativeInt = arg(0, "--eval_tasks: items per task; 0: all")
+    eval_batch_size: PositiveInt = arg(8, "--eval_tasks: requests per forward pass on one rank")
+    # ... or by Slurm jobs, one per checkpoint (lit_gpt/slurm_eval.py)
+    eval_submit_slurm: bool = arg(False, "score each checkpoint on --eval_tasks in a Slurm job of its own "
+                                         "(cluster/exec/evaluate.sbatch; scores in out_dir/evals/) instead of in the "
+                                         "training process; a failed sbatch is a warning")
     eval_sbatch_args: str = arg("", "--eval_submit_slurm: extra sbatch options, e.g. '--partition=gpu "
                                     "--account=proj'")
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,6 +272,7 @@ from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
 from lit_gpt.slurm_eval import submit_evaluation
 from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
+from lit_gpt.train_tasks import TrainTasks
 
 
 # ------------------------------------------------- set-up ------------------------------------------------------
@@ -444,7 +452,8 @@ def save(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, pro
     save_checkpoint(path, model, optimizer, meta, cfg.state_dict_type, keep_last=cfg.keep_last_checkpoints)
     fabric.print(f"Saved {path}")
     if cfg.eval_submit_slurm and fabric.global_rank == 0:  # published: the job can start at once
-        submit_evaluation(path, cfg.eval_tasks, Path(cfg.out_dir), cfg.eval_sbatch_args, fabric.print)
+        submit_evaluation(path, cfg.eval_tasks, Path(cfg.out_dir), limit=cfg.eval_limit or None,
+                          batch_size=cfg.eval_batch_size, sbatch_args=cfg.eval_sbatch_args, log=fabric.print)
 
 
 # ------------------------------------------------- the run -----------------------------------------------------
@@ -455,6 +464,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     fabric.seed_everything(cfg.seed)  # identical initial weights on every rank
     preemption = Preemption()  # before the (possibly long) set-up: a signal would otherwise kill the job unsaved
     train_data, val_data = load_data(fabric, cfg, config)
+    tasks = TrainTasks(cfg.eval_tasks, cfg.eval_task_interval, cfg.eval_limit, cfg.eval_batch_size,
+                       cfg.tokenizer_path, fabric.device)  # an unknown task or one not available offline stops here
     if val_data is not None and validation_batches(val_data, cfg) < cfg.eval_iters:
         fabric.print(f"--eval_iters {cfg.eval_iters}: the validation split holds {validation_batches(val_data, cfg)} "
                      f"batches of --global_batch_size {cfg.global_batch_size} samples; each validation uses those")
@@ -528,6 +539,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         step = progress.step
         if val_data is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
             log.validation(progress, validate(fabric, model, val_data, cfg))
+        if tasks.due(step, cfg.max_steps) and not cfg.eval_submit_slurm:  # else the jobs of the checkpoints score
+            log.task_scores(progress, *tasks.run(model))
         stop_now = stop_requested or step == cfg.stop_at_step
         saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps) and not nonfinite_in_a_row) or stop_now
         if saving and (failure := fabric.broadcast(log.failure, src=0)):  # no checkpoint past a lost record
@@ -542,6 +555,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     profile.step(progress.step)
     if val_data is not None:
         log.validation(progress, validate(fabric, model, val_data, cfg))
+    if tasks and not cfg.eval_submit_slurm:
+        log.task_scores(progress, *tasks.run(model))
     if failure := fabric.broadcast(log.failure, src=0):
         return log.stop_records_lost(failure, progress.step, run)
     return 0

@@ -80,14 +80,12 @@ def evaluate(model, dataset, batch_size: int, max_samples: int, document_masking
 
 
 def lm_eval_adapter():
-    """The module that runs lm-eval tasks on our model (`evaluate_tasks`, `check_tasks_available`). Test-only:
-    LLAMMLEIN_TEST_LM_EVAL_ADAPTER names a stand-in module with the same two functions (jobs the tests submit)."""
-    name = os.environ.get("LLAMMLEIN_TEST_LM_EVAL_ADAPTER") or "lit_gpt.lm_eval_adapter"
+    """The module that runs lm-eval tasks on our model (`evaluate_tasks`, `check_tasks_available`); imported only
+    for --tasks (lm-eval is an optional dependency and slow to import)."""
     try:
-        return importlib.import_module(name)
+        return importlib.import_module("lit_gpt.lm_eval_adapter")
     except ImportError as e:
-        raise InputError(f"--tasks: cannot load the lm-eval adapter {name} ({e}); install lm-eval with "
-                         f"pip install -e .[eval]") from None
+        raise InputError(f"--tasks: lm-eval is not installed ({e}); pip install -e '.[eval]'") from None
 
 
 def checked_tasks(args: argparse.Namespace) -> list[str]:

@@ -1,6 +1,6 @@
 """A stand-in for lit_gpt.lm_eval_adapter (same two functions) whose scores are a deterministic function of the model
-and the tokenizer, computed in seconds: what the tests of the evaluation plumbing (evaluate.py --tasks, the Slurm job,
-the trainer's submissions) compare against. Jobs load it through LLAMMLEIN_TEST_LM_EVAL_ADAPTER=lm_eval_stand_in."""
+and the tokenizer, computed at once: what the fast tests of the evaluation plumbing (evaluate.py --tasks and its
+records) compare against."""
 from __future__ import annotations
 
 import math

@@ -106,7 +106,7 @@ def checkpoint(tmp_path, tokenizer_dir):
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setenv("LLAMMLEIN_TEST_LM_EVAL_ADAPTER", "lm_eval_stand_in")
+    monkeypatch.setattr("scripts.evaluate.lm_eval_adapter", lambda: lm_eval_stand_in)
 
 
 def test_evaluate_tasks_records_the_scores_of_the_checkpoint(checkpoint, stand_in, capsys):
@@ -164,18 +164,6 @@ def test_evaluate_missing_checkpoint(checkpoint, stand_in, capsys):
     assert read_benchmarks(checkpoint.parent) == []
 
 
-def test_the_real_adapter_is_the_default(monkeypatch):
-    monkeypatch.delenv("LLAMMLEIN_TEST_LM_EVAL_ADAPTER", raising=False)
-    from scripts.evaluate import lm_eval_adapter
-
-    try:
-        adapter = lm_eval_adapter()
-    except Exception as e:  # noqa: BLE001 - before the adapter is merged: the error names it
-        assert "lit_gpt.lm_eval_adapter" in str(e)
-    else:
-        assert adapter.__name__ == "lit_gpt.lm_eval_adapter"
-
-
 # ------------------------------------------------- submission -------------------------------------------------------
 def _fake_sbatch(tmp_path: Path, body: str) -> Path:
     bin_dir = tmp_path / "bin"
@@ -193,13 +181,17 @@ def test_submit_evaluation_runs_sbatch_outside_the_training_job(tmp_path, monkey
     monkeypatch.setenv("SLURM_CONF", "/etc/slurm/x.conf")
     run = tmp_path / "run"
     messages = []
-    job = slurm_eval.submit_evaluation(run / "iter-00000010-ckpt.pth", "xnli_de,arc_de", run,
-                                       "--partition=gpu --comment='two words'", messages.append)
+    (tmp_path / "my_task").mkdir()
+    monkeypatch.chdir(tmp_path)
+    job = slurm_eval.submit_evaluation(run / "iter-00000010-ckpt.pth", "xnli_de,my_task", run, limit=50,
+                                       batch_size=16, sbatch_args="--partition=gpu --comment='two words'",
+                                       log=messages.append)
     assert job == "4711" and "Submitted Slurm job 4711" in messages[0]
     argv = calls.read_text().splitlines()
     assert argv == [str(ROOT), "--parsable", f"--output={run.resolve()}/evals/logs/eval-%j.out", "--partition=gpu",
                     "--comment=two words", str(JOB_SCRIPT), str(run.resolve() / "iter-00000010-ckpt.pth"),
-                    "xnli_de,arc_de", "--metrics_run", str(run.resolve())]
+                    f"xnli_de,{tmp_path.resolve() / 'my_task'}", "--metrics_run", str(run.resolve()),
+                    "--limit", "50", "--batch_size", "16"]
     env = calls.with_suffix(".env").read_text().splitlines()
     assert "SLURM_CONF=/etc/slurm/x.conf" in env and not any(line.startswith("SLURM_JOB_ID=") for line in env)
     assert (run / "evals" / "logs").is_dir()
@@ -216,8 +208,8 @@ def test_a_failed_submission_is_a_warning(tmp_path, monkeypatch, body, reason):
     else:
         monkeypatch.setenv("PATH", f"{_fake_sbatch(tmp_path, body)}:{os.environ['PATH']}")
     messages = []
-    assert slurm_eval.submit_evaluation(tmp_path / "iter-00000010-ckpt.pth", "xnli_de", tmp_path, "",
-                                        messages.append) is None
+    assert slurm_eval.submit_evaluation(tmp_path / "iter-00000010-ckpt.pth", "xnli_de", tmp_path,
+                                        log=messages.append) is None
     assert len(messages) == 1 and messages[0].startswith("warning: --eval_submit_slurm") and reason in messages[0]
 
 
