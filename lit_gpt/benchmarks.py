@@ -20,6 +20,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -74,15 +75,14 @@ def make_record(step: int, checkpoint: Path, scores: dict[str, dict[str, float]]
             "time": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
-def read_benchmarks(run_dir: Path, log: Callable[[str], None] = print) -> list[dict]:
-    """The run's scores by step, oldest step first: [{"step", "tokens", "scores": {task: {metric: value}}}]. Several
-    records of one step are merged task by task, the newest winning; set-aside (`.abandoned`) ones are left out, an
-    unreadable record is skipped with a warning."""
+def read_benchmarks(run_dir: Path, metrics: list[dict] = (), log: Callable[[str], None] = print) -> list[dict]:
+    """The run's scores by step, oldest step first: [{"step", "tokens", "scores": {task: {metric: value}}}], from its
+    records under evals/ and the in-training scores among its `metrics` records (keys "eval/TASK/METRIC", see
+    lit_gpt.train_tasks). Several scorings of one step are merged task by task, the newest record under evals/
+    winning; set-aside (`.abandoned`) ones are left out, an unreadable record is skipped with a warning."""
+    found = [(r["step"], -math.inf, None, _in_training_scores(r)) for r in metrics]
     root = RunDir(run_dir).evals
-    if not root.is_dir():
-        return []
-    by_step: dict[int, list[dict]] = {}
-    for directory in root.iterdir():
+    for directory in root.iterdir() if root.is_dir() else ():
         if not (CHECKPOINT_PATTERN.match(directory.name) and directory.is_dir()):
             continue
         for path in sorted(directory.glob("[!.]*.json")):
@@ -93,15 +93,24 @@ def read_benchmarks(run_dir: Path, log: Callable[[str], None] = print) -> list[d
             except (OSError, ValueError, AttributeError) as e:
                 log(f"warning: {path}: not a benchmark record, skipped ({e})")
                 continue
-            by_step.setdefault(checkpoint_step(directory), []).append(record)
-    merged = []
-    for step, records in sorted(by_step.items()):
-        scores, tokens = {}, None
-        for record in sorted(records, key=lambda r: r["time"]):
-            scores.update(record["scores"])
-            tokens = record.get("tokens") if record.get("tokens") is not None else tokens
-        merged.append({"step": step, "tokens": tokens, "scores": scores})
-    return merged
+            found.append((checkpoint_step(directory), record["time"], record.get("tokens"), record["scores"]))
+    by_step: dict[int, dict] = {}
+    for step, _, tokens, scores in sorted(found, key=lambda entry: entry[:2]):
+        if not scores:
+            continue
+        merged = by_step.setdefault(step, {"step": step, "tokens": None, "scores": {}})
+        merged["scores"].update(scores)
+        merged["tokens"] = tokens if tokens is not None else merged["tokens"]
+    return list(by_step.values())
+
+
+def _in_training_scores(record: dict) -> dict[str, dict[str, float]]:
+    scores: dict[str, dict[str, float]] = {}
+    for key, value in record.items():
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[0] == "eval" and isinstance(value, (int, float)):
+            scores.setdefault(parts[1], {})[parts[2]] = value
+    return scores
 
 
 def main_metric(metrics: dict[str, float]) -> tuple[str, float] | None:

@@ -6,8 +6,8 @@ against optimizer steps and against tokens seen, several runs overlaid in one PN
 
 Reads each OUT_DIR/metrics.jsonl as the trainer writes it; runs are named by their hparams.json (W&B name, else
 model name). A panel that no run has data for (MFU on CPU) is left out; a step whose loss was not finite is a gap in
-its line. The benchmark scores of the run's checkpoints (out_dir/evals/, lit_gpt.benchmarks) are one line per
-task, its main metric (acc_norm, else acc, ...), one panel per metric, below the loss.
+its line. The benchmark scores (lm-eval tasks, scored during training or by jobs on its checkpoints: lit_gpt.benchmarks)
+are one line per task, its main metric (acc_norm, else acc, ...), one panel per metric, below the loss.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def load_run(out_dir: Path, name: str | None = None) -> Run:
     for record, tokens in zip(val, _tokens_at([r["step"] for r in val], train)):
         record["tokens"] = tokens
     benchmarks = {}
-    for task, (metric, points) in curves(read_benchmarks(out_dir, log=lambda m: print(m, file=sys.stderr))).items():
+    scores = read_benchmarks(out_dir, records, log=lambda message: print(message, file=sys.stderr))
+    for task, (metric, points) in curves(scores).items():
         # checkpoints that do not record their tokens (the original trainer's) get them from the training records
         interpolated = _tokens_at([step for step, _, _ in points], train)
         benchmarks[task] = (metric, [{"step": step, "tokens": tokens if tokens is not None else guess, "value": value}

@@ -1,5 +1,5 @@
 """Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput, and the newest benchmark
-score of each task (out_dir/evals/). With --expect_falling, exit 1 unless both training and validation loss fell."""
+score of each task (scored in training or by jobs on its checkpoints). With --expect_falling, exit 1 unless both training and validation loss fell."""
 import argparse
 import sys
 from pathlib import Path
@@ -36,7 +36,7 @@ def main() -> int:
     speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
     if speeds:
         print(f"throughput: {sum(speeds) / len(speeds):,.0f} tokens/s; tokens seen: {last['tokens']:,}")
-    benchmarks = read_benchmarks(args.out_dir, log=lambda message: print(message, file=sys.stderr))
+    benchmarks = read_benchmarks(args.out_dir, records, log=lambda message: print(message, file=sys.stderr))
     for task, (step, metric, value) in latest_scores(benchmarks).items():
         print(f"{task}: {metric} {value:.4f} at step {step}")
     if args.expect_falling:

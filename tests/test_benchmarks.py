@@ -279,7 +279,12 @@ def test_plot_and_summary_show_the_scores(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     train = [{"step": s, "loss": 8 - s / 10, "tokens": 100 * s, "tokens_per_sec": 1.0} for s in (10, 20, 30)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    # scores of the live model, as the trainer logs them (lit_gpt.train_tasks); a job's record of step 10 replaces
+    # its xnli_de
+    in_training = [{"iter": 40, "step": 10, "eval/xnli_de/acc": 0.1, "eval/seconds": 2.0},
+                   {"iter": 120, "step": 30, "eval/llammlein_de_mc/acc": 0.5, "eval/llammlein_de_mc/acc_norm": 0.6,
+                    "eval/seconds": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*train, *in_training]))
     _publish(run, 10, {"xnli_de": {"acc,none": 0.3}, "arc_de": {"acc_norm,none": 0.2},
                        "lambada_openai_mt_de": {"perplexity,none": 90.0}}, tokens=1000)
     _publish(run, 30, {"xnli_de": {"acc,none": 0.4}, "arc_de": {"acc_norm,none": 0.3}})  # tokens not recorded
@@ -295,6 +300,7 @@ def test_plot_and_summary_show_the_scores(tmp_path):
     np.testing.assert_array_equal(y, [0.3, math.nan, 0.4])  # a score that is not a number is a gap
     assert line(("benchmark:acc", "tokens"), "r: xnli_de")[0] == [1000, 2000, 3000]  # 3000 from the training records
     assert line(("benchmark:acc_norm", "tokens"), "r: arc_de") == ([1000, 3000], [0.2, 0.3])
+    assert line(("benchmark:acc_norm", "tokens"), "r: llammlein_de_mc") == ([3000], [0.6])
     assert line(("benchmark:perplexity", "step"), "r: lambada_openai_mt_de") == ([10], [90.0])
     # below the loss, above the learning rate panels
     rows = [key for key in axes if key[1] == "step"]
@@ -304,8 +310,10 @@ def test_plot_and_summary_show_the_scores(tmp_path):
     result = subprocess.run([sys.executable, "scripts/summarize_run.py", str(run)], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-3:] == ["arc_de: acc_norm 0.3000 at step 30", "lambada_openai_mt_de: "
-                                               "perplexity 90.0000 at step 10", "xnli_de: acc 0.4000 at step 30"]
+    assert result.stdout.splitlines()[-4:] == ["arc_de: acc_norm 0.3000 at step 30",
+                                               "lambada_openai_mt_de: perplexity 90.0000 at step 10",
+                                               "llammlein_de_mc: acc_norm 0.6000 at step 30",
+                                               "xnli_de: acc 0.4000 at step 30"]
 
 
 def test_main_metric_prefers_the_headline():
