@@ -321,3 +321,20 @@ def test_main_metric_prefers_the_headline():
         ("acc_norm", 0.2)
     assert benchmarks.main_metric({"bleu": 3.0, "chrf": 2.0}) == ("bleu", 3.0)
     assert benchmarks.main_metric({"acc_stderr,none": 0.1}) is None
+
+
+@pytest.mark.slow
+def test_readme_names_only_tasks_lm_eval_has():
+    """The German tasks the README lists exist in the installed lm-eval's registry (15 s to build its index)."""
+    import re
+
+    from lm_eval.tasks import TaskManager
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Evaluation\n"):readme.index("\n## ", readme.index("## Evaluation\n") + 1)]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    listed = [name for row in rows for name in re.findall(r"`([^`]+)`", row)]
+    assert len(listed) >= 15 and "belebele_deu_Latn" in listed
+    known = set(TaskManager(include_path=[str(ROOT / "eval" / "tasks")]).all_tasks)
+    assert [name for name in listed if name not in known] == []
+    assert "truthfulqa_de" not in known  # what the README says is missing
