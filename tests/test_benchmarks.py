@@ -338,3 +338,18 @@ def test_readme_names_only_tasks_lm_eval_has():
     known = set(TaskManager(include_path=[str(ROOT / "eval" / "tasks")]).all_tasks)
     assert [name for name in listed if name not in known] == []
     assert "truthfulqa_de" not in known  # what the README says is missing
+
+
+@pytest.mark.slow
+def test_the_trainer_sets_aside_the_scores_of_abandoned_checkpoints(prepared_data, tmp_path):
+    from test_trainer import train
+
+    out = tmp_path / "run"
+    train(prepared_data, out, max_steps=4, save_interval=2)
+    _publish(out, 2, {"xnli_de": {"acc": 0.2}}, tokens=100)
+    _publish(out, 4, {"xnli_de": {"acc": 0.4}}, tokens=200)
+    resumed = train(prepared_data, out, max_steps=4, save_interval=2, resume=out / "iter-00000002-ckpt.pth")
+    assert "Set aside the benchmark scores of iter-00000004-ckpt.pth (after step 2)" in resumed.stdout
+    assert (out / "iter-00000004-ckpt.pth.abandoned").is_file() and (out / "iter-00000004-ckpt.pth").is_file()
+    assert read_benchmarks(out) == [{"step": 2, "tokens": 100, "scores": {"xnli_de": {"acc": 0.2}}}]
+    assert list((out / "evals" / "iter-00000004-ckpt.pth.abandoned").glob("*.json"))
