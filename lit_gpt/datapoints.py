@@ -203,7 +203,7 @@ class DatapointLog:
             last = np.minimum(first + ds.sample_tokens, source.tokens) - 1
             lo, hi = source.doc_numbers(first), source.doc_numbers(last)
             numbers = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(lo, hi)]))
-            found.extend(_doc_ids(source, numbers))
+            found.extend(document_ids(source, numbers))
         return found
 
     def documents_until(self, until_step: int) -> list[str]:
@@ -228,7 +228,8 @@ class DatapointLog:
         return list(zip(self.step_col[at].tolist(), self.rank_col[at].tolist(), self.sample_col[at].tolist()))
 
 
-def _doc_ids(source, numbers: np.ndarray) -> list[str]:
+def document_ids(source, numbers: np.ndarray) -> list[str]:
+    """The corpus ids of documents `numbers` (ascending) of a source with a document index."""
     first_docs = np.array([c["first_doc"] for c in source.chunks])
     chunk_of = np.searchsorted(first_docs, numbers, side="right") - 1
     ids = []

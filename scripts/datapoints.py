@@ -4,11 +4,20 @@
     python scripts/datapoints.py documents --checkpoint out/run/iter-00001000-ckpt.pth   # the same: what it saw
     python scripts/datapoints.py steps --run out/run --document "wiki:12345"     # step, rank, sample per sighting
     python scripts/datapoints.py summary --run out/run
+    python scripts/datapoints.py spike --run out/run --step 1234 --top 10        # step 1234's documents by loss
+    python scripts/datapoints.py --spike 1234 --run out/run                      # the same
 
 A checkpoint `iter-N-ckpt.pth` (file or sharded directory) holds the first N optimizer steps (0..N-1); its run
 directory is the checkpoint's folder. A document counts as seen when at least one of its tokens was in a trained
 sample. Runs resumed on another number of GPUs are merged step by step. The training data must still be where
 it was logged (or pass its folders again with --data_dir, in the original order); it is checked by fingerprint.
+
+`spike` scores optimizer step STEP's global batch (steps numbered as in the log: 0-based; metrics.jsonl records step
+STEP's loss as step STEP + 1) with the newest checkpoint iter-N of the run with N <= STEP that verifies (iter-STEP
+holds exactly the weights that step started from), or --checkpoint, and lists the documents of its samples, one line
+per piece of a document in a sample, by their own mean token loss, highest first: loss, target tokens, document id,
+chunk file and token position in it, token offset within the document, sample id and position in the sample. The
+model runs with document masking when the checkpoint was trained with it.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 
+from lit_gpt.config import DTYPE_NAMES
 from lit_gpt.errors import InputError
 from lit_gpt.run_dir import RunDir, checkpoint_step
 
@@ -33,21 +43,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     steps = sub.add_parser("steps", help="the steps at which a document was trained on")
     steps.add_argument("--document", required=True, help="document id as in the corpus (or file:line)")
     sub.add_parser("summary", help="logged steps and world sizes")
-    for parser in (docs, steps, sub.choices["summary"]):
+    spike = sub.add_parser("spike", help="the documents of one step's global batch, ranked by their own loss")
+    spike.add_argument("--step", "--spike", dest="step", type=int, required=True,
+                       help="the optimizer step as the datapoint log numbers it, from 0 (metrics.jsonl logs its loss "
+                       "as step STEP + 1)")
+    spike.add_argument("--checkpoint", type=Path, help="the weights to score with (default: the newest checkpoint "
+                       "iter-N of the run with N <= STEP that verifies); its folder is the run directory")
+    spike.add_argument("--top", type=int, default=20, help="list the N highest-loss documents (0: all; default 20)")
+    spike.add_argument("--batch_size", type=int, default=4, help="samples per forward pass (default 4)")
+    spike.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    spike.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="weights and compute dtype")
+    spike.add_argument("--document_masking", action=argparse.BooleanOptionalAction, default=None,
+                       help="attend within documents only (default: as the checkpoint was trained)")
+    for parser in (docs, steps, sub.choices["summary"], spike):
         parser.add_argument("--run", type=Path, help="the run's output directory (out_dir of the trainer)")
         parser.add_argument("--data_dir", action="append", help="training data folder(s), if moved since the run")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].split("=")[0] == "--spike":  # `datapoints --spike STEP ...` is `datapoints spike --spike STEP`
+        argv = ["spike", *argv]
     args = p.parse_args(argv)
     if getattr(args, "checkpoint", None) is not None:
         if not args.checkpoint.exists():
             p.error(f"--checkpoint {args.checkpoint}: no such checkpoint")
-        try:
-            args.until_step = checkpoint_step(args.checkpoint)
-        except ValueError as e:
-            p.error(f"--checkpoint {e}")
+        if args.command == "documents":
+            try:
+                args.until_step = checkpoint_step(args.checkpoint)
+            except ValueError as e:
+                p.error(f"--checkpoint {e}")
         args.run = args.run or RunDir.of_checkpoint(args.checkpoint).path
+    if args.command == "spike":
+        for flag, value, least in (("--step", args.step, 0), ("--top", args.top, 0), ("--batch_size", args.batch_size, 1)):
+            if value < least:
+                p.error(f"{flag} {value}: must be at least {least}")
     if args.run is None:
-        p.error("--run is required (or --checkpoint for 'documents')")
+        p.error("--run is required (or --checkpoint for 'documents' and 'spike')")
     return args
 
 
@@ -64,6 +94,8 @@ def main(argv=None) -> int:
                       "world_sizes": sorted(set(log.world_sizes.values())),
                       "missing_steps": log.missing_steps(steps[-1] + 1)[:20] if steps else []}
             print(json.dumps(result, indent=1))
+        elif args.command == "spike":
+            spike(args, log)
         elif args.command == "documents":
             missing = log.missing_steps(args.until_step)
             if missing:
@@ -93,6 +125,42 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error; nothing more goes to the pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def spike(args: argparse.Namespace, log) -> None:
+    from lit_gpt.checkpoint.load import load_gpt, trained_with_document_masking
+    from lit_gpt.hf_convert import TORCH_DTYPES
+    from lit_gpt.spike_attribution import checkpoint_before, rank_step_documents, require_logged
+
+    require_logged(log, args.step)  # before the model is loaded
+    checkpoint = args.checkpoint or checkpoint_before(args.run, args.step)
+    if args.checkpoint is not None and _step_of(checkpoint) > args.step:
+        print(f"warning: --checkpoint {checkpoint} has trained on step {args.step} already: these are the losses "
+              f"after it", file=sys.stderr)
+    model, _, _, meta = load_gpt(checkpoint, dtype=TORCH_DTYPES[args.dtype], with_tokenizer=False)
+    masking = trained_with_document_masking(meta) if args.document_masking is None else args.document_masking
+    result = rank_step_documents(log, args.step, model.to(args.device), masking, args.device, args.batch_size)
+    result.update(checkpoint=str(checkpoint), document_masking=masking)
+    shown = result["documents"][:args.top] if args.top else result["documents"]
+    if args.json:
+        print(json.dumps({**result, "pieces": len(result["documents"]), "documents": shown}, ensure_ascii=False))
+        return
+    print(f"step {args.step} (metrics.jsonl: step {args.step + 1}): {result['samples']} samples, {len(result['documents'])} document pieces, loss "
+          f"{result['loss']:.4f} over {result['tokens']} tokens under {checkpoint}"
+          f"{' (document masking)' if masking else ''}", file=sys.stderr)
+    print("loss\ttokens\tdocument\tfile\tfile_position\tdocument_offset\tsample\tsample_position")
+    for d in shown:
+        loss = "-" if d["loss"] is None else f"{d['loss']:.4f}"
+        print(f"{loss}\t{d['tokens']}\t{d['document']}\t{d['file']}\t{d['file_position']}\t{d['document_offset']}\t"
+              f"{d['sample']}\t{d['sample_position']}")
+
+
+def _step_of(checkpoint: Path) -> int:
+    """The step in a checkpoint's name; -1 for other weights (an export), which trained on no logged step."""
+    try:
+        return checkpoint_step(checkpoint)
+    except ValueError:
+        return -1
 
 
 if __name__ == "__main__":

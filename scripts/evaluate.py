@@ -178,6 +178,7 @@ def _gone(checkpoint: Path) -> int:
 
 def perplexity(model, config, meta: dict, args: argparse.Namespace) -> dict:
     """--data_dir: the loss and perplexity on the split, with the settings used."""
+    from lit_gpt.checkpoint.load import trained_with_document_masking
     from lit_gpt.packed_dataset import PackedDataset
 
     block_size = args.block_size or config.block_size
@@ -185,8 +186,7 @@ def perplexity(model, config, meta: dict, args: argparse.Namespace) -> dict:
         raise InputError(f"--block_size {block_size}: must be in [1, {config.block_size}] for this model")
     masking = args.document_masking
     if masking is None:
-        hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
-        masking = bool(hparams.get("document_masking", False))
+        masking = trained_with_document_masking(meta)
     try:
         dataset = PackedDataset([args.data_dir], block_size=block_size, with_doc_ids=masking)
     except InputError as e:  # names the file

@@ -47,7 +47,7 @@ def reference_documents(ds: PackedDataset, sample_ids) -> set[str]:
     ends = starts[1:] + [offset]
     found = set()
     for j in np.asarray(sample_ids).tolist():
-        a, b = j * (T + 1), min((j + 1) * (T + 1), offset)
+        a, b = j * ds.sample_tokens, min((j + 1) * ds.sample_tokens, offset)
         found.update(d for d, s, e in zip(ids, starts, ends) if s < b and e > a)
     return found
 

@@ -321,6 +321,12 @@ def load_gpt(source: Path, model_name: str | None = None, tokenizer: Path | None
     return model.eval(), config, tok_dir, meta
 
 
+def trained_with_document_masking(meta: dict) -> bool:
+    """Whether the run that wrote a checkpoint (its `load_gpt` metadata) attended within documents only."""
+    hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
+    return bool(hparams.get("document_masking", False))
+
+
 def _tokenizer_vocab_size(directory: Path) -> int:
     from lit_gpt.tokenizer import Tokenizer
 
