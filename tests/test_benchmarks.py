@@ -256,6 +256,10 @@ def test_job_script_scores_into_the_checkpoints_run(tmp_path):
     other = _job(tmp_path, str(ckpt), "xnli_de", "--metrics_run", str(tmp_path), env={"HF_DATASETS_OFFLINE": "0"})
     assert other.stdout.count("--metrics_run") == 1 and f"--metrics_run\n{tmp_path}\n" in other.stdout
     assert "HF=0,1" in other.stdout
+    export = tmp_path / "hf"  # an export: its scores are only printed
+    export.mkdir()
+    printed = _job(tmp_path, str(export), "xnli_de")
+    assert printed.returncode == 0 and "--missing_ok\n" in printed.stdout and "--metrics_run" not in printed.stdout
 
 
 def test_job_script_of_a_deleted_checkpoint_warns_and_succeeds(tmp_path):
