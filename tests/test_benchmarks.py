@@ -262,6 +262,28 @@ def test_job_script_scores_into_the_checkpoints_run(tmp_path):
     assert printed.returncode == 0 and "--missing_ok\n" in printed.stdout and "--metrics_run" not in printed.stdout
 
 
+def test_job_script_in_the_container_binds_the_run_and_the_dataset_cache(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "hf"
+    run.mkdir()
+    cache.mkdir()
+    ckpt = run / "iter-00000010-ckpt.pth"
+    ckpt.write_text("")
+    (tmp_path / "img.sif").write_text("")
+    bin_dir = _fake_sbatch(tmp_path, "")
+    (bin_dir / "apptainer").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "apptainer").chmod(0o755)
+    result = _job(tmp_path, str(ckpt), "xnli_de", env={"LLAMMLEIN_NO_CONTAINER": "0", "HF_HOME": str(cache),
+                                                       "LLAMMLEIN_IMAGE": str(tmp_path / "img.sif"),
+                                                       "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()[1:]  # after the job's first log line
+    assert argv[:2] == ["exec", "--nv"]
+    binds = argv[argv.index("--bind") + 1].split(",")
+    assert binds == [str((tmp_path / "repo").resolve()), str(run.resolve()), str(cache.resolve())]
+    i = argv.index(str(tmp_path / "img.sif"))
+    assert argv[i + 1:i + 4] == ["python", "scripts/evaluate.py", "--checkpoint"]
+
+
 def test_job_script_of_a_deleted_checkpoint_warns_and_succeeds(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
