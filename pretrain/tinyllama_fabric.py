@@ -129,8 +129,8 @@ class TrainConfig:
     eval_submit_slurm: bool = arg(False, "score each checkpoint on --eval_tasks in a Slurm job of its own "
                                          "(cluster/exec/evaluate.sbatch; scores in out_dir/evals/) instead of in the "
                                          "training process; a failed sbatch is a warning")
-    eval_sbatch_args: str = arg("", "--eval_submit_slurm: extra sbatch options, e.g. '--partition=gpu "
-                                    "--account=proj'")
+    eval_sbatch_args: str = arg("", "--eval_submit_slurm: extra sbatch options, e.g. "
+                                    "--eval_sbatch_args='--partition=gpu --account=proj'")
 # ---------------------------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
