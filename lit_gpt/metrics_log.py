@@ -4,6 +4,12 @@ Appends are not atomic, so a node crash can leave a torn last line; readers drop
 replaces the records after its checkpoint's step; the files holding them are set aside whole, never truncated, and
 replaced by one rename each (a kill in between is finished by the next start). Records with an "event" key (e.g. a
 rollback, see lit_gpt.rollback) are no step's metrics: they go to metrics.jsonl only, never into the CSV's rows.
+
+Benchmark scores that Slurm jobs compute for checkpoints (lm-eval tasks, long after their step) are not written here
+(those computed in the training process are: eval/TASK/METRIC fields of the step's record). This file has one
+writer, the trainer, which may be appending while a job finishes and rewrites the file on resume. Each scoring is its own file under out_dir/evals/, published atomically (`lit_gpt.benchmarks`); readers
+(scripts/plot_run.py, scripts/summarize_run.py) merge them with these records by step. A resume sets the scores of the
+checkpoints it abandons aside with them (`NAME.abandoned`), so that they are never shown as the run's.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@
     tensorboard/, wandb_run_id  the loggers' files
     datapoints/                 which samples each step trained on
     profile/                    torch.profiler traces
+    evals/                      benchmark scores of the checkpoints (lit_gpt.benchmarks) and their Slurm jobs' logs
     NAME.replaced, NAME.abandoned   records and checkpoints set aside by a resume (kept, never deleted)
 
 Nothing here imports torch.
@@ -97,6 +98,14 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.path / "profile"
+
+    @property
+    def evals(self) -> Path:
+        return self.path / "evals"
+
+    @property
+    def eval_job_logs(self) -> Path:
+        return self.evals / "logs"
 
 
 def remove_empty_dirs(root: Path) -> None:

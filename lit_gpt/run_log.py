@@ -139,5 +139,16 @@ class RunLog:
         self.print(f"step {progress.step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
 
 
+    def task_scores(self, progress: Progress, scores: dict[str, dict[str, float]], seconds: float) -> None:
+        """lm-eval scores of the live model (lit_gpt/train_tasks.py): keys eval/TASK/METRIC, and eval/seconds."""
+        flat = {f"eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
+        flat["eval/seconds"] = seconds
+        self._write({"iter": progress.iter_num, "step": progress.step, **flat},
+                    lambda: self.loggers.log(flat, progress.step))
+        self.print(f"step {progress.step} | lm-eval tasks in {seconds:.1f} s | "
+                   + " | ".join(f"{key.removeprefix('eval/')} {value:.4f}" for key, value in flat.items()
+                                if key != "eval/seconds"))
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

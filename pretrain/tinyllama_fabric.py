@@ -30,6 +30,7 @@ from lit_gpt.cli import arg, changed_settings_yaml, make_parser, parse
 from lit_gpt.config import AttnImpl, Config
 from lit_gpt.errors import InputError
 from lit_gpt.profiling import parse_window
+from lit_gpt.slurm_eval import check_sbatch_args
 
 UnitIntervalOpenAbove = restricted_number_type("UnitIntervalOpenAbove", float, [(">=", 0), ("<", 1)])  # [0, 1)
 UnitIntervalOpenBelow = restricted_number_type("UnitIntervalOpenBelow", float, [(">", 0), ("<=", 1)])  # (0, 1]
@@ -145,6 +146,19 @@ class TrainConfig:
     spike_sigma: PositiveFloat = arg(6.0, "... by more than this many of their standard deviations")
     spike_skip_steps: PositiveInt = arg(10, "a rollback skips the data of the spike's step and of the steps before "
                                             "it, this many in all (none before the checkpoint)")
+    # lm-eval tasks scored in-process on the live model (lit_gpt/train_tasks.py)
+    eval_tasks: str = arg("", "lm-eval task names or task directories (e.g. eval/tasks/llammlein_de), "
+                              "comma-separated; empty: none")
+    eval_task_interval: NonNegativeInt = arg(0, "optimizer steps between --eval_tasks runs; 0: only at the end (they "
+                                                "also run at the end)")
+    eval_limit: NonNegativeInt = arg(0, "--eval_tasks: items per task; 0: all")
+    eval_batch_size: PositiveInt = arg(8, "--eval_tasks: requests per forward pass on one rank")
+    # ... or by Slurm jobs, one per checkpoint (lit_gpt/slurm_eval.py)
+    eval_submit_slurm: bool = arg(False, "score each checkpoint on --eval_tasks in a Slurm job of its own "
+                                         "(cluster/exec/evaluate.sbatch; scores in out_dir/evals/) instead of in the "
+                                         "training process; a failed sbatch is a warning")
+    eval_sbatch_args: str = arg("", "--eval_submit_slurm: extra sbatch options, e.g. "
+                                    "--eval_sbatch_args='--partition=gpu --account=proj'")
 # ---------------------------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -165,6 +179,12 @@ class TrainConfig:
         if self.async_checkpoint == "true" and self.state_dict_type == "full":
             raise InputError("--async_checkpoint true needs --state_dict_type sharded (a full checkpoint is one file "
                              "written by rank 0, synchronously)")
+        if self.eval_submit_slurm and not self.eval_tasks.strip(","):
+            raise InputError("--eval_submit_slurm scores each checkpoint on --eval_tasks: give the tasks")
+        try:
+            check_sbatch_args(self.eval_sbatch_args)
+        except ValueError as e:
+            raise InputError(f"--eval_sbatch_args {self.eval_sbatch_args!r}: {e}") from None
         if self.train_data_weights:
             try:
                 weights = self.train_weights
@@ -263,6 +283,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from lit_gpt import preflight
 from lit_gpt.attention import DocumentMask, resolve_backend
+from lit_gpt.benchmarks import set_aside_after as set_aside_benchmarks_after
 from lit_gpt.checkpoint import AsyncCheckpointer, SaveError, load_training_state, load_weights, save_checkpoint
 from lit_gpt.checkpoint.ranks import gather
 from lit_gpt.cli import naming_flag
@@ -288,9 +309,11 @@ from lit_gpt.rollback import Rollbacks, keeps_rollbacks_to, rollback_record, sam
 from lit_gpt.run_dir import RunDir, checkpoint_step, remove_empty_dirs
 from lit_gpt.run_log import RunLog, write_run_files
 from lit_gpt.schedule import LRSchedule, parameter_groups
+from lit_gpt.slurm_eval import submit_evaluation
 from lit_gpt.speed_monitor import SpeedMonitor, device_peak_flops, flops_per_token
 from lit_gpt.spikes import Spike
 from lit_gpt.stragglers import StragglerReport
+from lit_gpt.train_tasks import TrainTasks
 from lit_gpt.watchdog import StepWatch, configure_nccl_flight_recorder, gather_hosts, slow_down_for_test
 
 
@@ -484,10 +507,18 @@ def save(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer, pro
             "data": {"global_batch_size": G, "samples_seen": progress.step * G, "manifest": train_data.manifest}}
     path = RunDir(cfg.out_dir).checkpoint(progress.step)
     if checkpointer is not None:
-        checkpointer.start(path, model, optimizer, meta)  # prints "Saved" when published
+        checkpointer.start(path, model, optimizer, meta)  # published (and `published` called) after a later step
         return
     save_checkpoint(path, model, optimizer, meta, cfg.state_dict_type, keep_last=cfg.keep_last_checkpoints)
     fabric.print(f"Saved {path}")
+    published(fabric, cfg, path)
+
+
+def published(fabric: Fabric, cfg: TrainConfig, path: Path) -> None:
+    """A checkpoint is in place under its final name: its evaluation job can start at once."""
+    if cfg.eval_submit_slurm and fabric.global_rank == 0:
+        submit_evaluation(path, cfg.eval_tasks, Path(cfg.out_dir), limit=cfg.eval_limit or None,
+                          batch_size=cfg.eval_batch_size, sbatch_args=cfg.eval_sbatch_args, log=fabric.print)
 
 
 # ------------------------------------------------- the run -----------------------------------------------------
@@ -499,6 +530,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     fabric.seed_everything(cfg.seed)  # identical initial weights on every rank
     preemption = Preemption()  # before the (possibly long) set-up: a signal would otherwise kill the job unsaved
     train_data, val_data = load_data(fabric, cfg, config)
+    tasks = TrainTasks(cfg.eval_tasks, cfg.eval_task_interval, cfg.eval_limit, cfg.eval_batch_size,
+                       cfg.tokenizer_path, fabric.device)  # an unknown task or one not available offline stops here
     if val_data is not None and validation_batches(val_data, cfg) < cfg.eval_iters:
         fabric.print(f"--eval_iters {cfg.eval_iters}: the validation split holds {validation_batches(val_data, cfg)} "
                      f"batches of --global_batch_size {cfg.global_batch_size} samples; each validation uses those")
@@ -528,6 +561,7 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
                         config, cfg.tokenizer_path)
         if resume_path is not None:
             set_aside_checkpoints_after(run.path, progress.step, fabric.print)
+        set_aside_benchmarks_after(run.path, progress.step, fabric.print)  # after their checkpoints: see there
     metrics = MetricsLog(run.path, resume_step=resume_step, enabled=rank == 0, log=fabric.print,
                          existing=existing_metrics, write_csv="csv" in cfg.loggers)
     loggers = RunLoggers(run.path, cfg.loggers, resume_step, enabled=rank == 0, wandb_options=dict(
@@ -544,7 +578,8 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     lr_at = LRSchedule.from_settings(asdict(cfg))
     checkpointer = None
     if cfg.async_checkpoints:  # closing it abandons a write still in flight when the run ends by an exception
-        checkpointer = AsyncCheckpointer(cfg.keep_last_checkpoints, fabric.print, timedelta(seconds=cfg.dist_timeout_s))
+        checkpointer = AsyncCheckpointer(cfg.keep_last_checkpoints, fabric.print, timedelta(seconds=cfg.dist_timeout_s),
+                                         on_published=lambda path: published(fabric, cfg, path))
         closing.append(checkpointer)
 
     if rank == 0 and existing_metrics[0]:  # steps up to the last record had been trained (at least) before
@@ -599,6 +634,9 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
         if val_data is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
             with goodput.phase("validation"):
                 log.validation(progress, validate(fabric, model, val_data, cfg))
+        if tasks.due(step, cfg.max_steps) and not cfg.eval_submit_slurm:  # else the jobs of the checkpoints score
+            with goodput.phase("evaluation"):
+                log.task_scores(progress, *tasks.run(model))
         stop_now = stop_requested or step == cfg.stop_at_step
         saving = ((step % cfg.save_interval == 0 or step == cfg.max_steps)
                   and not rollbacks.detector.nonfinite_in_a_row) or stop_now
@@ -618,6 +656,9 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     if val_data is not None:  # overlaps with the last checkpoint's write
         with goodput.phase("validation"):
             log.validation(progress, validate(fabric, model, val_data, cfg))
+    if tasks and not cfg.eval_submit_slurm:
+        with goodput.phase("evaluation"):
+            log.task_scores(progress, *tasks.run(model))
     if checkpointer is not None:
         with goodput.phase("checkpoint"):
             checkpointer.wait_and_finish()
@@ -667,6 +708,7 @@ def roll_back(fabric: Fabric, cfg: TrainConfig, config: Config, model, optimizer
         samples = samples_of_data_steps(train_data, data_steps, cfg.global_batch_size)
         if rank == 0:
             set_aside_checkpoints_after(run.path, c, fabric.print)
+            set_aside_benchmarks_after(run.path, c, fabric.print)  # scores of the checkpoints just set aside
             datapoints.write_skipped(rollbacks.count, spike.step, c, steps, data_steps, samples)
         log.restart(progress, MetricsLog(run.path, resume_step=c, enabled=rank == 0, log=fabric.print,
                                          write_csv="csv" in cfg.loggers, keep=keeps_rollbacks_to(c)))

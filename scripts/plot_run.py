@@ -1,12 +1,13 @@
-"""Plot training runs: loss (training and validation), learning rate, tokens/s and MFU, each against optimizer steps
-and against tokens seen, several runs overlaid in one PNG.
+"""Plot training runs: loss (training and validation), benchmark scores, learning rate, tokens/s and MFU, each
+against optimizer steps and against tokens seen, several runs overlaid in one PNG.
 
     python scripts/plot_run.py out/run                           # -> out/run/loss.png
     python scripts/plot_run.py out/a out/b --output compare.png  # runs overlaid, one colour each
 
 Reads each OUT_DIR/metrics.jsonl as the trainer writes it; runs are named by their hparams.json (W&B name, else
 model name). A panel that no run has data for (MFU on CPU) is left out; a step whose loss was not finite is a gap in
-its line.
+its line. The benchmark scores (lm-eval tasks, scored during training or by jobs on its checkpoints: lit_gpt.benchmarks)
+are one line per task, its main metric (acc_norm, else acc, ...), one panel per metric, below the loss.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
 
+from lit_gpt.benchmarks import curves, read_benchmarks
 from lit_gpt.checkpoint.publish import write_atomically
 from lit_gpt.errors import InputError
 from lit_gpt.metrics_log import read_metrics
@@ -39,6 +42,8 @@ class Run:
     name: str
     train: list[dict]  # records of logged training steps
     val: list[dict]  # validation records, with the tokens seen at their step added
+    # per task: its main metric and records {"step", "tokens", "value"} of the checkpoints scored on it
+    benchmarks: dict[str, tuple[str, list[dict]]] = dataclass_field(default_factory=dict)
 
 
 def load_run(out_dir: Path, name: str | None = None) -> Run:
@@ -57,7 +62,14 @@ def load_run(out_dir: Path, name: str | None = None) -> Run:
     val = [r for r in records if "val_loss" in r]
     for record, tokens in zip(val, _tokens_at([r["step"] for r in val], train)):
         record["tokens"] = tokens
-    return Run(name or out_dir.name, train, val)
+    benchmarks = {}
+    scores = read_benchmarks(out_dir, records, log=lambda message: print(message, file=sys.stderr))
+    for task, (metric, points) in curves(scores).items():
+        # checkpoints that do not record their tokens (the original trainer's) get them from the training records
+        interpolated = _tokens_at([step for step, _, _ in points], train)
+        benchmarks[task] = (metric, [{"step": step, "tokens": tokens if tokens is not None else guess, "value": value}
+                                     for (step, tokens, value), guess in zip(points, interpolated)])
+    return Run(name or out_dir.name, train, val, benchmarks)
 
 
 def _tokens_at(steps: list[int], train: list[dict]) -> list[float]:
@@ -88,6 +100,9 @@ def build_figure(runs: list[Run]):
     # A panel no run logged (MFU on a CPU) is left out rather than drawn empty; the loss is always there.
     panels = [(field, ylabel) for field, ylabel in PANELS
               if field == "loss" or any(r.get(field) is not None for run in runs for r in run.train)]
+    # one panel per benchmark metric (accuracies and perplexities do not share a scale), right below the loss
+    metrics = sorted({metric for run in runs for metric, _ in run.benchmarks.values()})
+    panels[1:1] = [(f"benchmark:{metric}", f"benchmark {metric}") for metric in metrics]
     fig = Figure(figsize=(11, 3 * len(panels)), layout="constrained")
     grid = fig.subplots(len(panels), len(X_AXES), sharex="col", squeeze=False)
     axes = {}
@@ -96,6 +111,9 @@ def build_figure(runs: list[Run]):
             ax = axes[field, x_field] = grid[row][col]
             for i, run in enumerate(runs):
                 color = f"C{i % 10}"
+                if field.startswith("benchmark:"):
+                    _plot_benchmarks(ax, run, field.removeprefix("benchmark:"), x_field, color)
+                    continue
                 if any(r.get(field) is not None for r in run.train):
                     ax.plot(_values(run.train, x_field), _values(run.train, field), color=color, linewidth=1.2,
                             label=f"{run.name}: train")
@@ -110,11 +128,20 @@ def build_figure(runs: list[Run]):
             ax.grid(alpha=0.3)
             if row == len(panels) - 1:
                 ax.set_xlabel(xlabel)
-    for x_field, _ in X_AXES:
-        if axes["loss", x_field].lines:
-            axes["loss", x_field].legend(fontsize="small")
+    for (field, _), ax in axes.items():
+        if (field == "loss" or field.startswith("benchmark:")) and ax.lines:
+            ax.legend(fontsize="small")
     fig.suptitle(", ".join(run.name for run in runs))
     return fig, axes
+
+
+def _plot_benchmarks(ax, run: Run, metric: str, x_field: str, color: str) -> None:
+    """The run's tasks scored with `metric`: one colour per run, one marker and line style per task."""
+    tasks = [task for task, (task_metric, _) in run.benchmarks.items() if task_metric == metric]
+    for j, task in enumerate(tasks):
+        points = run.benchmarks[task][1]
+        ax.plot(_values(points, x_field), _values(points, "value"), color=color, marker="os^vDP*X"[j % 8],
+                markersize=4, linestyle=("-", "--", ":", "-.")[j // 8 % 4], linewidth=1, label=f"{run.name}: {task}")
 
 
 def _names(out_dirs: list[Path]) -> list[str]:

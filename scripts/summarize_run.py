@@ -1,10 +1,11 @@
 """Summarise a run's metrics.jsonl: first/last training loss, validation losses, throughput, the ranks named as
-stragglers (most often first).
-With --expect_falling, exit 1 unless both training and validation loss fell."""
+stragglers (most often first), and the newest benchmark score of each task (scored in training or by jobs on its
+checkpoints). With --expect_falling, exit 1 unless both training and validation loss fell."""
 import argparse
 import sys
 from pathlib import Path
 
+from lit_gpt.benchmarks import latest_scores, read_benchmarks
 from lit_gpt.errors import InputError
 from lit_gpt.metrics_log import read_metrics
 from lit_gpt.run_dir import RunDir
@@ -39,6 +40,9 @@ def main() -> int:
         print(f"throughput: {sum(speeds) / len(speeds):,.0f} tokens/s; tokens seen: {last['tokens']:,}")
     slowest, intervals = slowest_nodes(r.get("stragglers", []) for r in train)
     print("stragglers: " + ("; ".join(slowest) if slowest else f"none in {intervals} logged steps"))
+    benchmarks = read_benchmarks(args.out_dir, records, log=lambda message: print(message, file=sys.stderr))
+    for task, (step, metric, value) in latest_scores(benchmarks).items():
+        print(f"{task}: {metric} {value:.4f} at step {step}")
     if args.expect_falling:
         train_fell = last["loss"] < first["loss"]
         val_fell = len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]

@@ -8,8 +8,8 @@ import pytest
 
 # `lit_gpt`, `scripts` and `pretrain` come from the editable install (scripts/setup_env.sh: pip install -e .).
 ROOT = Path(__file__).resolve().parents[1]
-# The Hugging Face fixtures (tokenizer_dir, ...) for every test module that asks for them; skips fail in CI.
-pytest_plugins = ["hf_helpers", "ci_skips"]
+# The Hugging Face and lm-eval fixtures (tokenizer_dir, hf_lm_eval_run, ...) for every test module that asks for them; skips fail in CI.
+pytest_plugins = ["hf_helpers", "lm_eval_helpers", "ci_skips"]
 
 _WORDS = (
     "der die das und ist nicht ein eine zu mit auf für von sich dem den des im auch es an als wie nach "

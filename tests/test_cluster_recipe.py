@@ -619,6 +619,34 @@ def test_train_script_leaves_an_older_report_and_a_hang_without_a_node_alone(tmp
     assert result.returncode == 75 and calls == [] and "no node was named; not requeueing" in result.stderr
 
 
+def test_train_script_relays_the_trainers_sbatch_out_of_the_container(tmp_path):
+    """--eval_submit_slurm inside the image (no Slurm there): the trainer's `sbatch` runs on the batch host, outside the
+    training job's Slurm environment, and the trainer gets its output and exit status."""
+    _, bin_dir, env = _fake_cluster(tmp_path)
+    host_calls = tmp_path / "host_sbatch.txt"
+    _stub(bin_dir, "sbatch", f'printf "%s\\n" "$PWD" "$@" > {host_calls}\n'
+                             f'env | grep -c "^SLURM_JOB_ID=" >> {host_calls}\n'
+                             '[ "$2" = fail ] && { echo "sbatch: error: invalid partition" >&2; exit 1; }\necho 777\n')
+    _stub(bin_dir, "srun", 'shift\nexec "$@"\n')
+    _stub(bin_dir, "apptainer", 'shift 7\nPATH="$APPTAINERENV_PREPEND_PATH:$PATH" exec "$@"\n')
+    (bin_dir / "python").symlink_to(sys.executable)
+    (tmp_path / "repo" / "pretrain" / "tinyllama_fabric.py").write_text(
+        "import subprocess, sys\n"
+        "r = subprocess.run(['sbatch', '--parsable', sys.argv[-1], 'a b', ''], capture_output=True, text=True,\n"
+        "                   cwd='/')\n"
+        "print('trainer:', r.returncode, repr(r.stdout), repr(r.stderr))\n")
+    env.update(SLURM_CONF="/etc/slurm/test.conf")
+    result = subprocess.run(["bash", str(TRAIN), "ok"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trainer: 0 '777\\n' ''" in result.stdout, result.stdout
+    assert host_calls.read_text().splitlines() == ["/", "--parsable", "ok", "a b", "", "0"]  # no SLURM_JOB_ID
+    failed = subprocess.run(["bash", str(TRAIN), "fail"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert "trainer: 1 '' 'sbatch: error: invalid partition\\n'" in failed.stdout, failed.stdout
+    assert not list((tmp_path / "runs" / "120m").glob(".slurm-relay-*")), "relay directory left behind"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"LLAMMLEIN_IMAGE": "/nonexistent/llammlein.sif"}, "build-image.sh"),
     ({"SLURM_NTASKS_PER_NODE": None}, "--ntasks-per-node"),

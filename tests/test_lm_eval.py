@@ -3,27 +3,15 @@ log-likelihood lm-eval reports, and the accuracies and perplexities it aggregate
 pass (lit_gpt's GPT on the checkpoint's weights, our Tokenizer) on the same items."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
-from conftest import ROOT
-from hf_helpers import random_state, small_config, write_run_dir
+from lm_eval_helpers import TASKS, Reference, read_jsonl
 
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
-from scripts.convert_lit_checkpoint import main as convert_main
 
-TASKS = ROOT / "eval" / "tasks"
 TASK_DIR = TASKS / "llammlein_de"
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def test_task_items_are_well_formed():
@@ -38,56 +26,11 @@ def test_task_items_are_well_formed():
     assert len(texts) == 26 and all(t["text"] == t["text"].strip() and len(t["text"]) < 200 for t in texts)
 
 
-class Reference:
-    """Scores as lm-eval defines them, computed with our model and tokenizer."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    @torch.no_grad()
-    def score(self, ids: list[int], first_target: int) -> float:
-        """Sum of log p(ids[i] | ids[:i]) for i >= first_target."""
-        logprobs = torch.log_softmax(self.model(torch.tensor([ids[:-1]])).double(), dim=-1)[0]
-        targets = torch.tensor(ids[first_target:])
-        return logprobs[torch.arange(first_target - 1, len(ids) - 1), targets].sum().item()
-
-    def choice(self, context: str, choice: str) -> float:
-        """The choice's tokens are those of "context choice" (BOS first) after the tokens of the context alone."""
-        context_ids = self.tokenizer.encode(context)
-        return self.score(self.tokenizer.encode(f"{context} {choice}"), len(context_ids))
-
-    def text(self, text: str) -> float:
-        """Every token of the text after one BOS."""
-        ids = self.tokenizer.encode(text)
-        assert ids[0] == self.tokenizer.bos_id and ids[1] != self.tokenizer.bos_id
-        return self.score(ids, 1)
-
-
 @pytest.mark.slow
-def test_lm_eval_on_an_export(tmp_path, tokenizer_dir):
-    config = small_config(2)  # block_size 128: every item fits
-    state = random_state(config, seed=3)
-    checkpoint = write_run_dir(tmp_path / "run", config, tokenizer_dir, state)
-    export = tmp_path / "hf"
-    # what scripts/create.sh runs (in this process: one interpreter start less)
-    assert convert_main(["--checkpoint", str(checkpoint), "--out_dir", str(export), "--dtype", "fp32", "--verify"]) == 0
-
-    # The README's command, from another working directory (the task finds its own data files).
-    result = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export},dtype=float32",
-         "--tasks", "llammlein_de", "--include_path", str(TASKS), "--device", "cpu", "--batch_size", "8",
-         "--output_path", str(tmp_path / "results"), "--log_samples"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-             "HF_HOME": str(tmp_path / "hf_home")})  # nothing from the Hub, no shared cache
-    assert result.returncode == 0, result.stderr[-4000:]
-    (results_file,) = (tmp_path / "results").rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
-    samples = {task: read_jsonl(next((tmp_path / "results").rglob(f"samples_{task}_*.jsonl")))
-               for task in ("llammlein_de_mc", "llammlein_de_ppl")}
-
-    model = GPT(config).eval()
-    model.load_state_dict(state)
+def test_lm_eval_on_an_export(hf_lm_eval_run, tokenizer_dir):
+    results, samples = hf_lm_eval_run.results, hf_lm_eval_run.samples
+    model = GPT(hf_lm_eval_run.config).eval()
+    model.load_state_dict(hf_lm_eval_run.state)
     reference = Reference(model, Tokenizer(tokenizer_dir))
 
     items = read_jsonl(TASK_DIR / "mc.jsonl")

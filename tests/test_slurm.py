@@ -277,3 +277,53 @@ def test_a_hang_under_slurm_excludes_the_node_and_the_requeued_job_resumes(slurm
     resumed = [line for line in text.splitlines() if line.startswith("Resumed from ")]
     assert len(resumed) == 1 and " at step 5 " in resumed[0], text
     _assert_same_losses(out, reference_losses)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --eval_submit_slurm: the trainer submits cluster/exec/evaluate.sbatch after each checkpoint; the jobs' scores land in
+# the run's records under the checkpoints' steps, equal to lm-eval on the same checkpoint in this process.
+EVAL_LIMIT = 4  # items per task: seconds per job
+
+
+def test_trainer_submits_evaluation_jobs(slurm: LocalSlurm, prepared_data, tmp_path: Path):
+    from lit_gpt.benchmarks import read_benchmarks
+    from lit_gpt.checkpoint.load import load_gpt
+    from lit_gpt.lm_eval_adapter import evaluate_tasks
+    from lit_gpt.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    env = {**_clean_env(), "SLURM_CONF": str(slurm.conf), "LLAMMLEIN_NO_CONTAINER": "1", "PYTHON": sys.executable,
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "pretrain/tinyllama_fabric.py", "--model_name", "micro", "--out_dir", str(out),
+         "--train_data_dir", str(prepared_data["train"]), "--val_data_dir", "", "--tokenizer_path",
+         str(prepared_data["tokenizer"]), "--accelerator", "cpu", "--devices", "1", "--strategy", "auto",
+         "--precision", "32-true", "--global_batch_size", "8", "--micro_batch_size", "4", "--max_steps", "6",
+         "--save_interval", "3", "--keep_last_checkpoints", "0", "--log_interval", "1", "--num_workers", "0",
+         "--eval_submit_slurm", "--eval_tasks", "llammlein_de", "--eval_limit", str(EVAL_LIMIT),
+         # the local node: no GPU, 2 CPUs
+         "--eval_sbatch_args", "--gres=none --cpus-per-task=1 --time=10"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    jobs = [int(line.split()[3].rstrip(":")) for line in result.stdout.splitlines()
+            if line.startswith("Submitted Slurm job ")]
+    assert len(jobs) == 2, result.stdout
+    for job in jobs:
+        _finished(slurm, job, out / "evals" / "logs" / f"eval-{job}.out", timeout=300)
+
+    records = read_benchmarks(out)
+    assert [r["step"] for r in records] == [3, 6]
+    for record in records:
+        # the same checkpoint scored here, in this process
+        model, _, tokenizer_dir, meta = load_gpt(out / f"iter-{record['step']:08d}-ckpt.pth")
+        expected = evaluate_tasks(model, Tokenizer(tokenizer_dir), ["llammlein_de"], limit=EVAL_LIMIT)
+        assert record["tokens"] == meta["tokens_seen"]
+        assert set(record["scores"]) == set(expected) and "llammlein_de_ppl" in expected
+        for task, metrics in expected.items():
+            assert set(record["scores"][task]) == set(metrics)
+            for metric, value in metrics.items():
+                assert record["scores"][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+    assert records[0]["scores"] != records[1]["scores"]  # two different checkpoints were scored
+    # the trainer scored nothing itself, and its own records are untouched
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and not any("eval/" in k for r in steps for k in r)

@@ -179,11 +179,61 @@ fi
 echo "error: scontrol \$1 is not available inside the container" >&2
 exit 1
 RELAY
-    chmod +x "$relay_dir/scontrol"
+    # The same for the trainer's `sbatch` (--eval_submit_slurm): the stand-in writes its arguments as a request and
+    # waits for the answer of relay_submissions below, which runs the real sbatch on this host.
+    cat > "$relay_dir/sbatch" <<RELAY
+#!/bin/bash
+request="$relay_dir/submit-\$\$-\$RANDOM"
+printf '%s\\0' "\$PWD" "\$@" > "\$request.tmp" && mv "\$request.tmp" "\$request.req"
+for _ in \$(seq 600); do
+    if [ -e "\$request.rc" ]; then
+        cat "\$request.out"
+        cat "\$request.err" >&2
+        status=\$(cat "\$request.rc")
+        rm -f "\$request".*
+        exit "\$status"
+    fi
+    sleep 0.2
+done
+rm -f "\$request".*
+echo "sbatch: the batch script outside the container did not answer within 120 s" >&2
+exit 1
+RELAY
+    chmod +x "$relay_dir/scontrol" "$relay_dir/sbatch"
     case "$(basename "$RUNTIME")" in
         apptainer) export APPTAINERENV_PREPEND_PATH="$relay_dir" ;;
         *) export SINGULARITYENV_PREPEND_PATH="$relay_dir" ;;
     esac
+fi
+
+# Runs the sbatch requests of the container's stand-in (see above) until the trainer exits, each outside the
+# training job's Slurm environment (SLURM_CONF, which names the cluster, stays).
+relay_submissions() {
+    local request base status name
+    local -a args
+    while :; do
+        for request in "$relay_dir"/*.req; do
+            [ -e "$request" ] || continue
+            base="${request%.req}"
+            mapfile -d '' -t args < "$request"
+            rm -f "$request"
+            status=0
+            (
+                for name in $(compgen -e); do
+                    case "$name" in SLURM_CONF) ;; SLURM_*|SRUN_*) unset "$name" ;; esac
+                done
+                cd "${args[0]}" && exec sbatch "${args[@]:1}"
+            ) > "$base.out" 2> "$base.err" || status=$?
+            echo "$status" > "$base.rc.tmp"
+            mv "$base.rc.tmp" "$base.rc"
+        done
+        sleep 0.5
+    done
+}
+relay_pid=""
+if [ -n "${relay_dir:-}" ]; then
+    relay_submissions &
+    relay_pid=$!
 fi
 
 echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES node(s) x" \
@@ -197,6 +247,10 @@ trap 'rm -f "$run_started"' EXIT
 # (${EXTRA[@]+...}: bash before 4.4 calls an empty array unbound under set -u.)
 srun --kill-on-bad-exit=1 "${LAUNCH[@]}" "${TRAINER[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$@" || status=$?
 echo "[$(date -Is)] job $SLURM_JOB_ID: trainer exited with status $status"
+if [ -n "$relay_pid" ]; then
+    kill "$relay_pid" 2>/dev/null || true
+    wait "$relay_pid" 2>/dev/null || true
+fi
 
 if [ -n "${relay_dir:-}" ]; then
     requested=0

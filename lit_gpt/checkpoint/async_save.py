@@ -70,8 +70,10 @@ class AsyncCheckpointer:
     """Sharded checkpoints of one run written in the background; every method but `done_locally` is collective."""
 
     def __init__(self, keep_last: int = 0, log: Callable[[str], None] = ranks.log,
-                 timeout: timedelta | None = None) -> None:
+                 timeout: timedelta | None = None, on_published: Callable[[Path], None] | None = None) -> None:
+        """`on_published(path)` runs on every rank once a checkpoint is in place (e.g. to submit its evaluation)."""
         self.keep_last = keep_last
+        self.on_published = on_published
         self._log = log
         self._timeout = timeout
         self._group = None  # the checkpoint collectives' own process group, made at the first save
@@ -110,6 +112,8 @@ class AsyncCheckpointer:
         conclude_save(pending.path, pending.tmp, "sharded", pending.meta, pending.error, pending.digests,
                       self.keep_last)
         self._log(f"Saved {pending.path}")
+        if self.on_published is not None:
+            self.on_published(pending.path)
         return pending.path
 
     def wait_and_finish(self) -> Path | None:
