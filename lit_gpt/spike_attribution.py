@@ -1,15 +1,21 @@
 """Spike attribution: the documents of one optimizer step's global batch, ranked by their own loss under a checkpoint.
 
-The samples of step S come from the run's datapoint log. Each sample is cut into segments, one per document it holds
-(a document may span several samples: one segment each). Sample position 0 is input only; every later position p is
-the target predicted from positions 0..p-1 and its loss counts for the document that holds position p, so the
-segments' losses add up to exactly the token losses that step S trained on (padding carries none). The rows go
-through the model as training saw them: whole samples, with the document mask when the checkpoint was trained with
-one. Weighted by their token counts, the segments' mean losses give the step's loss; under checkpoint iter-S (the
-weights step S started from) that is the loss metrics.jsonl records as step S + 1.
+Steps are numbered as metrics.jsonl, the log lines and rollback records number them: step S is the S-th optimizer
+step; its batch is the datapoint log's step S - 1 (0-based), and checkpoint iter-(S - 1) holds the weights it
+started from. When a loss-spike rollback skipped that step (the spike's own or one before it), the batch is the one
+the rolled-back run trained on, from the rollback's skipped file (the datapoint log's step S - 1 then holds the
+re-trained step's other data), scored by default with the checkpoint the rollback went back to.
+
+Each sample is cut into segments, one per document it holds (a document may span several samples: one segment
+each). Sample position 0 is input only; every later position p is the target predicted from positions 0..p-1 and
+its loss counts for the document that holds position p, so the segments' losses add up to exactly the token losses
+the step trained on (padding carries none). The rows go through the model as training saw them: whole samples, with
+the document mask when the checkpoint was trained with one. Weighted by their token counts, the segments' mean
+losses give the step's loss; under checkpoint iter-(S - 1) that is the loss metrics.jsonl records as step S.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +24,71 @@ import torch.nn.functional as F
 
 from lit_gpt.attention import DocumentMask
 from lit_gpt.checkpoint.find import list_checkpoints, newest_that_verifies
-from lit_gpt.datapoints import DatapointLog, document_ids
+from lit_gpt.datapoints import DatapointLog, document_ids, read_skipped
 from lit_gpt.errors import InputError
 from lit_gpt.loss import IGNORE_INDEX
 from lit_gpt.packed_dataset import PackedDataset
 from lit_gpt.run_dir import checkpoint_step
 
 
-def checkpoint_before(run_dir: Path, step: int) -> Path:
-    """The newest checkpoint iter-N of the run with N <= step that verifies (damaged ones are passed over with a
-    warning): the weights closest to those that computed step `step`."""
-    found = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
+@dataclass
+class SpikeBatch:
+    """The global batch of step `step` (numbered as metrics.jsonl does) and where it was found."""
+    step: int
+    samples: np.ndarray
+    rollback: dict | None = None  # the latest rollback that skipped the step: read_skipped's dict
+    earlier_rollbacks: list[int] = field(default_factory=list)  # other rollbacks that skipped a step of this number
+
+    @property
+    def log_step(self) -> int:
+        return self.step - 1
+
+    @property
+    def newest_checkpoint(self) -> int:
+        """The newest checkpoint step the default may take: the rollback's target, else the step's start."""
+        return self.rollback["checkpoint_step"] if self.rollback else self.log_step
+
+    def describe(self) -> str:
+        """Which batch this is, for the headline."""
+        where = f"step {self.step} (datapoint log: step {self.log_step})"
+        if self.rollback is None:
+            return where
+        number, spike = self.rollback["rollback"], self.rollback["spike_step"]
+        trained = ("the batch the spike trained on" if spike == self.step else
+                   f"the batch the run trained on before the spike of step {spike}")
+        earlier = ""
+        if self.earlier_rollbacks:
+            earlier = (f"; rollback{'s' if len(self.earlier_rollbacks) > 1 else ''} "
+                       f"{', '.join(map(str, self.earlier_rollbacks))} skipped a step {self.step} too")
+        return (f"{where}, rolled back (rollback {number} to iter-{self.rollback['checkpoint_step']:08d}{earlier}); "
+                f"{trained}")
+
+
+def spike_batch(log: DatapointLog, step: int) -> SpikeBatch:
+    """The batch of step `step` (metrics.jsonl's number): from the latest rollback whose skipped steps hold it,
+    else from the datapoint log."""
+    covering = [r for r in read_skipped(log.dir.parent) if step - 1 in r["steps"].tolist()]  # in rollback order
+    if covering:
+        latest = covering[-1]
+        row = int(np.flatnonzero(latest["steps"] == step - 1)[0])
+        return SpikeBatch(step, latest["samples"][row].astype(np.int64), latest, [r["rollback"] for r in covering[:-1]])
+    if step - 1 not in log.world_sizes:
+        logged = (f"logged steps: {log.steps[0] + 1}..{log.steps[-1] + 1} as metrics.jsonl numbers them"
+                  if log.steps else "it logs no steps")
+        raise InputError(f"--step {step}: not in the datapoint log of {log.dir.parent} and skipped by no rollback "
+                         f"({logged})")
+    return SpikeBatch(step, log.samples(step - 1))
+
+
+def checkpoint_before(run_dir: Path, batch: SpikeBatch) -> Path:
+    """The newest checkpoint iter-N of the run with N <= batch.newest_checkpoint that verifies (damaged ones are
+    passed over with a warning): the weights closest to those that computed the batch's step."""
+    newest = batch.newest_checkpoint
+    found = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= newest]
     chosen = newest_that_verifies(found)
     if chosen is None:
         what = "that verifies " if found else ""
-        raise InputError(f"--step {step}: no checkpoint {what}at or before step {step} in {run_dir} "
+        raise InputError(f"--step {batch.step}: no checkpoint iter-N with N <= {newest} {what}in {run_dir} "
                          f"(pass one with --checkpoint)")
     return chosen
 
@@ -96,19 +152,10 @@ def segment_losses(model, dataset: PackedDataset, sample_ids: np.ndarray, segmen
     return loss_sums, counts
 
 
-def require_logged(log: DatapointLog, step: int) -> None:
-    if step not in log.world_sizes:
-        logged = f"logged steps: {log.steps[0]}..{log.steps[-1]}" if log.steps else "it logs no steps"
-        raise InputError(f"--step {step}: not in the datapoint log of {log.dir.parent} ({logged})")
-
-
-def rank_step_documents(log: DatapointLog, step: int, model, document_masking: bool, device="cpu",
-                        batch_size: int = 4) -> dict:
-    """The step's document segments with their mean token loss, highest first (segments holding only a sample's
-    first token have no target: loss None, listed last), and the step's totals."""
-    require_logged(log, step)
-    sample_ids = log.samples(step)
-    dataset = log.dataset
+def rank_batch_documents(dataset: PackedDataset, sample_ids: np.ndarray, model, document_masking: bool,
+                         device="cpu", batch_size: int = 4) -> dict:
+    """The batch's document segments with their mean token loss, highest first (segments holding only a sample's
+    first token have no target: loss None, listed last), and the batch's totals."""
     if dataset.block_size > model.config.block_size:
         raise InputError(f"--checkpoint: the model's block_size {model.config.block_size} is shorter than the run's "
                          f"samples ({dataset.block_size} inputs); a checkpoint of another run?")
@@ -118,5 +165,5 @@ def rank_step_documents(log: DatapointLog, step: int, model, document_masking: b
               for segment, loss_sum, count in zip(segments, loss_sums.tolist(), counts.tolist())]
     ranked = sorted(scored, key=lambda s: np.inf if s["loss"] is None else -s["loss"])
     tokens = int(counts.sum())
-    return {"step": step, "samples": len(sample_ids), "tokens": tokens,
-            "loss": float(loss_sums.sum()) / max(tokens, 1), "documents": ranked}
+    return {"samples": len(sample_ids), "tokens": tokens, "loss": float(loss_sums.sum()) / max(tokens, 1),
+            "documents": ranked}

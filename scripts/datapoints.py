@@ -4,7 +4,7 @@
     python scripts/datapoints.py documents --checkpoint out/run/iter-00001000-ckpt.pth   # the same: what it saw
     python scripts/datapoints.py steps --run out/run --document "wiki:12345"     # step, rank, sample per sighting
     python scripts/datapoints.py summary --run out/run
-    python scripts/datapoints.py spike --run out/run --step 1234 --top 10        # step 1234's documents by loss
+    python scripts/datapoints.py spike --run out/run --step 1234 --top 10        # step 1234 (metrics.jsonl) by loss
     python scripts/datapoints.py --spike 1234 --run out/run                      # the same
 
 A checkpoint `iter-N-ckpt.pth` (file or sharded directory) holds the first N optimizer steps (0..N-1); its run
@@ -12,12 +12,15 @@ directory is the checkpoint's folder. A document counts as seen when at least on
 sample. Runs resumed on another number of GPUs are merged step by step. The training data must still be where
 it was logged (or pass its folders again with --data_dir, in the original order); it is checked by fingerprint.
 
-`spike` scores optimizer step STEP's global batch (steps numbered as in the log: 0-based; metrics.jsonl records step
-STEP's loss as step STEP + 1) with the newest checkpoint iter-N of the run with N <= STEP that verifies (iter-STEP
-holds exactly the weights that step started from), or --checkpoint, and lists the documents of its samples, one line
-per piece of a document in a sample, by their own mean token loss, highest first: loss, target tokens, document id,
-chunk file and token position in it, token offset within the document, sample id and position in the sample. The
-model runs with document masking when the checkpoint was trained with it.
+`spike` scores the global batch of optimizer step STEP, numbered as metrics.jsonl, the log lines and rollback
+records number it (the STEP-th optimizer step: the datapoint log's step STEP - 1), with the newest checkpoint iter-N
+of the run with N <= STEP - 1 that verifies (iter-(STEP - 1) holds exactly the weights that step started from), or
+--checkpoint, and lists the documents of its samples, one line per piece of a document in a sample, by their own
+mean token loss, highest first: loss, target tokens, document id, chunk file and token position in it, token offset
+within the document, sample id and position in the sample. The model runs with document masking when the
+checkpoint was trained with it. When a loss-spike rollback skipped step STEP (the spike's own step or one before
+it), the batch is the one the spiking run trained on (from datapoints/skipped-*.npz; the latest such rollback), and
+the default checkpoint is the one that rollback went back to.
 """
 from __future__ import annotations
 
@@ -43,12 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     steps = sub.add_parser("steps", help="the steps at which a document was trained on")
     steps.add_argument("--document", required=True, help="document id as in the corpus (or file:line)")
     sub.add_parser("summary", help="logged steps and world sizes")
-    spike = sub.add_parser("spike", help="the documents of one step's global batch, ranked by their own loss")
+    spike = sub.add_parser("spike", help="the documents of one step's global batch (the one a rollback skipped, "
+                           "if any), ranked by their own loss")
     spike.add_argument("--step", "--spike", dest="step", type=int, required=True,
-                       help="the optimizer step as the datapoint log numbers it, from 0 (metrics.jsonl logs its loss "
-                       "as step STEP + 1)")
+                       help="the optimizer step as metrics.jsonl and rollback records number it, from 1 (the "
+                       "datapoint log's step STEP - 1)")
     spike.add_argument("--checkpoint", type=Path, help="the weights to score with (default: the newest checkpoint "
-                       "iter-N of the run with N <= STEP that verifies); its folder is the run directory")
+                       "iter-N of the run with N <= STEP - 1 that verifies; when a rollback skipped STEP, the "
+                       "checkpoint it went back to); its folder is the run directory")
     spike.add_argument("--top", type=int, default=20, help="list the N highest-loss documents (0: all; default 20)")
     spike.add_argument("--batch_size", type=int, default=4, help="samples per forward pass (default 4)")
     spike.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -73,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error(f"--checkpoint {e}")
         args.run = args.run or RunDir.of_checkpoint(args.checkpoint).path
     if args.command == "spike":
-        for flag, value, least in (("--step", args.step, 0), ("--top", args.top, 0), ("--batch_size", args.batch_size, 1)):
+        for flag, value, least in (("--step", args.step, 1), ("--top", args.top, 0), ("--batch_size", args.batch_size, 1)):
             if value < least:
                 p.error(f"{flag} {value}: must be at least {least}")
     if args.run is None:
@@ -130,22 +135,26 @@ def main(argv=None) -> int:
 def spike(args: argparse.Namespace, log) -> None:
     from lit_gpt.checkpoint.load import load_gpt, trained_with_document_masking
     from lit_gpt.hf_convert import TORCH_DTYPES
-    from lit_gpt.spike_attribution import checkpoint_before, rank_step_documents, require_logged
+    from lit_gpt.spike_attribution import checkpoint_before, rank_batch_documents, spike_batch
 
-    require_logged(log, args.step)  # before the model is loaded
-    checkpoint = args.checkpoint or checkpoint_before(args.run, args.step)
-    if args.checkpoint is not None and _step_of(checkpoint) > args.step:
+    batch = spike_batch(log, args.step)  # before the model is loaded
+    checkpoint = args.checkpoint or checkpoint_before(args.run, batch)
+    if args.checkpoint is not None and batch.rollback is None and _step_of(checkpoint) > batch.log_step:
         print(f"warning: --checkpoint {checkpoint} has trained on step {args.step} already: these are the losses "
               f"after it", file=sys.stderr)
     model, _, _, meta = load_gpt(checkpoint, dtype=TORCH_DTYPES[args.dtype], with_tokenizer=False)
     masking = trained_with_document_masking(meta) if args.document_masking is None else args.document_masking
-    result = rank_step_documents(log, args.step, model.to(args.device), masking, args.device, args.batch_size)
-    result.update(checkpoint=str(checkpoint), document_masking=masking)
+    result = rank_batch_documents(log.dataset, batch.samples, model.to(args.device), masking, args.device,
+                                  args.batch_size)
+    rollback = batch.rollback and {key: batch.rollback[key] for key in ("rollback", "spike_step", "checkpoint_step")}
+    result = {"step": batch.step, "log_step": batch.log_step, "rollback": rollback,
+              "earlier_rollbacks": batch.earlier_rollbacks, **result, "checkpoint": str(checkpoint),
+              "document_masking": masking}
     shown = result["documents"][:args.top] if args.top else result["documents"]
     if args.json:
         print(json.dumps({**result, "pieces": len(result["documents"]), "documents": shown}, ensure_ascii=False))
         return
-    print(f"step {args.step} (metrics.jsonl: step {args.step + 1}): {result['samples']} samples, {len(result['documents'])} document pieces, loss "
+    print(f"{batch.describe()}: {result['samples']} samples, {len(result['documents'])} document pieces, loss "
           f"{result['loss']:.4f} over {result['tokens']} tokens under {checkpoint}"
           f"{' (document masking)' if masking else ''}", file=sys.stderr)
     print("loss\ttokens\tdocument\tfile\tfile_position\tdocument_offset\tsample\tsample_position")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from test_kill_resume import KILLER, killed_run, records
 from test_packed_dataset import write_litpkds
 from test_trainer import assert_losses_close, metrics, samples_per_step, train, train_losses
@@ -378,3 +379,33 @@ def test_rollback_state_is_plain_checkpoint_data_and_the_flags_are_checked(tmp_p
                                      "data_skips": [[2, 1], [7, 2]], "rollbacks": 1}
     with pytest.raises(InputError, match="--spike_window must be >= 2, got 1"):
         TrainConfig(spike_window=1)
+
+
+@pytest.mark.slow
+def test_spike_attribution_of_the_rolled_back_spike_lists_the_poisoned_batch(poisoned):
+    """`datapoints --spike S`, S from the rollback record: the batch the spike trained on (the poisoned samples, not
+    the re-trained step's), under the checkpoint the run went back to; the step before it, skipped too, gives back
+    the loss the run logged for it before the rollback."""
+    run = poisoned["reference"]
+    (event,) = [r for r in metrics(run) if r.get("event") == "rollback"]
+
+    def spike(step: int) -> dict:
+        out = run_script("scripts/datapoints.py", "--spike", str(step), "--run", str(run), "--top", "0", "--json")
+        return json.loads(out.stdout)
+
+    at_spike, before_spike = spike(event["spike_step"]), spike(event["spike_step"] - 1)
+    for result, skipped in ((at_spike, event["skipped_samples"][1]), (before_spike, event["skipped_samples"][0])):
+        assert result["checkpoint"] == str(run / event["checkpoint"])
+        assert result["rollback"] == {"rollback": 1, "spike_step": event["spike_step"], "checkpoint_step": 12}
+        assert {d["sample"] for d in result["documents"]} == set(skipped)
+    # the log's steps 12 and 13 hold the re-trained steps' other data
+    assert set(event["skipped_samples"][0]) != set(samples_per_step(run)[12])
+    assert {d["sample"] for d in at_spike["documents"]} == set(poisoned["samples"].tolist())
+    # iter-12 holds the weights the 13th step started from: the loss metrics.jsonl had for it before the rollback
+    replaced = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl.replaced").read_text().splitlines())}
+    assert before_spike["loss"] == pytest.approx(replaced[event["spike_step"] - 1], abs=1e-5)
+    # uniformly random tokens cost every model at least their entropy, log(509), on average; each poisoned piece
+    # ranks above every piece of the clean batch before it
+    assert at_spike["loss"] > math.log(509) - 0.1 > before_spike["loss"] + 1
+    poisoned_losses = [d["loss"] for d in at_spike["documents"] if d["loss"] is not None]
+    assert min(poisoned_losses) > max(d["loss"] for d in before_spike["documents"] if d["loss"] is not None)

@@ -1,5 +1,6 @@
 """`datapoints spike`: the documents of one step's global batch ranked by their own loss under the checkpoint before
-it, checked against the data as written and the model run directly on every document piece."""
+it, checked against the data as written and the model run directly on every document piece; steps numbered as
+metrics.jsonl numbers them, and a step a rollback skipped scored on the batch the rolled-back run trained on."""
 import json
 import sys
 
@@ -15,6 +16,7 @@ import datapoints as datapoints_cli  # noqa: E402
 
 from lit_gpt.checkpoint.save import save_checkpoint  # noqa: E402
 from lit_gpt.config import Config  # noqa: E402
+from lit_gpt.datapoints import DatapointLogger  # noqa: E402
 from lit_gpt.loss import token_losses  # noqa: E402
 from lit_gpt.model import GPT  # noqa: E402
 from lit_gpt.packed_dataset import PackedDataset  # noqa: E402
@@ -100,7 +102,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, one_thread):
+def simulated_run(tmp_path):
+    """A logged run over write_source's data (two epochs) and the last step whose batch holds noise (0-based, >= 1)."""
     data, out = tmp_path / "data", tmp_path / "run"
     stream, layout, offsets = write_source(data)
     ds = PackedDataset([data], block_size=T, seed=3)
@@ -109,42 +112,64 @@ def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, 
                  (j + 1) * (T + 1) > layout[23][1])  # a sample with noise tokens; in the second epoch too
     step = max(s for s in range(2 * ds.samples_per_epoch // 8) if noise in ds.sample_ids(np.arange(8 * s, 8 * s + 8)))
     assert step >= 1
-    model = trained_micro_model()
-    meta = {"config": model.config.to_dict(), "hparams": {"document_masking": True}}
-    for at, weights in ((step, model), (step + 1, GPT(Config.from_name("micro")))):
-        # The later one (untrained weights) has trained on the step already: the default must not take it.
-        save_checkpoint(RunDir(out).checkpoint(at), weights, torch.optim.SGD(weights.parameters()), meta, "full")
+    return data, out, (stream, layout, offsets), ds, step, noise
 
-    assert datapoints_cli.main(["spike", "--run", str(out), "--step", str(step), "--top", "0", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["checkpoint"] == str(RunDir(out).checkpoint(step)) and result["document_masking"] is True
-    sample_ids = ds.sample_ids(np.arange(8 * step, 8 * step + 8))
+
+def save_micro(out, step: int, model: GPT) -> None:
+    meta = {"config": model.config.to_dict(), "hparams": {"document_masking": True}}
+    save_checkpoint(RunDir(out).checkpoint(step), model, torch.optim.SGD(model.parameters()), meta, "full")
+
+
+def assert_scores_the_batch(listed, written, sample_ids, model, masking=True) -> None:
+    """The listed pieces are exactly those of the samples as written, each with the model's loss of its own
+    targets, highest first, noise on top."""
+    stream, layout, offsets = written
     expected = reference_pieces(stream, layout, offsets, sample_ids)
-    listed = result["documents"]
     key = ("document", "sample", "sample_position", "document_offset", "file_position")
     assert sorted(tuple(d[k] for k in key) for d in listed) == sorted(tuple(p[k] for k in key) for p in expected)
-    assert all(d["file"] == str(data / p["file"]) for d in listed for p in expected
-               if (d["sample"], d["sample_position"]) == (p["sample"], p["sample_position"]))
     by_place = {(p["sample"], p["sample_position"]): p for p in expected}
     for d in listed:
         piece = by_place[(d["sample"], d["sample_position"])]
         assert d["tokens"] == len(piece["targets"])
         if d["tokens"]:
-            assert d["loss"] == pytest.approx(direct_loss(model, stream, layout, piece, True), rel=1e-5, abs=1e-6)
+            assert d["loss"] == pytest.approx(direct_loss(model, stream, layout, piece, masking), rel=1e-5, abs=1e-6)
         else:
             assert d["loss"] is None
     losses = [d["loss"] for d in listed if d["loss"] is not None]
     assert losses == sorted(losses, reverse=True) and listed[0]["document"] == "noise"
     assert losses[0] > 3 * np.median(losses)  # the noise stands out: the model learned the easy documents
+
+
+def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, one_thread):
+    data, out, written, ds, step, _ = simulated_run(tmp_path)
+    stream, layout, offsets = written
+    model = trained_micro_model()
+    save_micro(out, step, model)
+    # The later one (untrained weights) has trained on the step already: the default must not take it.
+    save_micro(out, step + 1, GPT(Config.from_name("micro")))
+
+    # metrics.jsonl calls the datapoint log's step `step` step + 1
+    assert datapoints_cli.main(["spike", "--run", str(out), "--step", str(step + 1), "--top", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == str(RunDir(out).checkpoint(step)) and result["document_masking"] is True
+    assert (result["step"], result["log_step"], result["rollback"]) == (step + 1, step, None)
+    sample_ids = ds.sample_ids(np.arange(8 * step, 8 * step + 8))
+    expected = reference_pieces(stream, layout, offsets, sample_ids)
+    listed = result["documents"]
+    assert_scores_the_batch(listed, written, sample_ids, model)
+    assert all(d["file"] == str(data / p["file"]) for d in listed for p in expected
+               if (d["sample"], d["sample_position"]) == (p["sample"], p["sample_position"]))
+    by_place = {(p["sample"], p["sample_position"]): p for p in expected}
     assert result["tokens"] == sum(d["tokens"] for d in listed)
     assert result["loss"] == pytest.approx(sum(d["loss"] * d["tokens"] for d in listed if d["tokens"]) /
                                            result["tokens"], rel=1e-6)
 
     # The issue's spelling, the table, --top and the masking override.
-    assert datapoints_cli.main(["--spike", str(step), "--run", str(out), "--top", "3", "--no-document_masking"]) == 0
+    assert datapoints_cli.main(["--spike", str(step + 1), "--run", str(out), "--top", "3", "--no-document_masking"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert len(lines) == 4 and lines[1].split("\t")[2] == "noise" and "loss" in captured.err
+    assert len(lines) == 4 and lines[1].split("\t")[2] == "noise"
+    assert captured.err.startswith(f"step {step + 1} (datapoint log: step {step}): 8 samples") and "rolled" not in captured.err
     first = lines[1].split("\t")
     piece = by_place[(int(first[6]), int(first[7]))]
     assert float(first[0]) == pytest.approx(direct_loss(model, stream, layout, piece, False), abs=1e-4)
@@ -154,7 +179,8 @@ def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, 
     save_checkpoint(tmp_path / "short.pth", short, torch.optim.SGD(short.parameters()), {"config": short.config.to_dict()},
                     "full")
     for argv, flag in ((["--step", "999"], "--step 999: not in the datapoint log"),
-                       (["--step", "0"], "--step 0: no checkpoint at or before step 0"),
+                       (["--step", "1"], "--step 1: no checkpoint iter-N with N <= 0 in"),
+                       (["--step", "0"], "--step 0: must be at least 1"),
                        (["--step", str(step), "--checkpoint", str(tmp_path / "nope.pth")], "--checkpoint"),
                        (["--step", str(step), "--checkpoint", str(tmp_path / "short.pth")],
                         "--checkpoint: the model's block_size 16 is shorter than the run's samples"),
@@ -168,10 +194,52 @@ def test_spike_ranks_the_pieces_of_the_step_by_their_own_loss(tmp_path, capsys, 
         assert flag in err and "Traceback" not in err
 
 
+def test_spike_at_a_rolled_back_step_scores_the_batch_the_spike_trained_on(tmp_path, capsys, one_thread):
+    """Two rollbacks to checkpoint C skipped log steps C and C + 1 (the spike is step C + 2 in metrics.jsonl's
+    numbers); the log's step C + 1 holds the re-trained step's clean data, a later checkpoint iter-(C + 1) exists:
+    `spike` takes the latest rollback's batch and checkpoint C."""
+    _, out, written, ds, noisy_step, noise = simulated_run(tmp_path)
+
+    def batch(data_step):
+        return ds.sample_ids(np.arange(8 * data_step, 8 * data_step + 8))
+
+    clean = [s for s in range(2 * ds.samples_per_epoch // 8) if noise not in batch(s)]
+    spike_log_step = next(s for s in clean if s >= 2)  # its logged batch (the re-trained step's) has no noise
+    checkpoint = spike_log_step - 1
+    other_a, other_b = [s for s in clean if s not in (spike_log_step, checkpoint)][:2]
+    logger = DatapointLogger(out, rank=0, world_size=1, dataset=ds, resume_step=2 * ds.samples_per_epoch // 8)
+    steps = np.array([checkpoint, spike_log_step])
+    logger.write_skipped(1, spike_log_step + 1, checkpoint, steps, steps, np.stack([batch(other_b), batch(other_b)]))
+    logger.write_skipped(2, spike_log_step + 1, checkpoint, steps, steps + 2,
+                         np.stack([batch(other_a), batch(noisy_step)]))
+    model = trained_micro_model()
+    save_micro(out, checkpoint, model)
+    save_micro(out, spike_log_step, GPT(Config.from_name("micro")))  # the re-trained run's: never saw that batch
+
+    assert datapoints_cli.main(["spike", "--run", str(out), "--step", str(spike_log_step + 1), "--top", "0",
+                                "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == str(RunDir(out).checkpoint(checkpoint))
+    assert result["rollback"] == {"rollback": 2, "spike_step": spike_log_step + 1, "checkpoint_step": checkpoint}
+    assert (result["step"], result["log_step"], result["earlier_rollbacks"]) == (spike_log_step + 1, spike_log_step, [1])
+    assert_scores_the_batch(result["documents"], written, batch(noisy_step), model)
+
+    # the other skipped step, as a table: rollback 2's batch of it, the headline says which
+    assert datapoints_cli.main(["--spike", str(spike_log_step), "--run", str(out), "--top", "0"]) == 0
+    captured = capsys.readouterr()
+    assert {int(line.split("\t")[6]) for line in captured.out.splitlines()[1:]} == set(batch(other_a).tolist())
+    assert captured.err.startswith(
+        f"step {spike_log_step} (datapoint log: step {checkpoint}), rolled back (rollback 2 to iter-{checkpoint:08d}; "
+        f"rollback 1 skipped a step {spike_log_step} too); the batch the run trained on before the spike of step "
+        f"{spike_log_step + 1}: 8 samples")
+    assert f"under {RunDir(out).checkpoint(checkpoint)}" in captured.err
+
+
 @pytest.mark.slow
 def test_spike_of_a_trained_run_gives_back_the_loss_the_trainer_logged(prepared_data, tmp_path):
-    """A real run with document masking: the pieces of step 2 under checkpoint iter-2 (the weights step 2 started
-    from) add up to the loss metrics.jsonl logged for it, and each is the loss of its own tokens."""
+    """A real run with document masking: the pieces of step 3 (the datapoint log's step 2) under checkpoint iter-2
+    (the weights it started from) add up to the loss metrics.jsonl logged for step 3, and each is the loss of its own
+    tokens."""
     from test_trainer import train, train_losses
 
     from lit_gpt.checkpoint.load import load_gpt
@@ -179,7 +247,7 @@ def test_spike_of_a_trained_run_gives_back_the_loss_the_trainer_logged(prepared_
 
     train(prepared_data, tmp_path, max_steps=4, save_interval=2, document_masking="true")
     step = 2
-    out = run_script("scripts/datapoints.py", "spike", "--run", str(tmp_path), "--step", str(step), "--top", "0",
+    out = run_script("scripts/datapoints.py", "spike", "--run", str(tmp_path), "--step", str(step + 1), "--top", "0",
                      "--json")
     result = json.loads(out.stdout)
     assert result["checkpoint"] == str(tmp_path / "iter-00000002-ckpt.pth") and result["document_masking"] is True
