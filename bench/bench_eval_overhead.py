@@ -13,12 +13,14 @@ as demo.sh builds them, once, in --work (reused when present).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lit_gpt.metrics_log import read_metrics
+from lit_gpt.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 FORTUNES_DE = Path("/usr/share/games/fortunes/de")
@@ -55,7 +57,7 @@ def train(work: Path, out: Path, steps: int, extra: list[str]) -> dict:
                   "--micro_batch_size", "16", "--max_steps", str(steps), "--learning_rate", "3e-3", "--min_lr",
                   "3e-4", "--warmup_steps", "20", "--log_interval", "10", "--eval_interval", "100", "--eval_iters",
                   "10", "--save_interval", str(steps), "--num_workers", "1", "--logger", "csv", *extra)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, _ = read_metrics(RunDir(out).metrics_jsonl)
     task_seconds = sum(r.get("eval/seconds", 0.0) for r in records)
     losses = [r["loss"] for r in records if "loss" in r]
     return {"wall_s": seconds, "task_s": task_seconds, "task_runs": sum("eval/seconds" in r for r in records),
