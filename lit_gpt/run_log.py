@@ -138,7 +138,6 @@ class RunLog:
                     lambda: self.loggers.log({"val_loss": val_loss}, progress.step))
         self.print(f"step {progress.step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.1f}")
 
-
     def task_scores(self, progress: Progress, scores: dict[str, dict[str, float]], seconds: float) -> None:
         """lm-eval scores of the live model (lit_gpt/train_tasks.py): keys eval/TASK/METRIC, and eval/seconds."""
         flat = {f"eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}

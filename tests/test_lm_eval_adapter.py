@@ -2,11 +2,13 @@
 export of the same checkpoint, however the requests are batched and split over ranks."""
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_script
 from hf_helpers import random_state, small_config
 from lm_eval_helpers import TASKS, Reference, read_jsonl
 
@@ -169,3 +171,19 @@ def test_adapter_scores_equal_lm_eval_hf_on_the_export(hf_lm_eval_run, tokenizer
         generated = lm.generate_until([request(*s["arguments"]["gen_args_0"].values()) for s in samples])
     assert generated == [s["resps"][0][0] for s in samples]
     assert any(generated) and len(set(generated)) > 1
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_scores_a_training_checkpoint(hf_lm_eval_run, tmp_path):
+    """`python -m lit_gpt.lm_eval_adapter --model lit_gpt --model_args checkpoint=...`: lm-eval's own command line
+    on the checkpoint (no export) gives the hf run's scores."""
+    run_script("-m", "lit_gpt.lm_eval_adapter", "--model", "lit_gpt", "--model_args",
+               f"checkpoint={hf_lm_eval_run.checkpoint}", "--tasks", "llammlein_de", "--include_path", str(TASKS),
+               "--device", "cpu", "--batch_size", "6", "--output_path", str(tmp_path / "results"),
+               env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
+    (results_file,) = (tmp_path / "results").rglob("results_*.json")
+    ours, theirs = json.loads(results_file.read_text())["results"], hf_lm_eval_run.results
+    for task, metric in [("llammlein_de_mc", "acc,none"), ("llammlein_de_mc", "acc_norm,none")]:
+        assert ours[task][metric] == theirs[task][metric], metric
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert ours["llammlein_de_ppl"][metric] == pytest.approx(theirs["llammlein_de_ppl"][metric], rel=1e-4)

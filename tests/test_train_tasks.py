@@ -88,7 +88,7 @@ def test_two_fsdp_ranks_score_as_the_adapter_and_train_as_without_tasks(prepared
     common = dict(devices=2, strategy="fsdp", sharding_strategy="FULL_SHARD", micro_batch_size=2, max_steps=4,
                   save_interval=2)
     evaluated, plain = tmp_path / "evaluated", tmp_path / "plain"
-    log = train(prepared_data, evaluated, eval_tasks="llammlein_de", eval_task_interval=2, eval_limit=LIMIT,
+    log = train(prepared_data, evaluated, eval_tasks="llammlein_de,llammlein_de_gen", eval_task_interval=2, eval_limit=LIMIT,
                 eval_batch_size=3, **common).stdout
     train(prepared_data, plain, **common)
     assert train_losses(evaluated) == train_losses(plain)  # the same random streams, mode and weights after each
@@ -97,8 +97,11 @@ def test_two_fsdp_ranks_score_as_the_adapter_and_train_as_without_tasks(prepared
     assert sorted(records) == [2, 4] and "lm-eval tasks in" in log
     for step, record in records.items():
         model, _, tokenizer_dir, _ = load_gpt(evaluated / f"iter-{step:08d}-ckpt.pth")
-        ours = evaluate_tasks(model, Tokenizer(tokenizer_dir), ["llammlein_de"], batch_size=5, limit=LIMIT)
+        ours = evaluate_tasks(model, Tokenizer(tokenizer_dir), ["llammlein_de", "llammlein_de_gen"], batch_size=5,
+                              limit=LIMIT)
         assert record["eval/seconds"] > 0
+        # generation: the ranks keep making forward calls together until the last row of any rank is done
+        assert record["eval/llammlein_de_gen/exact_match"] == ours["llammlein_de_gen"]["exact_match"]
         for metric in ("acc", "acc_norm"):
             assert record[f"eval/llammlein_de_mc/{metric}"] == ours["llammlein_de_mc"][metric], (step, metric)
         for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
