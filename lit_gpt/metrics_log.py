@@ -100,7 +100,12 @@ def read_metrics(path: Path, log=print) -> tuple[list[dict], bool]:
     return records, False
 
 
-def has_final_records(records: list[dict], max_steps: int, validated: bool) -> bool:
-    """Whether a run's records hold what its end writes: the record of step `max_steps` and, with validation data,
-    the final validation loss (computed after the last checkpoint, so a kill can leave a finished run without it)."""
-    return any(r["step"] == max_steps and ("val_loss" in r if validated else "loss" in r) for r in records)
+def missing_final_records(records: list[dict], max_steps: int, validated: bool, scored: bool) -> list[str]:
+    """What of a run's end is missing from its records: its last step's record, then (with validation data) the final
+    validation loss and (with in-training lm-eval tasks) the final task scores. Both are computed after the last
+    checkpoint, so a kill can leave a finished run without them; a restart writes only what is missing."""
+    finals = [r for r in records if r["step"] == max_steps]
+    if not any("loss" in r for r in finals):
+        return ["step", "validation", "tasks"]
+    return [part for part, wanted, key in (("validation", validated, "val_loss"), ("tasks", scored, "eval/seconds"))
+            if wanted and not any(key in r for r in finals)]

@@ -292,7 +292,7 @@ from lit_gpt.distributed import make_strategy
 from lit_gpt.goodput import Goodput
 from lit_gpt.loggers import RunLoggers
 from lit_gpt.loss import token_losses
-from lit_gpt.metrics_log import MetricsLog, has_final_records, read_metrics
+from lit_gpt.metrics_log import MetricsLog, missing_final_records, read_metrics
 from lit_gpt.model import GPT, num_parameters
 from lit_gpt.packed_dataset import PackedDataset, StepLoader
 from lit_gpt.preemption import Preemption
@@ -541,15 +541,17 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
     resume_path, progress = restore(fabric, cfg, config, model, optimizer, train_data, rollbacks)
     with naming_flag("out_dir"):  # an unreadable metrics.jsonl stops the run before anything changes
         existing_metrics = read_metrics(run.metrics_jsonl, fabric.print) if rank == 0 else None
+    final_missing = ["step", "validation", "tasks"]  # what the run's end writes
     if progress.step >= cfg.max_steps:  # a finished run started again (e.g. a requeued job)
-        final_records = fabric.broadcast(rank == 0 and has_final_records(existing_metrics[0], cfg.max_steps,
-                                                                         validated=val_data is not None))
-        if final_records:
+        final_missing = fabric.broadcast(missing_final_records(
+            existing_metrics[0], cfg.max_steps, validated=val_data is not None,
+            scored=bool(tasks) and not cfg.eval_submit_slurm) if rank == 0 else None)
+        if not final_missing:
             fabric.print(f"{resume_path} is at step {progress.step}, the run's last (--max_steps {cfg.max_steps}); "
                          f"nothing to train")
             return 0
         fabric.print(f"{resume_path} is at step {progress.step}, the run's last, but its final records are missing "
-                     f"(killed before the final validation): writing them")
+                     f"(killed before the final {' and '.join(final_missing)}): writing them")
 
     # Every check that can refuse this run is behind us (the datapoint log's, in its constructor, is the last): only
     # now does anything in out_dir change.
@@ -653,10 +655,10 @@ def train(fabric: Fabric, cfg: TrainConfig, config: Config, launcher: str, closi
             fabric.print(f"Stopped at step {step}; resume with --resume auto. {goodput.summary()}")
             return 0
     profile.step(progress.step)
-    if val_data is not None:  # overlaps with the last checkpoint's write
+    if val_data is not None and "validation" in final_missing:  # overlaps with the last checkpoint's write
         with goodput.phase("validation"):
             log.validation(progress, validate(fabric, model, val_data, cfg))
-    if tasks and not cfg.eval_submit_slurm:
+    if tasks and not cfg.eval_submit_slurm and "tasks" in final_missing:
         with goodput.phase("evaluation"):
             log.task_scores(progress, *tasks.run(model))
     if checkpointer is not None:

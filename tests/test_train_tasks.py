@@ -109,3 +109,19 @@ def test_two_fsdp_ranks_score_as_the_adapter_and_train_as_without_tasks(prepared
                                                                               rel=1e-4), (step, metric)
     # the model changed between the two: the scores are of the live weights, not of a copy
     assert records[2]["eval/llammlein_de_ppl/bits_per_byte"] != records[4]["eval/llammlein_de_ppl/bits_per_byte"]
+
+
+def test_a_restart_writes_only_the_final_records_a_kill_left_out():
+    """The final validation and task scores come after the last checkpoint: a run killed between them writes, when
+    started again, exactly what is missing (a record twice would be a step scored twice)."""
+    from lit_gpt.metrics_log import missing_final_records
+
+    step = {"step": 10, "loss": 2.0}
+    val, scores = {"step": 10, "val_loss": 2.1}, {"step": 10, "eval/seconds": 3.0, "eval/t/acc": 0.5}
+    assert missing_final_records([{"step": 9, "loss": 2.2}], 10, validated=True, scored=True) == \
+        ["step", "validation", "tasks"]
+    assert missing_final_records([step], 10, validated=True, scored=True) == ["validation", "tasks"]
+    assert missing_final_records([step, val], 10, validated=True, scored=True) == ["tasks"]
+    assert missing_final_records([step, val, scores], 10, validated=True, scored=True) == []
+    assert missing_final_records([step, val], 10, validated=True, scored=False) == []
+    assert missing_final_records([step], 10, validated=False, scored=False) == []
