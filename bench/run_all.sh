@@ -19,3 +19,6 @@ run export .venv/bin/python bench/bench_export.py --model_name LLaMmlein_1B --re
 run verify .venv/bin/python bench/bench_verify.py --model_name LLaMmlein_1B
 run train_cpu_fp32 .venv/bin/python bench/train_cpu.py --rounds 5 --contenders ours,litgpt,hf,ours_compile --steps 10 --warmup 3
 run train_cpu_bf16 .venv/bin/python bench/train_cpu.py --rounds 5 --precision bf16-mixed
+run async_checkpoint_fsdp1 .venv/bin/python bench/bench_async_checkpoint.py --fsdp 1
+run async_checkpoint_fsdp2 .venv/bin/python bench/bench_async_checkpoint.py --fsdp 2
+run eval_overhead .venv/bin/python bench/bench_eval_overhead.py --steps 250 --interval 100
